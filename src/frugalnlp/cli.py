@@ -1,0 +1,160 @@
+"""The `frugalnlp` command: parse arguments, call the library, print. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from frugalnlp.errors import FrugalError
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--task", default=None, help="mr, imdb, bbc, boolq, or hf:NAME[:CONFIG] (default: mr)")
+    g.add_argument("--train-file", help="your own CSV/TSV/JSONL training file (dev/test carved from it if not given)")
+    g.add_argument("--dev-file")
+    g.add_argument("--test-file")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--text-pair-column", default=None)
+    g.add_argument("--label-column", default="label")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_task_args(p)
+    p.add_argument("--model", default="minilm", help="alias (minilm, mpnet), local directory or hub name")
+    p.add_argument("--method", default="plain", help="plain, joint, sweet or multi-model")
+    p.add_argument("--exit-layers", type=_int_list, default=None, help="1-based, e.g. 1,2,4,6 (ends at the last layer)")
+    p.add_argument("--pooling", default="mean", help="exit heads read the first token or the masked mean (default)")
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-size", type=int, default=None, help="stratified subset of N training examples")
+    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
+
+
+def _spec(args: argparse.Namespace, output: str):
+    from frugalnlp.tasks import Columns
+    from frugalnlp.training import RunSpec
+
+    task = args.task if args.task or args.train_file else "mr"
+    return RunSpec(output=output, task=task, model=args.model, method=args.method, exit_layers=args.exit_layers,
+                   pooling=args.pooling, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                   max_length=args.max_length, seed=args.seed, train_size=args.train_size,
+                   train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,
+                   columns=Columns(text=args.text_column, label=args.label_column, text_pair=args.text_pair_column),
+                   save_steps=args.save_steps)
+
+
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from frugalnlp.tasks import TASKS, load_task
+
+    summaries = [{**load_task(name).summary(), "description": spec.description} for name, spec in TASKS.items()]
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+        return
+    print(f"{'task':<7} {'kind':<7} {'train':>6} {'dev':>6} {'test':>6} {'total':>6}  labels / source")
+    for s in summaries:
+        sizes = s["sizes"]
+        print(f"{s['name']:<7} {'pair' if s['pair'] else 'single':<7} {sizes['train']:>6} {sizes['dev']:>6} "
+              f"{sizes['test']:>6} {s['total']:>6}  {', '.join(s['labels'])} / {s['source']}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from frugalnlp.training import train_run
+
+    path = train_run(_spec(args, args.output), overwrite=args.overwrite, resume=args.resume)
+    metrics = json.loads((path / "metrics.json").read_text())
+    for split in ("dev", "test"):
+        exits = ", ".join(f"L{e['layer']} {e['accuracy']:.3f}" for e in metrics[split]["exits"])
+        print(f"{split}: accuracy {metrics[split]['accuracy']:.4f}  macro-F1 {metrics[split]['macro_f1']:.4f}"
+              f"  (exits: {exits})")
+    print(f"wrote {path}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from frugalnlp.report import evaluate_run
+
+    path, curve = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
+                               output=args.output, overwrite=args.overwrite)
+    print(f"{'threshold':>9} {'accuracy':>8} {'macro-F1':>8} {'layers':>7} {'speedup':>7} {'FLOPs':>6}")
+    for p in curve:
+        print(f"{p['threshold']:>9.2f} {p['accuracy']:>8.4f} {p['macro_f1']:>8.4f} {p['layers_share']:>7.3f} "
+              f"{p['speedup_layers']:>6.2f}x {p['flops_share']:>6.3f}")
+    print(f"wrote {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from frugalnlp.demo import run_demo
+
+    run_demo(task=args.task or "mr", model=args.model, seeds=args.seeds, output=args.output,
+             train_size=args.train_size, epochs=args.epochs, max_length=args.max_length,
+             exit_layers=args.exit_layers, overwrite=args.overwrite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frugalnlp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tasks", help="list the packaged tasks and their splits")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("train", help="fine-tune a classifier (plain, joint, sweet, multi-model)")
+    _add_train_args(p)
+    p.add_argument("--output", required=True, help="run directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="speed-accuracy curve of a trained run")
+    p.add_argument("run")
+    p.add_argument("--split", default="test", choices=["dev", "test"])
+    p.add_argument("--thresholds", type=int, default=21, help="number of evenly spaced thresholds in [0, 1]")
+    p.add_argument("--policy", default="confidence", help="confidence, entropy or patience")
+    p.add_argument("--output", default=None, help="directory to write (default: RUN/eval-SPLIT-POLICY)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="joint vs SWEET vs Multi-Model on the embedded model, one table")
+    p.add_argument("--task", default=None)
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--seeds", type=_int_list, default=[0])
+    p.add_argument("--train-size", type=int, default=2000)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--exit-layers", type=_int_list, default=None)
+    p.add_argument("--output", default="demo")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Offline by default for hub lookups we did not ask for (telemetry, update checks).
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        args.func(args)
+    except FrugalError as e:
+        print(f"frugalnlp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("frugalnlp: interrupted; a training run can be continued with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Multi-Model: independent models of increasing depth run as a cascade.
+
+Model k is its own encoder truncated to exit_layers[k] layers, fine-tuned alone. At inference the
+rows that model k is not confident about go to model k+1, which recomputes from the input: an
+example that leaves at model k has run exit_layers[0] + ... + exit_layers[k] layers, and that
+overhead is what `layers_to_exit` reports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction
+from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
+from frugalnlp.errors import FrugalError
+from frugalnlp.rundir import write_json
+
+MANIFEST = "cascade.json"
+
+
+class Cascade:
+    """A list of single-exit `EarlyExitModel`s of increasing depth, used as one adaptive model."""
+
+    def __init__(self, models: list[EarlyExitModel]) -> None:
+        depths = [m.config.exit_layers[-1] for m in models]
+        if any(m.num_exits != 1 for m in models) or depths != sorted(set(depths)):
+            raise FrugalError("a cascade needs single-exit models of strictly increasing depth")
+        self.models = models
+
+    @property
+    def exit_layers(self) -> list[int]:
+        return [m.config.exit_layers[-1] for m in self.models]
+
+    @property
+    def layers_to_exit(self) -> list[int]:
+        """Layers an example has run when it leaves at each exit (earlier models included)."""
+        return torch.tensor(self.exit_layers).cumsum(0).tolist()
+
+    @property
+    def temperatures(self) -> list[float]:
+        return [m.config.temperatures[0] for m in self.models]
+
+    @temperatures.setter
+    def temperatures(self, values: list[float]) -> None:
+        for model, t in zip(self.models, values):
+            model.config.temperatures = [t]
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.models)
+
+    @property
+    def config(self):
+        """The deepest model's config (labels, backbone); members share labels."""
+        return self.models[-1].config
+
+    def eval(self) -> Cascade:
+        for m in self.models:
+            m.eval()
+        return self
+
+    def to(self, device) -> Cascade:
+        for m in self.models:
+            m.to(device)
+        return self
+
+    def exit_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Every model's logits on the whole batch: one [batch, labels] per exit."""
+        return tuple(m(input_ids, attention_mask, token_type_ids).exit_logits[0] for m in self.models)
+
+    @torch.inference_mode()
+    def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
+                policy: ExitPolicy | None = None) -> Prediction:
+        """Cascade inference: each model runs only on the rows that earlier models passed on."""
+        policy = policy or ConfidencePolicy(threshold)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, device = input_ids.shape[0], input_ids.device
+        out_labels = torch.empty(batch, dtype=torch.long, device=device)
+        out_exit = torch.empty(batch, dtype=torch.long, device=device)
+        out_conf = torch.empty(batch, device=device)
+        out_logits = torch.empty(batch, self.config.num_labels, device=device)
+        rows = torch.arange(batch, device=device)
+        policy_state = policy.start(batch, device)
+        inputs = [input_ids, attention_mask, token_type_ids]
+        for e, model in enumerate(self.models):
+            logits = model(*inputs).exit_logits[0].float() / model.config.temperatures[0]
+            leave, policy_state = policy.step(logits, policy_state)
+            if e == self.num_exits - 1:
+                leave = torch.ones_like(leave)
+            leaving = rows[leave]
+            probs = logits[leave].softmax(-1)
+            out_labels[leaving] = probs.argmax(-1)
+            out_conf[leaving] = probs.amax(-1)
+            out_logits[leaving] = logits[leave]
+            out_exit[leaving] = e
+            stay = (~leave).nonzero().squeeze(1)
+            if len(stay) == 0:
+                break
+            rows = rows[stay]
+            policy_state = None if policy_state is None else policy_state[stay]
+            mask = inputs[1].index_select(0, stay)
+            length = int(mask.any(0).nonzero().max()) + 1  # the rows left may need fewer columns
+            inputs = [None if t is None else t.index_select(0, stay)[:, :length] for t in inputs]
+        layers = torch.tensor(self.layers_to_exit, device=device)
+        return Prediction(labels=out_labels, exit_index=out_exit, layers_run=layers[out_exit],
+                          confidence=out_conf, logits=out_logits)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        members = []
+        for model in self.models:
+            name = f"layers-{model.config.exit_layers[-1]}"
+            model.save_pretrained(directory / name)
+            members.append(name)
+        write_json(directory / MANIFEST, {"kind": "frugalnlp-cascade", "members": members})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, trust_pickle: bool = False) -> Cascade:
+        directory = Path(directory)
+        manifest = json.loads((directory / MANIFEST).read_text())
+        return cls([EarlyExitModel.from_pretrained(directory / name, trust_pickle=trust_pickle)
+                    for name in manifest["members"]])
+
+
+def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> EarlyExitModel | Cascade:
+    """An early-exit model or a cascade, whichever the directory holds."""
+    directory = Path(directory)
+    if (directory / MANIFEST).exists():
+        return Cascade.from_pretrained(directory, trust_pickle=trust_pickle)
+    return EarlyExitModel.from_pretrained(directory, trust_pickle=trust_pickle)

@@ -1,0 +1,266 @@
+"""EarlyExitModel: an HF encoder with a classifier after chosen layers, trained jointly or SWEET-style.
+
+Training runs every exit (``forward``). Inference (``predict``) runs layer by layer and, at each
+exit, drops the rows whose policy says leave, so the rest continue as a smaller batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from frugalnlp.assets import resolve_model, verify_checkpoint
+from frugalnlp.backbones import Backbone, State, backbone_for
+from frugalnlp.early_exit.config import METHODS, POOLINGS, EarlyExitConfig
+from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
+from frugalnlp.errors import FrugalError
+
+
+def check_exit_layers(exit_layers: list[int], num_layers: int) -> list[int]:
+    """Validate 1-based exit layers: ascending, unique, within the model, the last one = last layer."""
+    layers = [int(x) for x in exit_layers]
+    if not layers:
+        raise FrugalError("exit layers are empty; give e.g. --exit-layers 1,2,4,6")
+    bad = [x for x in layers if not 1 <= x <= num_layers]
+    if bad:
+        raise FrugalError(f"exit layer(s) {bad} out of range: this model has layers 1..{num_layers}")
+    if layers != sorted(set(layers)):
+        raise FrugalError(f"exit layers {layers} must be ascending and distinct")
+    if layers[-1] != num_layers:
+        raise FrugalError(f"exit layers {layers} must end at the last layer ({num_layers}), "
+                          "so that every example gets an answer")
+    return layers
+
+
+class ExitHead(nn.Module):
+    """One exit's classifier: pool the sequence, dense + tanh (its own pooler), dropout, linear."""
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str, dropout: float) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden: [batch, seq, hidden], attention_mask: [batch, seq] -> logits [batch, labels]."""
+        if self.pooling == "first":
+            pooled = hidden[:, 0]
+        else:
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return self.classifier(self.dropout(torch.tanh(self.dense(pooled))))
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """loss: summed cross-entropy of the exits (when labels are given); exit_logits: one [batch, labels] per exit."""
+
+    loss: torch.Tensor | None = None
+    exit_logits: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class Prediction:
+    """Per-example result of adaptive inference (all tensors [batch]; ``logits`` [batch, labels]).
+
+    ``logits`` are the temperature-scaled logits of the exit each example left at.
+    """
+
+    labels: torch.Tensor
+    exit_index: torch.Tensor
+    layers_run: torch.Tensor
+    confidence: torch.Tensor
+    logits: torch.Tensor
+
+
+class EarlyExitModel(PreTrainedModel):
+    """An encoder with one `ExitHead` after each of ``config.exit_layers``.
+
+    Build one from a pretrained encoder with `from_backbone`; reload a saved one with `from_pretrained`.
+    """
+
+    config_class = EarlyExitConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: EarlyExitConfig, backbone: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if config.method not in METHODS:
+            raise FrugalError(f"training method {config.method!r} is not one of {', '.join(METHODS)}")
+        if config.pooling not in POOLINGS:
+            raise FrugalError(f"pooling {config.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if backbone is None:
+            backbone_config = AutoConfig.for_model(**config.backbone_config)
+            backbone_config._attn_implementation = config._attn_implementation
+            backbone = AutoModel.from_config(backbone_config)
+        self.backbone = backbone
+        adapter = backbone_for(backbone)
+        adapter.strip_pooler()
+        config.exit_layers = check_exit_layers(config.exit_layers, adapter.num_layers)
+        if config.temperatures is None:
+            config.temperatures = [1.0] * len(config.exit_layers)
+        self.heads = nn.ModuleList(
+            ExitHead(adapter.hidden_size, config.num_labels, config.pooling, config.classifier_dropout)
+            for _ in config.exit_layers)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = self.config.backbone_config.get("initializer_range", 0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def adapter(self) -> Backbone:
+        return backbone_for(self.backbone)
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.config.exit_layers)
+
+    @property
+    def layers_to_exit(self) -> list[int]:
+        """Layers an example has run when it leaves at each exit."""
+        return list(self.config.exit_layers)
+
+    @property
+    def temperatures(self) -> list[float]:
+        return list(self.config.temperatures)
+
+    @temperatures.setter
+    def temperatures(self, values: list[float]) -> None:
+        self.config.temperatures = [float(t) for t in values]
+
+    def exit_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Every exit's logits on the whole batch: one [batch, labels] per exit."""
+        return self(input_ids, attention_mask, token_type_ids).exit_logits
+
+    # ------------------------------------------------------------------------------------------ building
+
+    @classmethod
+    def from_backbone(cls, backbone: str | PreTrainedModel, exit_layers: list[int] | None = None,
+                      method: str = "joint", num_labels: int = 2, pooling: str = "mean",
+                      num_layers: int | None = None, id2label: dict[int, str] | None = None,
+                      classifier_dropout: float = 0.1, attn_implementation: str | None = None) -> EarlyExitModel:
+        """Wrap a pretrained encoder (alias, hub name, path or instance) with fresh exit heads.
+
+        ``num_layers`` truncates the encoder first (Multi-Model's shallow models); ``exit_layers``
+        defaults to the last layer alone (a plain classifier).
+        """
+        if isinstance(backbone, str):
+            path = resolve_model(backbone)
+            verify_checkpoint(path)
+            backbone = AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+        if not isinstance(backbone, PreTrainedModel):
+            raise FrugalError(f"backbone must be a model name, path or PreTrainedModel, not {type(backbone).__name__}")
+        adapter = backbone_for(backbone)
+        if num_layers is not None:
+            if not 1 <= num_layers <= adapter.num_layers:
+                raise FrugalError(f"cannot keep {num_layers} layers of a {adapter.num_layers}-layer model")
+            adapter.truncate(num_layers)
+        adapter.strip_pooler()
+        exit_layers = exit_layers or [adapter.num_layers]
+        config = EarlyExitConfig(
+            backbone_config=backbone.config.to_dict(), exit_layers=exit_layers, method=method, pooling=pooling,
+            classifier_dropout=classifier_dropout, num_labels=num_labels,
+            id2label=id2label or {i: str(i) for i in range(num_labels)})
+        config._attn_implementation = backbone.config._attn_implementation
+        return cls(config, backbone=backbone)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, trust_pickle: bool = False, **kwargs):
+        """Reload a saved model; refuses checkpoints of another kind and pickle files (unless trusted)."""
+        path = str(pretrained_model_name_or_path)
+        verify_checkpoint(path, model_type=EarlyExitConfig.model_type, trust_pickle=trust_pickle)
+        return super().from_pretrained(path, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------------------ training
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                **kwargs) -> EarlyExitOutput:
+        """Run every exit. input_ids: [batch, seq]; labels: [batch] (optional).
+
+        Under SWEET the state is detached after each exit, so exit k's loss reaches only its head and
+        the layers since exit k-1 (exit 1: also the embeddings).
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        adapter = self.adapter
+        state = adapter.embed(input_ids, attention_mask, token_type_ids)
+        exit_logits = []
+        done = 0
+        for exit_layer, head in zip(self.config.exit_layers, self.heads):
+            for index in range(done, exit_layer):
+                state = adapter.layer(index, state)
+            done = exit_layer
+            exit_logits.append(head(state.hidden, state.attention_mask))
+            if self.config.method == "sweet":
+                state = state.detach()
+        loss = None
+        if labels is not None:
+            loss = sum(F.cross_entropy(logits.float(), labels) for logits in exit_logits)
+        return EarlyExitOutput(loss=loss, exit_logits=tuple(exit_logits))
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    @torch.inference_mode()
+    def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
+                policy: ExitPolicy | None = None) -> Prediction:
+        """Adaptive inference over a batch, running only the layers each example needs.
+
+        At each exit the rows that the policy (default: calibrated max-probability >= ``threshold``)
+        lets go leave; the others continue as a smaller, possibly shorter batch. Decisions do not
+        depend on the batch: a row decides on its own logits alone.
+        """
+        policy = policy or ConfidencePolicy(threshold)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        adapter = self.adapter
+        batch = input_ids.shape[0]
+        device = input_ids.device
+        temperatures = torch.tensor(self.config.temperatures, device=device)
+        out_labels = torch.empty(batch, dtype=torch.long, device=device)
+        out_exit = torch.empty(batch, dtype=torch.long, device=device)
+        out_conf = torch.empty(batch, device=device)
+        out_logits = torch.empty(batch, self.config.num_labels, device=device)
+        rows = torch.arange(batch, device=device)  # original row of each row still running
+        policy_state = policy.start(batch, device)
+        state = adapter.embed(input_ids, attention_mask, token_type_ids)
+        done = 0
+        last = self.num_exits - 1
+        for e, (exit_layer, head) in enumerate(zip(self.config.exit_layers, self.heads)):
+            for index in range(done, exit_layer):
+                state = adapter.layer(index, state)
+            done = exit_layer
+            logits = head(state.hidden, state.attention_mask).float() / temperatures[e]
+            leave, policy_state = policy.step(logits, policy_state)
+            if e == last:
+                leave = torch.ones_like(leave)
+            leaving = rows[leave]
+            probs = logits[leave].softmax(-1)
+            out_labels[leaving] = probs.argmax(-1)
+            out_conf[leaving] = probs.amax(-1)
+            out_logits[leaving] = logits[leave]
+            out_exit[leaving] = e
+            stay = (~leave).nonzero().squeeze(1)
+            if len(stay) == 0:
+                break
+            if len(stay) < len(rows):
+                rows = rows[stay]
+                state = adapter.select(state, stay)
+                policy_state = None if policy_state is None else policy_state[stay]
+        exit_layers = torch.tensor(self.config.exit_layers, device=device)
+        return Prediction(labels=out_labels, exit_index=out_exit, layers_run=exit_layers[out_exit],
+                          confidence=out_conf, logits=out_logits)

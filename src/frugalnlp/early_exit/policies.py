@@ -1,0 +1,100 @@
+"""Exit policies: given one exit's logits for the rows still running, which rows leave now.
+
+A policy knows nothing of models. The same `step` serves batched `predict` (rows that leave are
+dropped from the batch) and the replay of cached logits in evaluation, so both decide alike.
+Every policy's knob is a ``threshold`` in [0, 1] where 1 means "never leave before the last exit".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from frugalnlp.errors import FrugalError
+
+
+def check_threshold(threshold: float) -> float:
+    if not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
+        raise FrugalError(f"threshold {threshold!r} is outside [0, 1]; use a value such as 0.9")
+    return float(threshold)
+
+
+@dataclass
+class ExitPolicy:
+    """Base: ``step(logits, state) -> (leave, state)``; ``state`` is None or has the rows in dim 0."""
+
+    threshold: float
+
+    def __post_init__(self) -> None:
+        self.threshold = check_threshold(self.threshold)
+
+    def start(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+        return None
+
+    def step(self, logits: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits: [rows, labels], temperature-scaled. Returns leave: bool [rows] and the new state."""
+        raise NotImplementedError
+
+    def reaches(self, score: torch.Tensor) -> torch.Tensor:
+        """score >= threshold, except that threshold 1 never leaves (a saturated softmax reaches 1.0)."""
+        if self.threshold >= 1.0:
+            return torch.zeros_like(score, dtype=torch.bool)
+        return score >= self.threshold
+
+
+class ConfidencePolicy(ExitPolicy):
+    """Leave when the max softmax probability reaches the threshold (the SWEET paper's rule)."""
+
+    def step(self, logits, state):
+        return self.reaches(logits.softmax(-1).amax(-1)), state
+
+
+class EntropyPolicy(ExitPolicy):
+    """DeeBERT: leave when 1 - entropy / log(labels) reaches the threshold (low entropy leaves)."""
+
+    def step(self, logits, state):
+        log_p = logits.log_softmax(-1)
+        entropy = -(log_p.exp() * log_p).sum(-1)
+        return self.reaches(1.0 - entropy / math.log(logits.shape[-1])), state
+
+
+class PatiencePolicy(ExitPolicy):
+    """PABEE: leave once the prediction has stayed the same for ``patience`` consecutive exits.
+
+    The threshold maps to patience = round(threshold * max_patience); threshold 1 never leaves early.
+    """
+
+    max_patience: int = 6
+
+    def __init__(self, threshold: float, max_patience: int = 6) -> None:
+        super().__init__(threshold)
+        self.max_patience = max_patience
+        self.patience = round(self.threshold * max_patience)
+
+    def start(self, batch_size, device):
+        # [rows, 2]: the previous exit's label (-1 before the first) and how many exits agreed with it.
+        state = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        state[:, 0] = -1
+        return state
+
+    def step(self, logits, state):
+        labels = logits.argmax(-1)
+        same = labels == state[:, 0]
+        count = torch.where(same, state[:, 1] + 1, torch.zeros_like(labels))
+        leave = count >= self.patience if self.patience < self.max_patience else torch.zeros_like(same)
+        return leave, torch.stack([labels, count], dim=1)
+
+
+POLICIES: dict[str, type[ExitPolicy]] = {"confidence": ConfidencePolicy, "entropy": EntropyPolicy,
+                                         "patience": PatiencePolicy}
+
+
+def make_policy(name: str, threshold: float, num_exits: int) -> ExitPolicy:
+    """A policy by name; patience is counted in exits, so it needs ``num_exits``."""
+    if name not in POLICIES:
+        raise FrugalError(f"unknown exit policy '{name}'; choose one of {', '.join(POLICIES)}")
+    if name == "patience":
+        return PatiencePolicy(threshold, max_patience=max(num_exits - 1, 1))
+    return POLICIES[name](threshold)

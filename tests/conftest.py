@@ -1,0 +1,43 @@
+import os
+
+import pytest
+import torch
+
+# The suite never reaches the hub: hub names must fail fast with a clear message.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_bert():
+    """A tiny randomly initialised BERT (4 layers, hidden 32) for fast model tests."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                        vocab_size=120, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertModel(config).eval()
+
+
+def run_cli(args, capsys):
+    """Run `frugalnlp ARGS` in-process: (exit status, stdout, stderr)."""
+    from frugalnlp.cli import main
+
+    status = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return status, out.out, out.err
