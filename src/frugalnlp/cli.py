@@ -100,7 +100,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     run_demo(task=args.task or "mr", model=args.model, seeds=args.seeds, output=args.output,
              train_size=args.train_size, epochs=args.epochs, max_length=args.max_length,
-             exit_layers=args.exit_layers, overwrite=args.overwrite)
+             exit_layers=args.exit_layers, overwrite=args.overwrite, resume=args.resume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-layers", type=_int_list, default=None)
     p.add_argument("--output", default="demo")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished runs")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -59,13 +59,12 @@ class RunSpec:
     eval_batch_size: int = 64
 
 
-def _training_args(spec: RunSpec, checkpoint_dir: Path, num_examples: int) -> TrainingArguments:
-    steps_per_epoch = max(1, -(-num_examples // spec.batch_size))
+def _training_args(spec: RunSpec, checkpoint_dir: Path) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoint_dir), per_device_train_batch_size=spec.batch_size,
         num_train_epochs=spec.epochs, learning_rate=spec.lr, seed=spec.seed, data_seed=spec.seed,
         save_strategy="steps" if spec.save_steps else "epoch", save_steps=spec.save_steps or 500,
-        save_total_limit=1, logging_steps=max(1, steps_per_epoch // 10), report_to=[],
+        save_total_limit=1, logging_strategy="epoch", report_to=[],
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
 
 
@@ -73,7 +72,7 @@ def fit(model: EarlyExitModel, train: EncodedSplit, tokenizer, spec: RunSpec, ch
         resume: bool) -> dict:
     """Fine-tune ``model`` with the HF Trainer; resumes from the newest checkpoint when asked and present."""
     has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
-    trainer = Trainer(model=model, args=_training_args(spec, checkpoint_dir, len(train)), train_dataset=train,
+    trainer = Trainer(model=model, args=_training_args(spec, checkpoint_dir), train_dataset=train,
                       data_collator=DataCollatorWithPadding(tokenizer))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
