@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 
 from frugalnlp.errors import FrugalError
 
@@ -95,6 +94,34 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def cmd_analyze_gradients(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from frugalnlp.early_exit.cascade import load_adaptive
+    from frugalnlp.encoding import encode_split, load_tokenizer
+    from frugalnlp.gradients import gradient_cosines, plot_gradient_cosines
+    from frugalnlp.rundir import RunDir, write_json
+    from frugalnlp.training import load_run_config, load_spec_task, spec_from_config
+
+    spec = spec_from_config(load_run_config(args.run))
+    out = RunDir(args.output or Path(args.run) / "gradients", overwrite=args.overwrite)
+    model = load_adaptive(Path(args.run) / "model")
+    if not hasattr(model, "adapter"):
+        raise FrugalError("gradient analysis needs a joint or sweet run (one backbone with several exits)")
+    tokenizer = load_tokenizer(str(Path(args.run) / "model"))
+    task = load_spec_task(spec)
+    result = gradient_cosines(model, encode_split(task.train, tokenizer, spec.max_length), tokenizer,
+                              num_batches=args.batches, seed=spec.seed)
+    out.open()
+    write_json(out.path / "gradients.json", {"run": str(args.run), "method": spec.method, **result})
+    plot_gradient_cosines(result, out.path / "gradients.png", title=f"{spec.method} on {spec.task}")
+    pairs = [f"L{result['exit_layers'][i]}·L{result['exit_layers'][j]}" for i, j in result["pairs"]]
+    print("layer  " + " ".join(f"{p:>8}" for p in pairs))
+    for k, row in enumerate(result["cosine"], start=1):
+        print(f"{k:>5}  " + " ".join(f"{'':>8}" if v is None else f"{v:>8.3f}" for v in row))
+    print(f"wrote {out.commit()}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import run_demo
 
@@ -126,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="directory to write (default: RUN/eval-SPLIT-POLICY)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("analyze-gradients", help="cosine similarity of different exits' gradients per layer")
+    p.add_argument("run")
+    p.add_argument("--batches", type=int, default=8, help="training batches of 16 to sum gradients over")
+    p.add_argument("--output", default=None, help="directory to write (default: RUN/gradients)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_analyze_gradients)
 
     p = sub.add_parser("demo", help="joint vs SWEET vs Multi-Model on the embedded model, one table")
     p.add_argument("--task", default=None)

@@ -10,7 +10,6 @@ import json
 import shlex
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 

@@ -13,8 +13,7 @@ from frugalnlp.encoding import encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import collect_exit_logits, exit_scores, speed_accuracy_curve
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.tasks import load_task, with_train_size
-from frugalnlp.training import load_run_config, spec_from_config
+from frugalnlp.training import load_run_config, load_spec_task, spec_from_config
 
 CURVE_COLUMNS = ["threshold", "accuracy", "macro_f1", "layers_share", "speedup_layers", "flops_share",
                  "speedup_flops", "exit_histogram"]
@@ -30,8 +29,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
     spec = spec_from_config(load_run_config(run))
     out = RunDir(output or Path(run) / f"eval-{split}-{policy}", overwrite=overwrite)
-    task = with_train_size(load_task(spec.task, train_file=spec.train_file, dev_file=spec.dev_file,
-                                     test_file=spec.test_file, columns=spec.columns), spec.train_size, spec.seed)
+    task = load_spec_task(spec)
     model = load_adaptive(Path(run) / "model")
     tokenizer = load_tokenizer(str(Path(run) / "model"))
     data = encode_split(task.split(split), tokenizer, spec.max_length)

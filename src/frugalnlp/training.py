@@ -115,8 +115,7 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> P
     started = time.perf_counter()
     _check_spec(spec)
     run = RunDir(spec.output, overwrite=overwrite, resume=resume)  # refuses before any work
-    task = with_train_size(load_task(spec.task, train_file=spec.train_file, dev_file=spec.dev_file,
-                                     test_file=spec.test_file, columns=spec.columns), spec.train_size, spec.seed)
+    task = load_spec_task(spec)
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path)
     models = _build_models(spec, model_path, task)
@@ -145,6 +144,13 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> P
     write_json(run.path / "metrics.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)  # Trainer checkpoints hold pickles; only needed to resume
     return run.commit()
+
+
+def load_spec_task(spec: RunSpec) -> TaskData:
+    """The run's task with its splits and training subset, exactly as the run saw them."""
+    task = load_task(spec.task, train_file=spec.train_file, dev_file=spec.dev_file, test_file=spec.test_file,
+                     columns=spec.columns)
+    return with_train_size(task, spec.train_size, spec.seed)
 
 
 def run_config(spec: RunSpec, task: TaskData) -> dict:

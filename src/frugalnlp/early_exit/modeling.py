@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
-from frugalnlp.backbones import Backbone, State, backbone_for
+from frugalnlp.backbones import Backbone, backbone_for
 from frugalnlp.early_exit.config import METHODS, POOLINGS, EarlyExitConfig
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError

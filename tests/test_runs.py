@@ -1,0 +1,113 @@
+"""Runs end to end on a tiny random BERT with the real tokenizer: train, evaluate, reload, analyse."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from frugalnlp import EarlyExitModel
+from frugalnlp.assets import resolve_model
+from frugalnlp.early_exit.cascade import Cascade
+from frugalnlp.encoding import encode_split, load_tokenizer
+from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
+from frugalnlp.tasks import load_task
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 4-layer, hidden-32 random BERT saved with the embedded model's tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    BertModel(BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, intermediate_size=64)) \
+        .save_pretrained(path)
+    minilm = resolve_model("minilm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", path / name)
+    return path
+
+
+def train(tmp_path, capsys, tiny_dir, method, name, *extra):
+    status, out, err = run_cli(["train", "--task", "mr", "--model", tiny_dir, "--method", method, "--train-size", 64,
+                                "--epochs", 1, "--max-length", 24, "--output", tmp_path / name, *extra], capsys)
+    assert status == 0, err
+    return tmp_path / name
+
+
+def test_sweet_model_reloads_with_the_same_curve(tiny_dir, tmp_path):
+    task = load_task("mr")
+    tokenizer = load_tokenizer(str(tiny_dir))
+    data = encode_split(task.test.take(range(200)), tokenizer, 24)
+    gold = task.test.labels[:200]
+    torch.manual_seed(0)
+    model = EarlyExitModel.from_backbone(str(tiny_dir), exit_layers=[1, 2, 4], method="sweet").eval()
+    model.temperatures = [0.01, 0.02, 1.0]
+
+    def curve(m):
+        return speed_accuracy_curve(m, collect_exit_logits(m, data, tokenizer), gold, data.lengths(),
+                                    np.linspace(0, 1, 11).tolist())
+
+    before = curve(model)
+    model.save_pretrained(tmp_path / "m")
+    after = curve(EarlyExitModel.from_pretrained(tmp_path / "m"))
+    assert before == after
+    assert len({p["layers_share"] for p in before}) > 1
+
+
+def test_train_and_evaluate_cli(tiny_dir, tmp_path, capsys):
+    run = train(tmp_path, capsys, tiny_dir, "sweet", "sweet", "--exit-layers", "1,2,4")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert [e["layer"] for e in metrics["test"]["exits"]] == [1, 2, 4] and len(metrics["temperatures"]) == 3
+    status, out, err = run_cli(["evaluate", run, "--thresholds", 5], capsys)
+    assert status == 0, err
+    folder = run / "eval-test-confidence"
+    curve = json.loads((folder / "curve.json").read_text())["points"]
+    assert [p["threshold"] for p in curve] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curve[0]["exit_histogram"][0] == 854 and curve[-1]["exit_histogram"][-1] == 854
+    assert curve[-1]["layers_share"] == 1.0 and curve[0]["layers_share"] == 0.25
+    assert 1.0 < curve[-1]["flops_share"] < 1.01  # the two early heads cost a little
+    assert (folder / "curve.csv").read_text().startswith("threshold,accuracy")
+    assert (folder / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(json.loads((folder / "exits.json").read_text())) == 3
+    status, _, err = run_cli(["evaluate", run, "--thresholds", 5], capsys)
+    assert status == 2 and "already exists" in err  # a second evaluation does not overwrite the first
+
+    status, out, err = run_cli(["analyze-gradients", run, "--batches", 2], capsys)
+    assert status == 0, err
+    grads = json.loads((run / "gradients" / "gradients.json").read_text())
+    assert grads["pairs"] == [[0, 1], [0, 2], [1, 2]]
+    layer1, layer3 = grads["cosine"][0], grads["cosine"][2]
+    assert all(-1 <= v <= 1 for v in layer1)  # every pair shares layer 1
+    assert layer3[:2] == [None, None] and layer3[2] is None  # layer 3 is reached by exit 3 only
+
+
+def test_multi_model_cascade_run(tiny_dir, tmp_path, capsys):
+    run = train(tmp_path, capsys, tiny_dir, "multi-model", "mm", "--exit-layers", "1,2,4")
+    assert json.loads((run / "model" / "cascade.json").read_text())["members"] == ["layers-1", "layers-2", "layers-4"]
+    status, _, err = run_cli(["evaluate", run, "--thresholds", 3], capsys)
+    assert status == 0, err
+    curve = json.loads((run / "eval-test-confidence" / "curve.json").read_text())["points"]
+    assert curve[0]["exit_histogram"] == [854, 0, 0] and curve[0]["layers_share"] == 0.25
+    assert curve[-1]["exit_histogram"] == [0, 0, 854] and curve[-1]["layers_share"] == 7 / 4
+
+
+def test_cascade_curve_is_not_flat(tiny_bert):
+    """The official code credited every example to the last model, so its curve was flat."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    members = []
+    for k in (1, 2, 4):
+        backbone = BertModel(tiny_bert.config)
+        backbone.load_state_dict(tiny_bert.state_dict())
+        members.append(EarlyExitModel.from_backbone(backbone, method="joint", num_layers=k, num_labels=3).eval())
+    cascade = Cascade(members)
+    ids = torch.randint(3, 120, (64, 10), generator=torch.Generator().manual_seed(0))
+    logits = torch.stack(cascade.exit_logits(ids, torch.ones_like(ids)))
+    gold = logits[-1].argmax(-1).numpy()  # the last model is right by construction
+    curve = speed_accuracy_curve(cascade, logits, gold, np.full(64, 10), [0.0, 1.0])
+    assert curve[-1]["accuracy"] == 1.0 and curve[0]["accuracy"] < 1.0
