@@ -89,6 +89,8 @@ class Cascade:
         policy_state = policy.start(batch, device)
         inputs = [input_ids, attention_mask, token_type_ids]
         for e, model in enumerate(self.models):
+            if e < self.num_exits - 1 and policy.never_leaves_early:
+                continue  # threshold 1: only the last model answers
             logits = model(*inputs).exit_logits[0].float() / model.config.temperatures[0]
             leave, policy_state = policy.step(logits, policy_state)
             if e == self.num_exits - 1:

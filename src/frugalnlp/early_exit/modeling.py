@@ -244,6 +244,8 @@ class EarlyExitModel(PreTrainedModel):
             for index in range(done, exit_layer):
                 state = adapter.layer(index, state)
             done = exit_layer
+            if e < last and policy.never_leaves_early:
+                continue  # threshold 1: cost what the plain model costs
             logits = head(state.hidden, state.attention_mask).float() / temperatures[e]
             leave, policy_state = policy.step(logits, policy_state)
             if e == last:

@@ -37,6 +37,11 @@ class ExitPolicy:
         """logits: [rows, labels], temperature-scaled. Returns leave: bool [rows] and the new state."""
         raise NotImplementedError
 
+    @property
+    def never_leaves_early(self) -> bool:
+        """True when no row can leave before the last exit: inference may skip the early heads."""
+        return self.threshold >= 1.0
+
     def reaches(self, score: torch.Tensor) -> torch.Tensor:
         """score >= threshold, except that threshold 1 never leaves (a saturated softmax reaches 1.0)."""
         if self.threshold >= 1.0:
@@ -73,6 +78,10 @@ class PatiencePolicy(ExitPolicy):
         self.max_patience = max_patience
         self.patience = round(self.threshold * max_patience)
 
+    @property
+    def never_leaves_early(self) -> bool:
+        return self.patience >= self.max_patience
+
     def start(self, batch_size, device):
         # [rows, 2]: the previous exit's label (-1 before the first) and how many exits agreed with it.
         state = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
@@ -83,7 +92,7 @@ class PatiencePolicy(ExitPolicy):
         labels = logits.argmax(-1)
         same = labels == state[:, 0]
         count = torch.where(same, state[:, 1] + 1, torch.zeros_like(labels))
-        leave = count >= self.patience if self.patience < self.max_patience else torch.zeros_like(same)
+        leave = torch.zeros_like(same) if self.never_leaves_early else count >= self.patience
         return leave, torch.stack([labels, count], dim=1)
 
 
