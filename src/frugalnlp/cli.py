@@ -122,6 +122,20 @@ def cmd_analyze_gradients(args: argparse.Namespace) -> None:
     print(f"wrote {out.commit()}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    import sys
+
+    from frugalnlp.bench import format_bench, run_bench
+    from frugalnlp.rundir import write_json
+
+    results = run_bench(run=args.run, cascade_run=args.cascade_run, quick=args.quick,
+                        progress=lambda msg: print(msg, file=sys.stderr))
+    print(format_bench(results))
+    if args.json:
+        write_json(args.json, results)
+        print(f"wrote {args.json}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import run_demo
 
@@ -160,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="directory to write (default: RUN/gradients)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_analyze_gradients)
+
+    p = sub.add_parser("bench", help="wall clock: plain HF forward vs early exit vs cascade, side by side")
+    p.add_argument("--run", default=None, help="a joint/sweet run to time (default: train a small one)")
+    p.add_argument("--cascade-run", default=None, help="a multi-model run to time (default: train a small one)")
+    p.add_argument("--quick", action="store_true", help="fewer examples, batch sizes 1 and 32 (under a minute)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="joint vs SWEET vs Multi-Model on the embedded model, one table")
     p.add_argument("--task", default=None)

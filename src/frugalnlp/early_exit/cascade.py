@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction
+from frugalnlp.early_exit.modeling import Departures, EarlyExitModel, Prediction
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_json
@@ -77,41 +77,22 @@ class Cascade:
                 token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
                 policy: ExitPolicy | None = None) -> Prediction:
         """Cascade inference: each model runs only on the rows that earlier models passed on."""
-        policy = policy or ConfidencePolicy(threshold)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch, device = input_ids.shape[0], input_ids.device
-        out_labels = torch.empty(batch, dtype=torch.long, device=device)
-        out_exit = torch.empty(batch, dtype=torch.long, device=device)
-        out_conf = torch.empty(batch, device=device)
-        out_logits = torch.empty(batch, self.config.num_labels, device=device)
-        rows = torch.arange(batch, device=device)
-        policy_state = policy.start(batch, device)
+        departures = Departures(policy or ConfidencePolicy(threshold), input_ids.shape[0], self.num_exits,
+                                input_ids.device)
         inputs = [input_ids, attention_mask, token_type_ids]
         for e, model in enumerate(self.models):
-            if e < self.num_exits - 1 and policy.never_leaves_early:
+            if departures.skips(e):
                 continue  # threshold 1: only the last model answers
             logits = model(*inputs).exit_logits[0].float() / model.config.temperatures[0]
-            leave, policy_state = policy.step(logits, policy_state)
-            if e == self.num_exits - 1:
-                leave = torch.ones_like(leave)
-            leaving = rows[leave]
-            probs = logits[leave].softmax(-1)
-            out_labels[leaving] = probs.argmax(-1)
-            out_conf[leaving] = probs.amax(-1)
-            out_logits[leaving] = logits[leave]
-            out_exit[leaving] = e
-            stay = (~leave).nonzero().squeeze(1)
-            if len(stay) == 0:
+            stay = departures.decide(e, logits)
+            if stay is None:
                 break
-            rows = rows[stay]
-            policy_state = None if policy_state is None else policy_state[stay]
             mask = inputs[1].index_select(0, stay)
             length = int(mask.any(0).nonzero().max()) + 1  # the rows left may need fewer columns
             inputs = [None if t is None else t.index_select(0, stay)[:, :length] for t in inputs]
-        layers = torch.tensor(self.layers_to_exit, device=device)
-        return Prediction(labels=out_labels, exit_index=out_exit, layers_run=layers[out_exit],
-                          confidence=out_conf, logits=out_logits)
+        return departures.prediction(self.layers_to_exit)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

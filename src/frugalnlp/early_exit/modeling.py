@@ -79,6 +79,57 @@ class Prediction:
     logits: torch.Tensor
 
 
+class Departures:
+    """Bookkeeping of batched adaptive inference, shared by early exit and the cascade.
+
+    Tracks which original rows are still running and the policy's per-row state. It records the rows
+    that leave at each exit and assembles the `Prediction` once at the end, so the hot loop does
+    a few tensor ops per exit and none per example.
+    """
+
+    def __init__(self, policy: ExitPolicy, batch: int, num_exits: int, device: torch.device) -> None:
+        self.policy = policy
+        self.last = num_exits - 1
+        self.batch = batch
+        self.rows = torch.arange(batch, device=device)  # original row of each row still running
+        self.state = policy.start(batch, device)
+        self.left: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, logits, exit)
+
+    def skips(self, exit_index: int) -> bool:
+        """Whether this exit can be skipped altogether (no row can leave before the last exit)."""
+        return exit_index < self.last and self.policy.never_leaves_early
+
+    def decide(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor | None:
+        """Record who leaves at this exit given their calibrated logits [rows, labels].
+
+        Returns the positions (in the current batch) of the rows that go on, or None when none do.
+        """
+        if exit_index == self.last:
+            self.left.append((self.rows, logits, exit_index))
+            return None
+        leave, self.state = self.policy.step(logits, self.state)
+        self.left.append((self.rows[leave], logits[leave], exit_index))
+        stay = (~leave).nonzero().squeeze(1)
+        if len(stay) == 0:
+            return None
+        if len(stay) < len(self.rows):
+            self.rows = self.rows[stay]
+            self.state = None if self.state is None else self.state[stay]
+        return stay
+
+    def prediction(self, layers_to_exit: list[int]) -> Prediction:
+        rows = torch.cat([r for r, _, _ in self.left])
+        logits = torch.cat([l for _, l, _ in self.left])
+        exits = torch.cat([torch.full_like(r, e) for r, _, e in self.left])
+        order = torch.empty_like(rows)
+        order[rows] = torch.arange(len(rows), device=rows.device)
+        logits, exits = logits[order], exits[order]
+        probs = logits.softmax(-1)
+        return Prediction(labels=probs.argmax(-1), exit_index=exits,
+                          layers_run=torch.tensor(layers_to_exit, device=exits.device)[exits],
+                          confidence=probs.amax(-1), logits=logits)
+
+
 class EarlyExitModel(PreTrainedModel):
     """An encoder with one `ExitHead` after each of ``config.exit_layers``.
 
@@ -224,45 +275,23 @@ class EarlyExitModel(PreTrainedModel):
         lets go leave; the others continue as a smaller, possibly shorter batch. Decisions do not
         depend on the batch: a row decides on its own logits alone.
         """
-        policy = policy or ConfidencePolicy(threshold)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         adapter = self.adapter
-        batch = input_ids.shape[0]
-        device = input_ids.device
-        temperatures = torch.tensor(self.config.temperatures, device=device)
-        out_labels = torch.empty(batch, dtype=torch.long, device=device)
-        out_exit = torch.empty(batch, dtype=torch.long, device=device)
-        out_conf = torch.empty(batch, device=device)
-        out_logits = torch.empty(batch, self.config.num_labels, device=device)
-        rows = torch.arange(batch, device=device)  # original row of each row still running
-        policy_state = policy.start(batch, device)
+        departures = Departures(policy or ConfidencePolicy(threshold), input_ids.shape[0], self.num_exits,
+                                input_ids.device)
         state = adapter.embed(input_ids, attention_mask, token_type_ids)
         done = 0
-        last = self.num_exits - 1
         for e, (exit_layer, head) in enumerate(zip(self.config.exit_layers, self.heads)):
             for index in range(done, exit_layer):
                 state = adapter.layer(index, state)
             done = exit_layer
-            if e < last and policy.never_leaves_early:
-                continue  # threshold 1: cost what the plain model costs
-            logits = head(state.hidden, state.attention_mask).float() / temperatures[e]
-            leave, policy_state = policy.step(logits, policy_state)
-            if e == last:
-                leave = torch.ones_like(leave)
-            leaving = rows[leave]
-            probs = logits[leave].softmax(-1)
-            out_labels[leaving] = probs.argmax(-1)
-            out_conf[leaving] = probs.amax(-1)
-            out_logits[leaving] = logits[leave]
-            out_exit[leaving] = e
-            stay = (~leave).nonzero().squeeze(1)
-            if len(stay) == 0:
+            if departures.skips(e):
+                continue
+            logits = head(state.hidden, state.attention_mask).float() / self.config.temperatures[e]
+            stay = departures.decide(e, logits)
+            if stay is None:
                 break
-            if len(stay) < len(rows):
-                rows = rows[stay]
+            if len(stay) < len(state.hidden):
                 state = adapter.select(state, stay)
-                policy_state = None if policy_state is None else policy_state[stay]
-        exit_layers = torch.tensor(self.config.exit_layers, device=device)
-        return Prediction(labels=out_labels, exit_index=out_exit, layers_run=exit_layers[out_exit],
-                          confidence=out_conf, logits=out_logits)
+        return departures.prediction(self.layers_to_exit)

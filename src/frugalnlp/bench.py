@@ -1,0 +1,192 @@
+"""Wall-clock benchmark: the plain HF forward against adaptive inference, side by side in one process.
+
+Every configuration runs over the same real task texts in the same batches. The runs are
+interleaved: each repeat times every configuration once, so a noisy neighbour slows them all
+alike. We report medians after a warm-up pass. The ideal speedup that the share of layers run predicts is set against
+the measured one; their ratio is the efficiency of turning skipped layers into saved time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import DataCollatorWithPadding
+
+from frugalnlp.early_exit.cascade import Cascade, load_adaptive
+from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.encoding import encode_split, encode_texts, load_tokenizer
+from frugalnlp.errors import FrugalError
+from frugalnlp.evaluation import collect_exit_logits, replay
+from frugalnlp.cost import FlopCost
+from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.tasks import load_task
+from frugalnlp.training import RunSpec, load_run_config, train_run
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 128)
+    examples: int = 512
+    repeats: int = 5
+    targets: tuple[float, ...] = (1.5, 2.0, 3.0)  # ideal speedups the early-exit thresholds aim at
+    cascade_targets: tuple[float, ...] = (1.0, 1.5, 2.0)
+    max_length: int = 64
+    task: str = "mr"
+    train_size: int = 320  # of the small runs trained when none is given
+
+
+QUICK = BenchSettings(batch_sizes=(1, 32), examples=64, repeats=3, targets=(2.0,), cascade_targets=(1.5,),
+                      train_size=64)
+
+
+def _median_times(configs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds of each configuration, interleaved across repeats, after one warm-up pass each."""
+    for run in configs.values():
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(repeats):
+        names = list(configs)
+        names = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+        for name in names:
+            start = time.perf_counter()
+            configs[name]()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _threshold_for(model, logits: torch.Tensor, target: float) -> float:
+    """The threshold whose ideal speedup (full depth / mean layers run) on these logits is nearest ``target``."""
+    depth = model.config.exit_layers[-1]
+    layers = torch.tensor(model.layers_to_exit, dtype=torch.float64)
+    best, best_gap = 1.0, float("inf")
+    for t in np.linspace(0.0, 1.0, 201):
+        exit_index, _ = replay(logits, model.temperatures, make_policy("confidence", float(t), model.num_exits))
+        gap = abs(depth / float(layers[exit_index].mean()) - target)
+        if gap < best_gap:
+            best, best_gap = float(t), gap
+    return best
+
+
+def _quick_runs(folder: Path, settings: BenchSettings) -> tuple[Path, Path]:
+    """Small joint and Multi-Model runs on the embedded model, for a bench with no run given."""
+    runs = []
+    for method in ("joint", "multi-model"):
+        spec = RunSpec(output=str(folder / method), task=settings.task, method=method, train_size=settings.train_size, epochs=1,
+                       max_length=settings.max_length)
+        runs.append(train_run(spec))
+    return runs[0], runs[1]
+
+
+def run_bench(run: str | None = None, cascade_run: str | None = None, quick: bool = False,
+              settings: BenchSettings | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Time plain vs early exit vs cascade; returns the JSON-ready results."""
+    settings = settings or (QUICK if quick else BenchSettings())
+    with tempfile.TemporaryDirectory(prefix="frugalnlp-bench-") as tmp:
+        if run is None or cascade_run is None:
+            progress("training small joint and multi-model runs to time (pass --run/--cascade-run to use yours)")
+            quick_joint, quick_cascade = _quick_runs(Path(tmp), settings)
+            run = run or str(quick_joint)
+            cascade_run = cascade_run or str(quick_cascade)
+        for path in (run, cascade_run):
+            load_run_config(path)
+        model = load_adaptive(Path(run) / "model").eval()
+        cascade = load_adaptive(Path(cascade_run) / "model").eval()
+        if not isinstance(model, EarlyExitModel) or not isinstance(cascade, Cascade):
+            raise FrugalError("--run must be a joint/sweet run and --cascade-run a multi-model run")
+        return _bench(model, cascade, load_tokenizer(str(Path(run) / "model")), settings, progress)
+
+
+@torch.inference_mode()
+def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSettings, progress) -> dict:
+    task = load_task(settings.task)
+    split = task.test.take(range(min(settings.examples, len(task.test))))
+    results: dict = {"settings": settings.__dict__, "examples": len(split), "threads": torch.get_num_threads(),
+                     "model": model.config.backbone_config.get("_name_or_path", ""),
+                     "exit_layers": model.config.exit_layers, "batch_sizes": {}}
+
+    tokenize_times = _median_times({"tokenize": lambda: encode_texts(tokenizer, split.texts, split.pairs,
+                                                                      settings.max_length)}, settings.repeats)
+    results["tokenize_seconds"] = tokenize_times["tokenize"]
+    data = encode_split(split, tokenizer, settings.max_length)
+    lengths = data.lengths()
+    ee_logits = collect_exit_logits(model, data, tokenizer)
+    cascade_logits = collect_exit_logits(cascade, data, tokenizer)
+    ee_thresholds = sorted({_threshold_for(model, ee_logits, s) for s in settings.targets})
+    cascade_thresholds = sorted({_threshold_for(cascade, cascade_logits, s) for s in settings.cascade_targets})
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    backbone, last_head = model.backbone, model.heads[-1]
+
+    def plain(batch):
+        hidden = backbone(**batch).last_hidden_state  # the HF model's own forward
+        return last_head(hidden, batch["attention_mask"])
+
+    for batch_size in settings.batch_sizes:
+        progress(f"batch size {batch_size}")
+        # Batches in the data's own order: real traffic is not sorted by length.
+        batches = [dict(collate([data[i] for i in range(s, min(s + batch_size, len(data)))]))
+                   for s in range(0, len(data), batch_size)]
+        for b in batches:
+            b.pop("labels", None)
+
+        def over_batches(fn):
+            return lambda: [fn(b) for b in batches]
+
+        configs = {"plain": over_batches(plain)}
+        configs["early-exit@1.0"] = over_batches(lambda b: model.predict(**b, threshold=1.0))
+        for t in ee_thresholds:
+            configs[f"early-exit@{t:g}"] = over_batches(lambda b, t=t: model.predict(**b, threshold=t))
+        for t in cascade_thresholds:
+            configs[f"cascade@{t:g}"] = over_batches(lambda b, t=t: cascade.predict(**b, threshold=t))
+        times = _median_times(configs, settings.repeats)
+        row = {"plain_seconds": times["plain"], "machinery_seconds": times["early-exit@1.0"],
+               "machinery_overhead": times["early-exit@1.0"] / times["plain"] - 1.0,
+               "early_exit": [], "cascade": []}
+        for t in ee_thresholds:
+            ideal = _ideal_speedup(model, batches, t)
+            measured = times["plain"] / times[f"early-exit@{t:g}"]
+            row["early_exit"].append({"threshold": t, "seconds": times[f"early-exit@{t:g}"], "ideal_speedup": ideal,
+                                      "measured_speedup": measured, "efficiency": measured / ideal})
+        cost = FlopCost(cascade)
+        for t in cascade_thresholds:
+            exit_index, _ = replay(cascade_logits, cascade.temperatures, make_policy("confidence", t, cascade.num_exits))
+            predicted = float(cost.to_exit(lengths)[exit_index.numpy(), np.arange(len(lengths))].sum()
+                              / cost.full(lengths).sum())
+            measured = times[f"cascade@{t:g}"] / times["plain"]
+            row["cascade"].append({"threshold": t, "seconds": times[f"cascade@{t:g}"],
+                                   "ideal_speedup": _ideal_speedup(cascade, batches, t),
+                                   "predicted_cost": predicted, "measured_cost": measured,
+                                   "cost_ratio": measured / predicted})
+        results["batch_sizes"][str(batch_size)] = row
+    return results
+
+
+def _ideal_speedup(model: EarlyExitModel | Cascade, batches: list[dict], threshold: float) -> float:
+    layers = torch.cat([model.predict(**b, threshold=threshold).layers_run for b in batches]).double()
+    return model.config.exit_layers[-1] / float(layers.mean())
+
+
+def format_bench(results: dict) -> str:
+    lines = [f"{results['examples']} test examples of {results['settings']['task']}, {results['threads']} threads, "
+             f"medians of {results['settings']['repeats']} interleaved repeats; tokenisation "
+             f"{results['tokenize_seconds'] * 1e3:.1f} ms for all (not in the model times)", "",
+             "| batch | configuration | ms | ideal speedup | measured speedup | efficiency |",
+             "|---|---|---|---|---|---|"]
+    for bs, row in results["batch_sizes"].items():
+        lines.append(f"| {bs} | plain HF forward | {row['plain_seconds'] * 1e3:.1f} | 1.00 | 1.00 | |")
+        lines.append(f"| {bs} | early exit, threshold 1 | {row['machinery_seconds'] * 1e3:.1f} | 1.00 | "
+                     f"{1 / (1 + row['machinery_overhead']):.2f} | overhead {row['machinery_overhead']:+.1%} |")
+        for p in row["early_exit"]:
+            lines.append(f"| {bs} | early exit, threshold {p['threshold']:g} | {p['seconds'] * 1e3:.1f} | "
+                         f"{p['ideal_speedup']:.2f} | {p['measured_speedup']:.2f} | {p['efficiency']:.2f} |")
+        for p in row["cascade"]:
+            lines.append(f"| {bs} | cascade, threshold {p['threshold']:g} | {p['seconds'] * 1e3:.1f} | "
+                         f"{p['ideal_speedup']:.2f} | {1 / p['measured_cost']:.2f} | "
+                         f"cost {p['measured_cost']:.2f} vs FLOPs {p['predicted_cost']:.2f} ({p['cost_ratio']:.2f}) |")
+    return "\n".join(lines)
