@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# e.g. make demo DEMO_ARGS="--seeds 0,1,2 --task bbc --train-size 1000 --output demo-bbc"
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/frugalnlp demo
+	$(BIN)/frugalnlp demo $(DEMO_ARGS)
 
 # The suite CI runs: unit tests plus a bounded selection of real-checkpoint tests.
 test: $(STAMP)
