@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from frugalnlp.assets import resolve_model
 from frugalnlp.early_exit.calibration import fit_temperatures
@@ -69,11 +69,11 @@ def _training_args(spec: RunSpec, checkpoint_dir: Path) -> TrainingArguments:
 
 
 def fit(model: EarlyExitModel, train: EncodedSplit, tokenizer, spec: RunSpec, checkpoint_dir: Path,
-        resume: bool) -> dict:
+        resume: bool, callbacks: list[TrainerCallback] | None = None) -> dict:
     """Fine-tune ``model`` with the HF Trainer; resumes from the newest checkpoint when asked and present."""
     has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
     trainer = Trainer(model=model, args=_training_args(spec, checkpoint_dir), train_dataset=train,
-                      data_collator=DataCollatorWithPadding(tokenizer))
+                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     return {"seconds": time.perf_counter() - start, "steps": result.global_step, "train_loss": result.training_loss}
@@ -110,8 +110,12 @@ def _build_models(spec: RunSpec, model_path: str, task: TaskData) -> list[EarlyE
     return [EarlyExitModel.from_backbone(model_path, exit_layers=exits, method=method, **common)]
 
 
-def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> Path:
-    """Train, calibrate and score one run into ``spec.output``; returns the finished directory."""
+def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
+              callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train, calibrate and score one run into ``spec.output``; returns the finished directory.
+
+    ``callbacks`` are HF `TrainerCallback`s passed to every Trainer of the run.
+    """
     started = time.perf_counter()
     _check_spec(spec)
     run = RunDir(spec.output, overwrite=overwrite, resume=resume)  # refuses before any work
@@ -126,7 +130,7 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False) -> P
     for model in models:
         depth = model.config.exit_layers[-1]
         training.append({"layers": depth, **fit(model, data["train"], tokenizer, spec,
-                                                 checkpoints / f"layers-{depth}", resume)})
+                                                 checkpoints / f"layers-{depth}", resume, callbacks)})
     adaptive: EarlyExitModel | Cascade = Cascade(models) if spec.method == "multi-model" else models[0]
     logits = {name: collect_exit_logits(adaptive, data[name], tokenizer, spec.eval_batch_size)
               for name in ("dev", "test")}

@@ -6,9 +6,11 @@ from transformers import PreTrainedModel
 
 from frugalnlp.backbones.base import Backbone, State
 from frugalnlp.backbones.bert import BertBackbone
+from frugalnlp.backbones.deberta_v2 import DebertaV2Backbone
+from frugalnlp.backbones.mpnet import MPNetBackbone
 from frugalnlp.errors import FrugalError
 
-ADAPTERS: list[type[Backbone]] = [BertBackbone]
+ADAPTERS: list[type[Backbone]] = [BertBackbone, DebertaV2Backbone, MPNetBackbone]
 
 
 def supported_families() -> list[str]:

@@ -8,6 +8,7 @@ frugalnlp knows how a family is built.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -22,19 +23,24 @@ class State:
     hidden: [batch, seq, hidden] the layer input/output.
     attention_mask: [batch, seq] 1 for real tokens, 0 for padding.
     layer_mask: whatever the family's layers take as mask (e.g. [batch, 1, seq, seq]), or None.
-    extras: family tensors with the batch in dim 0 that must follow the rows (e.g. position bias).
+    extras: family tensors with the batch in dim 0 that must follow the rows.
+    shared: family tensors without a batch dim, computed once per batch from parameters that every
+        layer uses (MPNet's position bias, DeBERTa's relative embeddings): computing them once in
+        `embed` makes them part of the first segment under SWEET.
     """
 
     hidden: torch.Tensor
     attention_mask: torch.Tensor
     layer_mask: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def detach(self) -> State:
         """The same batch cut from the graph behind it (SWEET's segment boundary)."""
         return replace(self, hidden=self.hidden.detach(),
                        layer_mask=None if self.layer_mask is None else self.layer_mask.detach(),
-                       extras={k: v.detach() for k, v in self.extras.items()})
+                       extras={k: v.detach() for k, v in self.extras.items()},
+                       shared={k: v.detach() for k, v in self.shared.items()})
 
 
 class Backbone:
@@ -59,7 +65,8 @@ class Backbone:
 
     @property
     def layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        """The encoder's layers (``model.encoder.layer`` in every family so far)."""
+        return self.model.encoder.layer
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> State:
@@ -85,16 +92,21 @@ class Backbone:
         length = int(real_columns.max()) + 1 if len(real_columns) else mask.shape[1]
         hidden = state.hidden.index_select(0, rows)[:, :length]
         mask = mask[:, :length]
-        extras = {k: self.select_extra(k, v.index_select(0, rows), length) for k, v in state.extras.items()}
-        return State(hidden=hidden, attention_mask=mask, layer_mask=self.layer_mask(hidden, mask), extras=extras)
+        extras = {k: self.trim(k, v.index_select(0, rows), length) for k, v in state.extras.items()}
+        shared = {k: self.trim(k, v, length) for k, v in state.shared.items()}
+        return State(hidden=hidden, attention_mask=mask, layer_mask=self.layer_mask(hidden, mask), extras=extras,
+                     shared=shared)
 
-    def select_extra(self, name: str, value: torch.Tensor, length: int) -> torch.Tensor:
-        """Trim a family extra (rows already selected) to ``length`` positions."""
+    def trim(self, name: str, value: torch.Tensor, length: int) -> torch.Tensor:
+        """Cut a family tensor (extra or shared) to the first ``length`` positions."""
         return value
 
     def truncate(self, num_layers: int) -> None:
         """Keep only the first ``num_layers`` layers (Multi-Model's shallow models)."""
-        raise NotImplementedError
+        self.model.encoder.layer = self.layers[:num_layers]
+        # The config object may be shared with other models built from it: change a copy.
+        self.model.config = copy.deepcopy(self.config)
+        self.model.config.num_hidden_layers = num_layers
 
     def strip_pooler(self) -> None:
         """Remove the family's own pooler: every exit head has its own, and unused weights break DDP."""

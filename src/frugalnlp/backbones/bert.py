@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import torch
-from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from frugalnlp.backbones.base import Backbone, State
@@ -14,10 +12,6 @@ from frugalnlp.backbones.base import Backbone, State
 
 class BertBackbone(Backbone):
     families = ("bert", "roberta", "xlm-roberta", "electra")
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.encoder.layer
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> State:
@@ -33,9 +27,3 @@ class BertBackbone(Backbone):
 
     def layer(self, index: int, state: State) -> State:
         return replace(state, hidden=self.layers[index](state.hidden, state.layer_mask))
-
-    def truncate(self, num_layers: int) -> None:
-        self.model.encoder.layer = self.layers[:num_layers]
-        # The config object may be shared with other models built from it: change a copy.
-        self.model.config = copy.deepcopy(self.config)
-        self.model.config.num_hidden_layers = num_layers
