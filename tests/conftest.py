@@ -34,6 +34,25 @@ def tiny_bert():
     return BertModel(config).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A 4-layer, hidden-32 random BERT saved with the embedded model's tokenizer."""
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from frugalnlp.assets import resolve_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "bert"
+    BertModel(BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, intermediate_size=64)) \
+        .save_pretrained(path)
+    minilm = resolve_model("minilm")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{minilm}/{name}", path / name)
+    return path
+
+
 def run_cli(args, capsys):
     """Run `frugalnlp ARGS` in-process: (exit status, stdout, stderr)."""
     from frugalnlp.cli import main

@@ -5,7 +5,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from frugalnlp.training import RunSpec, train_run
-from test_runs import tiny_dir  # noqa: F401  (fixture)
 
 
 class Interrupt(TrainerCallback):
@@ -18,7 +17,7 @@ class Interrupt(TrainerCallback):
 
 
 @pytest.mark.parametrize("method", ["sweet", "multi-model"])
-def test_resume_gives_the_same_weights(tiny_dir, tmp_path, method):  # noqa: F811
+def test_resume_gives_the_same_weights(tiny_dir, tmp_path, method):
     def spec(name):
         return RunSpec(output=str(tmp_path / name), task="mr", model=str(tiny_dir), method=method,
                        exit_layers=[1, 2, 4], train_size=96, epochs=2, max_length=24, save_steps=3)

@@ -1,34 +1,16 @@
 """Runs end to end on a tiny random BERT with the real tokenizer: train, evaluate, reload, analyse."""
 
 import json
-import shutil
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import run_cli
 from frugalnlp import EarlyExitModel
-from frugalnlp.assets import resolve_model
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.encoding import encode_split, load_tokenizer
 from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.tasks import load_task
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A 4-layer, hidden-32 random BERT saved with the embedded model's tokenizer."""
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "bert"
-    BertModel(BertConfig(num_hidden_layers=4, hidden_size=32, num_attention_heads=4, intermediate_size=64)) \
-        .save_pretrained(path)
-    minilm = resolve_model("minilm")
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(f"{minilm}/{name}", path / name)
-    return path
 
 
 def train(tmp_path, capsys, tiny_dir, method, name, *extra):
@@ -111,3 +93,38 @@ def test_cascade_curve_is_not_flat(tiny_bert):
     gold = logits[-1].argmax(-1).numpy()  # the last model is right by construction
     curve = speed_accuracy_curve(cascade, logits, gold, np.full(64, 10), [0.0, 1.0])
     assert curve[-1]["accuracy"] == 1.0 and curve[0]["accuracy"] < 1.0
+
+
+def test_predict_cli_reports_bad_rows_and_predictor(tiny_dir, tmp_path, capsys):
+    from frugalnlp.predict import Predictor
+
+    run = train(tmp_path, capsys, tiny_dir, "joint", "joint", "--exit-layers", "1,2,4")
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a fine film"}\n{"text": "broken\n{"text": "dull and long"}\n{"other": 1}\n')
+    status, out, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "out.jsonl",
+                                "--threshold", 0.5], capsys)
+    assert status == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 3]
+    assert all(r["label"] in ("negative", "positive") and r["exit_layer"] in (1, 2, 4) for r in rows)
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 2 and "in.jsonl:2: not valid JSON" in warnings[0] and "in.jsonl:4:" in warnings[1]
+    assert "2 bad row(s)" in out
+    status, _, _ = run_cli(["predict", run, "--input", data, "--output", tmp_path / "strict.jsonl", "--strict"],
+                           capsys)
+    assert status == 2 and (tmp_path / "strict.jsonl").exists()
+
+    predictor = Predictor(run, threshold=1.0)
+    results = predictor(["a fine film", "dull and long"])
+    assert [r["exit_layer"] for r in results] == [4, 4] and [r["layers_run"] for r in results] == [4, 4]
+    single = Predictor(run, threshold=0.5, batch_size=1)(["a fine film", "dull and long"])
+    assert [r["label"] for r in single] == [r["label"] for r in rows]
+
+
+def test_pickle_checkpoints_are_refused(tiny_dir, tmp_path, capsys):
+    run = train(tmp_path, capsys, tiny_dir, "plain", "plain")
+    (run / "model" / "pytorch_model.bin").write_bytes(b"not safe")
+    data = tmp_path / "in.csv"
+    data.write_text("text\nhello\n")
+    status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "o.jsonl"], capsys)
+    assert status == 2 and "pytorch_model.bin" in err and "--trust-pickle" in err

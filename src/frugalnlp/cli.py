@@ -136,6 +136,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from frugalnlp.predict import Predictor, predict_file
+    from frugalnlp.tasks import Columns
+
+    predictor = Predictor(args.run, threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
+                          trust_pickle=args.trust_pickle)
+    columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
+    written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite)
+    for line, problem in bad:
+        print(f"frugalnlp: warning: {args.input}:{line}: {problem}; row skipped", file=sys.stderr)
+    print(f"wrote {written} predictions to {args.output}; {len(bad)} bad row(s) skipped")
+    return 2 if bad and args.strict else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import run_demo
 
@@ -182,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=cmd_bench)
 
+    p = sub.add_parser("predict", help="predict a CSV/TSV/JSONL file with a trained run (adaptive inference)")
+    p.add_argument("run")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True, help="JSONL: line, label, confidence, exit_layer, layers_run")
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--policy", default="confidence")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--strict", action="store_true", help="exit 2 when any row was bad")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
+    p.set_defaults(func=cmd_predict)
+
     p = sub.add_parser("demo", help="joint vs SWEET vs Multi-Model on the embedded model, one table")
     p.add_argument("--task", default=None)
     p.add_argument("--model", default="minilm")
@@ -202,14 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     # Offline by default for hub lookups we did not ask for (telemetry, update checks).
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
-        args.func(args)
+        status = args.func(args)
     except FrugalError as e:
         print(f"frugalnlp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("frugalnlp: interrupted; a training run can be continued with --resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -249,10 +249,12 @@ class Columns:
     text_pair: str | None = None
 
 
-def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
+def read_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, dict]]:
     """Rows of a CSV, TSV or JSONL file as ``(line_number, row)``; strict UTF-8.
 
     Raises FrugalError naming the file and line for a missing or empty file, bad encoding or bad JSON.
+    With a ``bad`` list, malformed JSONL lines are appended to it as ``(line_number, problem)`` and
+    skipped instead (prediction reports them and goes on).
     """
     path = Path(path)
     if not path.is_file():
@@ -273,11 +275,15 @@ def read_rows(path: str | os.PathLike) -> list[tuple[int, dict]]:
                 continue
             try:
                 row = json.loads(line)
+                problem = None if isinstance(row, dict) else "each line must be a JSON object"
             except json.JSONDecodeError as e:
-                raise FrugalError(f"{path}:{number}: not valid JSON ({e.msg})")
-            if not isinstance(row, dict):
-                raise FrugalError(f"{path}:{number}: each line must be a JSON object")
-            rows.append((number, row))
+                problem = f"not valid JSON ({e.msg})"
+            if problem is None:
+                rows.append((number, row))
+            elif bad is None:
+                raise FrugalError(f"{path}:{number}: {problem}")
+            else:
+                bad.append((number, problem))
         return rows
     if suffix in (".csv", ".tsv"):
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
