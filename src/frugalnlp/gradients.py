@@ -61,14 +61,12 @@ def gradient_cosines(model: EarlyExitModel, data: EncodedSplit, tokenizer, num_b
 
 def plot_gradient_cosines(result: dict, path: str | Path, title: str = "") -> None:
     """Heatmap: layers (rows) x exit pairs (columns), cosine similarity, blank where not shared."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from frugalnlp.rundir import write_bytes
+    from frugalnlp.report import save_figure
 
     values = np.array([[np.nan if v is None else v for v in row] for row in result["cosine"]])
     layers = result["exit_layers"]
@@ -81,8 +79,4 @@ def plot_gradient_cosines(result: dict, path: str | Path, title: str = "") -> No
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7)
     fig.colorbar(image, ax=ax, label="cosine of exit gradients")
     ax.set_title(title or "gradient agreement between exits")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)

@@ -16,6 +16,12 @@ from torch import nn
 from transformers import PreTrainedModel
 
 
+def used_length(attention_mask: torch.Tensor) -> int:
+    """Columns up to the last real token of any row of a [batch, seq] mask: the rest is padding to cut."""
+    real_columns = attention_mask.any(0).nonzero()
+    return int(real_columns.max()) + 1 if len(real_columns) else attention_mask.shape[1]
+
+
 @dataclass
 class State:
     """A batch between two layers.
@@ -88,8 +94,7 @@ class Backbone:
         shorter; the layer mask is rebuilt once here rather than in every layer.
         """
         mask = state.attention_mask.index_select(0, rows)
-        real_columns = mask.any(0).nonzero()
-        length = int(real_columns.max()) + 1 if len(real_columns) else mask.shape[1]
+        length = used_length(mask)
         hidden = state.hidden.index_select(0, rows)[:, :length]
         mask = mask[:, :length]
         extras = {k: self.trim(k, v.index_select(0, rows), length) for k, v in state.extras.items()}

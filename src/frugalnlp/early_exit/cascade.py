@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from frugalnlp.backbones.base import used_length
 from frugalnlp.early_exit.modeling import Departures, EarlyExitModel, Prediction
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
@@ -89,8 +90,7 @@ class Cascade:
             stay = departures.decide(e, logits)
             if stay is None:
                 break
-            mask = inputs[1].index_select(0, stay)
-            length = int(mask.any(0).nonzero().max()) + 1  # the rows left may need fewer columns
+            length = used_length(inputs[1].index_select(0, stay))  # the rows left may need fewer columns
             inputs = [None if t is None else t.index_select(0, stay)[:, :length] for t in inputs]
         return departures.prediction(self.layers_to_exit)
 

@@ -202,15 +202,17 @@ class EarlyExitModel(PreTrainedModel):
     def from_backbone(cls, backbone: str | PreTrainedModel, exit_layers: list[int] | None = None,
                       method: str = "joint", num_labels: int = 2, pooling: str = "mean",
                       num_layers: int | None = None, id2label: dict[int, str] | None = None,
-                      classifier_dropout: float = 0.1, attn_implementation: str | None = None) -> EarlyExitModel:
+                      classifier_dropout: float = 0.1, attn_implementation: str | None = None,
+                      trust_pickle: bool = False) -> EarlyExitModel:
         """Wrap a pretrained encoder (alias, hub name, path or instance) with fresh exit heads.
 
         ``num_layers`` truncates the encoder first (Multi-Model's shallow models); ``exit_layers``
-        defaults to the last layer alone (a plain classifier).
+        defaults to the last layer alone (a plain classifier). A local directory holding pickle
+        weights is refused unless ``trust_pickle``.
         """
         if isinstance(backbone, str):
             path = resolve_model(backbone)
-            verify_checkpoint(path)
+            verify_checkpoint(path, trust_pickle=trust_pickle)
             backbone = AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
         if not isinstance(backbone, PreTrainedModel):
             raise FrugalError(f"backbone must be a model name, path or PreTrainedModel, not {type(backbone).__name__}")
