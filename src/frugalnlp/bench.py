@@ -23,9 +23,7 @@ from frugalnlp.early_exit.cascade import Cascade, load_adaptive
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.encoding import encode_split, encode_texts, load_tokenizer
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import collect_exit_logits, replay
-from frugalnlp.cost import FlopCost
-from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.tasks import load_task
 from frugalnlp.training import RunSpec, load_run_config, train_run
 
@@ -61,25 +59,17 @@ def _median_times(configs: dict[str, Callable[[], None]], repeats: int) -> dict[
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _threshold_for(model, logits: torch.Tensor, target: float) -> float:
-    """The threshold whose ideal speedup (full depth / mean layers run) on these logits is nearest ``target``."""
-    depth = model.config.exit_layers[-1]
-    layers = torch.tensor(model.layers_to_exit, dtype=torch.float64)
-    best, best_gap = 1.0, float("inf")
-    for t in np.linspace(0.0, 1.0, 201):
-        exit_index, _ = replay(logits, model.temperatures, make_policy("confidence", float(t), model.num_exits))
-        gap = abs(depth / float(layers[exit_index].mean()) - target)
-        if gap < best_gap:
-            best, best_gap = float(t), gap
-    return best
+def _threshold_for(curve: list[dict], target: float) -> float:
+    """The curve's threshold whose ideal speedup (full depth / mean layers run) is nearest ``target``."""
+    return min(curve, key=lambda point: abs(point["speedup_layers"] - target))["threshold"]
 
 
 def _quick_runs(folder: Path, settings: BenchSettings) -> tuple[Path, Path]:
     """Small joint and Multi-Model runs on the embedded model, for a bench with no run given."""
     runs = []
     for method in ("joint", "multi-model"):
-        spec = RunSpec(output=str(folder / method), task=settings.task, method=method, train_size=settings.train_size, epochs=1,
-                       max_length=settings.max_length)
+        spec = RunSpec(output=str(folder / method), task=settings.task, method=method,
+                       train_size=settings.train_size, epochs=1, max_length=settings.max_length)
         runs.append(train_run(spec))
     return runs[0], runs[1]
 
@@ -116,10 +106,14 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
     results["tokenize_seconds"] = tokenize_times["tokenize"]
     data = encode_split(split, tokenizer, settings.max_length)
     lengths = data.lengths()
-    ee_logits = collect_exit_logits(model, data, tokenizer)
-    cascade_logits = collect_exit_logits(cascade, data, tokenizer)
-    ee_thresholds = sorted({_threshold_for(model, ee_logits, s) for s in settings.targets})
-    cascade_thresholds = sorted({_threshold_for(cascade, cascade_logits, s) for s in settings.cascade_targets})
+    grid = np.linspace(0.0, 1.0, 201).tolist()
+    ee_curve, cascade_curve = (speed_accuracy_curve(m, collect_exit_logits(m, data, tokenizer), split.labels,
+                                                    lengths, grid) for m in (model, cascade))
+    ee_thresholds = sorted({_threshold_for(ee_curve, s) for s in settings.targets})
+    cascade_thresholds = sorted({_threshold_for(cascade_curve, s) for s in settings.cascade_targets})
+    # Ideal speedups and the cascade's FLOPs-predicted cost (recomputation, heads, real lengths counted).
+    ee_points = {p["threshold"]: p for p in ee_curve}
+    cascade_points = {p["threshold"]: p for p in cascade_curve}
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     backbone, last_head = model.backbone, model.heads[-1]
 
@@ -149,27 +143,19 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
                "machinery_overhead": times["early-exit@1.0"] / times["plain"] - 1.0,
                "early_exit": [], "cascade": []}
         for t in ee_thresholds:
-            ideal = _ideal_speedup(model, batches, t)
+            ideal = ee_points[t]["speedup_layers"]
             measured = times["plain"] / times[f"early-exit@{t:g}"]
             row["early_exit"].append({"threshold": t, "seconds": times[f"early-exit@{t:g}"], "ideal_speedup": ideal,
                                       "measured_speedup": measured, "efficiency": measured / ideal})
-        cost = FlopCost(cascade)
         for t in cascade_thresholds:
-            exit_index, _ = replay(cascade_logits, cascade.temperatures, make_policy("confidence", t, cascade.num_exits))
-            predicted = float(cost.to_exit(lengths)[exit_index.numpy(), np.arange(len(lengths))].sum()
-                              / cost.full(lengths).sum())
+            predicted = cascade_points[t]["flops_share"]
             measured = times[f"cascade@{t:g}"] / times["plain"]
             row["cascade"].append({"threshold": t, "seconds": times[f"cascade@{t:g}"],
-                                   "ideal_speedup": _ideal_speedup(cascade, batches, t),
+                                   "ideal_speedup": cascade_points[t]["speedup_layers"],
                                    "predicted_cost": predicted, "measured_cost": measured,
                                    "cost_ratio": measured / predicted})
         results["batch_sizes"][str(batch_size)] = row
     return results
-
-
-def _ideal_speedup(model: EarlyExitModel | Cascade, batches: list[dict], threshold: float) -> float:
-    layers = torch.cat([model.predict(**b, threshold=threshold).layers_run for b in batches]).double()
-    return model.config.exit_layers[-1] / float(layers.mean())
 
 
 def format_bench(results: dict) -> str:

@@ -123,8 +123,6 @@ def cmd_analyze_gradients(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    import sys
-
     from frugalnlp.bench import format_bench, run_bench
     from frugalnlp.rundir import write_json
 

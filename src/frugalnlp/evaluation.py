@@ -64,7 +64,7 @@ def scores(predicted: np.ndarray | torch.Tensor, gold: np.ndarray, num_labels: i
 def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
     """Each exit's own scores when every example is forced to it."""
     return [{"exit": e, "layer": layer, **scores(exit_logits[e].argmax(-1), gold, model.config.num_labels)}
-            for e, layer in enumerate(model.exit_layers if isinstance(model, Cascade) else model.config.exit_layers)]
+            for e, layer in enumerate(model.exit_layers)]
 
 
 def speed_accuracy_curve(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray,

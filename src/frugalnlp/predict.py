@@ -8,11 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorWithPadding
 
 from frugalnlp.early_exit.cascade import load_adaptive
 from frugalnlp.early_exit.policies import make_policy
-from frugalnlp.encoding import encode_texts, load_tokenizer
+from frugalnlp.encoding import EncodedSplit, batches, encode_texts, load_tokenizer
 from frugalnlp.errors import FrugalError
 from frugalnlp.tasks import Columns, read_rows, row_example
 from frugalnlp.training import load_run_config, spec_from_config
@@ -37,9 +36,7 @@ class Predictor:
         self.batch_size = batch_size
         self.is_pair = bool(config["task"]["pair"])
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
-        exit_layers = self.model.config.exit_layers if hasattr(self.model, "heads") else self.model.exit_layers
-        self.exit_layers = list(exit_layers)
-        self._collate = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")
+        self.exit_layers = self.model.exit_layers
 
     @torch.inference_mode()
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
@@ -49,17 +46,16 @@ class Predictor:
                 raise FrugalError(f"text {i} is empty; every input needs some text")
         if self.is_pair and pairs is None:
             raise FrugalError("this model classifies text pairs: pass pairs=[...] (or --text-pair-column)")
-        features = encode_texts(self.tokenizer, texts, pairs, self.max_length)
-        results = []
-        for start in range(0, len(texts), self.batch_size):
-            batch = self._collate([{k: v[i] for k, v in features.items()}
-                                   for i in range(start, min(start + self.batch_size, len(texts)))])
+        data = EncodedSplit(encode_texts(self.tokenizer, texts, pairs, self.max_length), labels=None)
+        results: list[dict] = [{} for _ in texts]
+        for index, batch in batches(data, self.tokenizer, self.batch_size):
             pred = self.model.predict(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                                       policy=self.policy)
-            for label, conf, exit_index, layers in zip(pred.labels.tolist(), pred.confidence.tolist(),
-                                                       pred.exit_index.tolist(), pred.layers_run.tolist()):
-                results.append({"label": self.id2label[label], "confidence": round(conf, 6),
-                                "exit_layer": self.exit_layers[exit_index], "layers_run": layers})
+            for i, label, conf, exit_index, layers in zip(index.tolist(), pred.labels.tolist(),
+                                                          pred.confidence.tolist(), pred.exit_index.tolist(),
+                                                          pred.layers_run.tolist()):
+                results[i] = {"label": self.id2label[label], "confidence": round(conf, 6),
+                              "exit_layer": self.exit_layers[exit_index], "layers_run": layers}
         return results
 
 

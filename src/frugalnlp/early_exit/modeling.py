@@ -90,7 +90,6 @@ class Departures:
     def __init__(self, policy: ExitPolicy, batch: int, num_exits: int, device: torch.device) -> None:
         self.policy = policy
         self.last = num_exits - 1
-        self.batch = batch
         self.rows = torch.arange(batch, device=device)  # original row of each row still running
         self.state = policy.start(batch, device)
         self.left: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, logits, exit)
@@ -179,9 +178,14 @@ class EarlyExitModel(PreTrainedModel):
         return len(self.config.exit_layers)
 
     @property
+    def exit_layers(self) -> list[int]:
+        """1-based layer after which each exit sits."""
+        return list(self.config.exit_layers)
+
+    @property
     def layers_to_exit(self) -> list[int]:
         """Layers an example has run when it leaves at each exit."""
-        return list(self.config.exit_layers)
+        return self.exit_layers
 
     @property
     def temperatures(self) -> list[float]:
