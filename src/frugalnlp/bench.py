@@ -19,13 +19,13 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
-from frugalnlp.early_exit.cascade import Cascade, load_adaptive
+from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
-from frugalnlp.encoding import encode_split, encode_texts, load_tokenizer
+from frugalnlp.encoding import encode_split, encode_texts
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.tasks import load_task
-from frugalnlp.training import RunSpec, load_run_config, train_run
+from frugalnlp.training import RunSpec, load_run, train_run
 
 
 @dataclass
@@ -84,13 +84,10 @@ def run_bench(run: str | None = None, cascade_run: str | None = None, quick: boo
             quick_joint, quick_cascade = _quick_runs(Path(tmp), settings)
             run = run or str(quick_joint)
             cascade_run = cascade_run or str(quick_cascade)
-        for path in (run, cascade_run):
-            load_run_config(path)
-        model = load_adaptive(Path(run) / "model").eval()
-        cascade = load_adaptive(Path(cascade_run) / "model").eval()
-        if not isinstance(model, EarlyExitModel) or not isinstance(cascade, Cascade):
+        early_exit, multi_model = load_run(run), load_run(cascade_run)
+        if not isinstance(early_exit.model, EarlyExitModel) or not isinstance(multi_model.model, Cascade):
             raise FrugalError("--run must be a joint/sweet run and --cascade-run a multi-model run")
-        return _bench(model, cascade, load_tokenizer(str(Path(run) / "model")), settings, progress)
+        return _bench(early_exit.model, multi_model.model, early_exit.tokenizer, settings, progress)
 
 
 @torch.inference_mode()

@@ -95,31 +95,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_analyze_gradients(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from frugalnlp.gradients import analyze_run
 
-    from frugalnlp.early_exit.cascade import load_adaptive
-    from frugalnlp.encoding import encode_split, load_tokenizer
-    from frugalnlp.gradients import gradient_cosines, plot_gradient_cosines
-    from frugalnlp.rundir import RunDir, write_json
-    from frugalnlp.training import load_run_config, load_spec_task, spec_from_config
-
-    spec = spec_from_config(load_run_config(args.run))
-    out = RunDir(args.output or Path(args.run) / "gradients", overwrite=args.overwrite)
-    model = load_adaptive(Path(args.run) / "model")
-    if not hasattr(model, "adapter"):
-        raise FrugalError("gradient analysis needs a joint or sweet run (one backbone with several exits)")
-    tokenizer = load_tokenizer(str(Path(args.run) / "model"))
-    task = load_spec_task(spec)
-    result = gradient_cosines(model, encode_split(task.train, tokenizer, spec.max_length), tokenizer,
-                              num_batches=args.batches, seed=spec.seed)
-    out.open()
-    write_json(out.path / "gradients.json", {"run": str(args.run), "method": spec.method, **result})
-    plot_gradient_cosines(result, out.path / "gradients.png", title=f"{spec.method} on {spec.task}")
+    path, result = analyze_run(args.run, num_batches=args.batches, output=args.output, overwrite=args.overwrite)
     pairs = [f"L{result['exit_layers'][i]}·L{result['exit_layers'][j]}" for i, j in result["pairs"]]
     print("layer  " + " ".join(f"{p:>8}" for p in pairs))
     for k, row in enumerate(result["cosine"], start=1):
         print(f"{k:>5}  " + " ".join(f"{'':>8}" if v is None else f"{v:>8.3f}" for v in row))
-    print(f"wrote {out.commit()}")
+    print(f"wrote {path}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

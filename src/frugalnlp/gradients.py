@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from frugalnlp.early_exit.modeling import EarlyExitModel
-from frugalnlp.encoding import EncodedSplit, batches
+from frugalnlp.encoding import EncodedSplit, batches, encode_split
 from frugalnlp.errors import FrugalError
 
 
@@ -80,3 +80,25 @@ def plot_gradient_cosines(result: dict, path: str | Path, title: str = "") -> No
     fig.colorbar(image, ax=ax, label="cosine of exit gradients")
     ax.set_title(title or "gradient agreement between exits")
     save_figure(fig, path)
+
+
+def analyze_run(run: str | Path, num_batches: int = 8, output: str | Path | None = None,
+                overwrite: bool = False) -> tuple[Path, dict]:
+    """`gradient_cosines` on a joint or SWEET run's training data: writes gradients.json and gradients.png.
+
+    Returns the output directory (default ``RUN/gradients``) and the result.
+    """
+    from frugalnlp.rundir import RunDir, write_json
+    from frugalnlp.training import load_run, load_spec_task
+
+    out = RunDir(output or Path(run) / "gradients", overwrite=overwrite)
+    trained = load_run(run)
+    if not isinstance(trained.model, EarlyExitModel):
+        raise FrugalError("gradient analysis needs a joint or sweet run (one backbone with several exits)")
+    spec = trained.spec
+    train = encode_split(load_spec_task(spec).train, trained.tokenizer, spec.max_length)
+    result = gradient_cosines(trained.model, train, trained.tokenizer, num_batches=num_batches, seed=spec.seed)
+    out.open()
+    write_json(out.path / "gradients.json", {"run": str(run), "method": spec.method, **result})
+    plot_gradient_cosines(result, out.path / "gradients.png", title=f"{spec.method} on {spec.task}")
+    return out.commit(), result

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import torch
 
-from frugalnlp.early_exit.cascade import load_adaptive
 from frugalnlp.early_exit.policies import make_policy
-from frugalnlp.encoding import EncodedSplit, batches, encode_texts, load_tokenizer
+from frugalnlp.encoding import EncodedSplit, batches, encode_texts
 from frugalnlp.errors import FrugalError
 from frugalnlp.tasks import Columns, read_rows, row_example
-from frugalnlp.training import load_run_config, spec_from_config
+from frugalnlp.training import load_run
 
 
 class Predictor:
@@ -27,14 +26,12 @@ class Predictor:
 
     def __init__(self, run: str | os.PathLike, threshold: float = 0.9, policy: str = "confidence",
                  batch_size: int = 32, trust_pickle: bool = False) -> None:
-        config = load_run_config(run)
-        spec = spec_from_config(config)
-        self.model = load_adaptive(Path(run) / "model", trust_pickle=trust_pickle).eval()
-        self.tokenizer = load_tokenizer(str(Path(run) / "model"))
+        trained = load_run(run, trust_pickle=trust_pickle)
+        self.model, self.tokenizer = trained.model, trained.tokenizer
         self.policy = make_policy(policy, threshold, self.model.num_exits)
-        self.max_length = spec.max_length
+        self.max_length = trained.spec.max_length
         self.batch_size = batch_size
-        self.is_pair = bool(config["task"]["pair"])
+        self.is_pair = bool(trained.config["task"]["pair"])
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.exit_layers = self.model.exit_layers
 

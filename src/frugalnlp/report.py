@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from frugalnlp.early_exit.cascade import load_adaptive
-from frugalnlp.encoding import encode_split, load_tokenizer
+from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import collect_exit_logits, exit_scores, speed_accuracy_curve
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.training import load_run_config, load_spec_task, spec_from_config
+from frugalnlp.training import load_run, load_spec_task
 
 CURVE_COLUMNS = ["threshold", "accuracy", "macro_f1", "layers_share", "speedup_layers", "flops_share",
                  "speedup_flops", "exit_histogram"]
@@ -27,11 +26,10 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     """
     if thresholds < 2:
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
-    spec = spec_from_config(load_run_config(run))
     out = RunDir(output or Path(run) / f"eval-{split}-{policy}", overwrite=overwrite)
+    trained = load_run(run)
+    spec, model, tokenizer = trained.spec, trained.model, trained.tokenizer
     task = load_spec_task(spec)
-    model = load_adaptive(Path(run) / "model")
-    tokenizer = load_tokenizer(str(Path(run) / "model"))
     data = encode_split(task.split(split), tokenizer, spec.max_length)
     logits = collect_exit_logits(model, data, tokenizer, spec.eval_batch_size, progress=True)
     gold = task.split(split).labels

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from frugalnlp.assets import resolve_model
 from frugalnlp.early_exit.calibration import fit_temperatures
-from frugalnlp.early_exit.cascade import Cascade
+from frugalnlp.early_exit.cascade import Cascade, load_adaptive
 from frugalnlp.early_exit.modeling import EarlyExitModel, check_exit_layers
 from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError
@@ -185,4 +185,24 @@ def spec_from_config(config: dict) -> RunSpec:
     values = dict(config["spec"])
     values["columns"] = Columns(**values["columns"])
     return RunSpec(**values)
+
+
+@dataclass
+class TrainedRun:
+    """A finished run, loaded for use: its ``config.json``, spec, model (in eval mode) and tokenizer."""
+
+    path: Path
+    config: dict
+    spec: RunSpec
+    model: EarlyExitModel | Cascade
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_run(run: str | Path, trust_pickle: bool = False) -> TrainedRun:
+    """Load a run directory written by `train_run`; FrugalError if it is not one."""
+    config = load_run_config(run)
+    folder = Path(run) / "model"
+    return TrainedRun(path=Path(run), config=config, spec=spec_from_config(config),
+                      model=load_adaptive(folder, trust_pickle=trust_pickle).eval(),
+                      tokenizer=load_tokenizer(str(folder)))
 
