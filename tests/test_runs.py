@@ -128,3 +128,16 @@ def test_pickle_checkpoints_are_refused(tiny_dir, tmp_path, capsys):
     data.write_text("text\nhello\n")
     status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "o.jsonl"], capsys)
     assert status == 2 and "pytorch_model.bin" in err and "--trust-pickle" in err
+
+
+def test_demo_prints_the_table_and_writes_the_report(tiny_dir, tmp_path, capsys):
+    status, out, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 64, "--epochs", 1, "--max-length", 24,
+                                "--seeds", "0,1", "--exit-layers", "1,2,4", "--output", tmp_path / "demo"], capsys)
+    assert status == 0, err
+    assert "| method | layer 1 | layer 2 | layer 4 |" in out and "| multi-model |" in out and "± " in out
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results["methods"]) == {"joint", "sweet", "multi-model"} and results["seeds"] == [0, 1]
+    for method in results["methods"].values():
+        assert len(method["exit_accuracy_per_seed"]) == 2 and len(method["mean_curve"]["mean"]) == 21
+    assert (tmp_path / "demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "curves.png" in (tmp_path / "demo" / "report.md").read_text()

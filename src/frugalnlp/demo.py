@@ -85,11 +85,9 @@ def run_demo(task: str = "mr", model: str = "minilm", seeds: list[int] = (0,), o
 def _mean_curve(curves: list[list[dict]]) -> dict:
     """Point-wise mean and std over seeds (same thresholds in every curve)."""
     keys = ("accuracy", "speedup_layers", "speedup_flops", "layers_share")
-    mean = [{"threshold": pts[0]["threshold"], **{k: float(np.mean([p[k] for p in pts])) for k in keys}}
-            for pts in zip(*curves)]
-    std = [{"threshold": pts[0]["threshold"], **{k: float(np.std([p[k] for p in pts])) for k in keys}}
-           for pts in zip(*curves)]
-    return {"mean": mean, "std": std}
+    return {name: [{"threshold": pts[0]["threshold"], **{k: float(stat([p[k] for p in pts])) for k in keys}}
+                   for pts in zip(*curves)]
+            for name, stat in (("mean", np.mean), ("std", np.std))}
 
 
 def format_table(summary: dict) -> str:
