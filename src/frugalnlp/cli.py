@@ -71,9 +71,13 @@ def cmd_tasks(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
     from frugalnlp.training import train_run
 
     path = train_run(_spec(args, args.output), overwrite=args.overwrite, resume=args.resume)
+    if not PartialState().is_main_process:  # under torchrun the main process reports
+        return
     metrics = json.loads((path / "metrics.json").read_text())
     for split in ("dev", "test"):
         exits = ", ".join(f"L{e['layer']} {e['accuracy']:.3f}" for e in metrics[split]["exits"])

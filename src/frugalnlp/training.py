@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from frugalnlp.assets import resolve_model
@@ -114,16 +115,21 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
               callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train, calibrate and score one run into ``spec.output``; returns the finished directory.
 
-    ``callbacks`` are HF `TrainerCallback`s passed to every Trainer of the run.
+    ``callbacks`` are HF `TrainerCallback`s passed to every Trainer of the run. Under ``torchrun`` or
+    ``accelerate launch`` every process trains (the Trainer wraps the model in DDP); only the main
+    process writes the run directory, calibrates and scores.
     """
     started = time.perf_counter()
     _check_spec(spec)
-    run = RunDir(spec.output, overwrite=overwrite, resume=resume)  # refuses before any work
+    processes = PartialState(cpu=not torch.cuda.is_available())
+    run = RunDir(spec.output, overwrite=overwrite, resume=resume)  # refuses before any work, on every rank
     task = load_spec_task(spec)
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path)
     models = _build_models(spec, model_path, task)
-    run.open()
+    processes.wait_for_everyone()  # every rank has checked the output before the main one creates it
+    if processes.is_main_process:
+        run.open()
     data = {name: encode_split(task.split(name), tokenizer, spec.max_length) for name in ("train", "dev", "test")}
     checkpoints = run.path / "checkpoints"
     training = []
@@ -131,6 +137,9 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
         depth = model.config.exit_layers[-1]
         training.append({"layers": depth, **fit(model, data["train"], tokenizer, spec,
                                                  checkpoints / f"layers-{depth}", resume, callbacks)})
+    if not processes.is_main_process:
+        processes.wait_for_everyone()
+        return run.final
     adaptive: EarlyExitModel | Cascade = Cascade(models) if spec.method == "multi-model" else models[0]
     logits = {name: collect_exit_logits(adaptive, data[name], tokenizer, spec.eval_batch_size)
               for name in ("dev", "test")}
@@ -143,11 +152,13 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
     for name in ("dev", "test"):  # the last exit is the full model's answer
         metrics[name].update({k: metrics[name]["exits"][-1][k] for k in ("accuracy", "macro_f1")})
     metrics.update(train_examples=len(task.train), temperatures=adaptive.temperatures, training=training,
-                   seconds=time.perf_counter() - started)
+                   seconds=time.perf_counter() - started, processes=processes.num_processes)
     write_json(run.path / "config.json", run_config(spec, task))
     write_json(run.path / "metrics.json", metrics)
     shutil.rmtree(checkpoints, ignore_errors=True)  # Trainer checkpoints hold pickles; only needed to resume
-    return run.commit()
+    final = run.commit()
+    processes.wait_for_everyone()  # the other ranks return once the run is published
+    return final
 
 
 def load_spec_task(spec: RunSpec) -> TaskData:
