@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from frugalnlp.errors import FrugalError
 from frugalnlp.tasks import Split
 
 
@@ -42,7 +43,68 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: li
     return {k: v for k, v in encoded.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def encode_split(split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int) -> EncodedSplit:
+def encode_fixed_layout(tokenizer: PreTrainedTokenizerBase, texts: list[str], pairs: list[str] | None,
+                        length: int, position_offset: int = 0) -> dict[str, list]:
+    """Every example padded to ``length`` n with each token at a fixed slot, so that slot i means the same
+    thing in every example and attention can be averaged position by position (PAPA).
+
+    Single texts: ``[CLS] text [SEP]`` from slot 0, then padding (a text may use all n slots). Pairs: the
+    first text with its special tokens from slot 0 (at most n/2 slots), the second with its own from
+    slot n/2 (at most n - n/2). Each text is truncated to its share; the special tokens are kept.
+    ``token_type_ids`` and ``position_ids`` follow the tokens: the position of slot i is
+    ``position_offset + i`` whatever padding precedes it (RoBERTa-style models count positions from
+    ``pad_token_id + 1``). Returns lists of ``length`` ints per example under ``input_ids``,
+    ``attention_mask``, ``token_type_ids`` and ``position_ids``.
+    """
+    if length < 4:
+        raise FrugalError(f"--max-length {length} is too short for the fixed layout (at least 4)")
+    encoded = tokenizer(texts, pairs, truncation=False, add_special_tokens=True, return_token_type_ids=True,
+                        verbose=False)
+    pad = tokenizer.pad_token_id
+    leading = tokenizer.num_special_tokens_to_add(pair=False)  # specials that close the first text, with the prefix
+    half = length // 2 if pairs is not None else length
+    out: dict[str, list] = {"input_ids": [], "attention_mask": [], "token_type_ids": [], "position_ids": []}
+    positions = list(range(position_offset, position_offset + length))
+    for i, ids in enumerate(encoded["input_ids"]):
+        sequence = encoded.sequence_ids(i)  # None for special tokens, 0 / 1 for the first / second text
+        types = encoded["token_type_ids"][i]
+        first_text = [j for j, s in enumerate(sequence) if s == 0]
+        prefix = first_text[0] if first_text else leading // 2
+        first_end = (first_text[-1] + 1 if first_text else prefix) + (leading - prefix)  # past the first text's specials
+        segments = [(0, first_end, half)]
+        if pairs is not None:
+            segments.append((first_end, len(ids), length - half))
+        row_ids, row_types = [pad] * length, [0] * length
+        row_mask = [0] * length
+        start = 0
+        for begin, end, room in segments:
+            kept = _keep_specials(list(range(begin, end)), sequence, room)
+            for slot, j in enumerate(kept, start):
+                row_ids[slot], row_types[slot], row_mask[slot] = ids[j], types[j], 1
+            start += room
+        for name, row in zip(("input_ids", "attention_mask", "token_type_ids", "position_ids"),
+                             (row_ids, row_mask, row_types, positions)):
+            out[name].append(row)
+    return out
+
+
+def _keep_specials(tokens: list[int], sequence: list[int | None], room: int) -> list[int]:
+    """The first ``room`` slots' worth of ``tokens``: text tokens are cut from the end, special ones kept."""
+    if len(tokens) <= room:
+        return tokens
+    special = [j for j in tokens if sequence[j] is None]
+    text = [j for j in tokens if sequence[j] is not None][:max(0, room - len(special))]
+    head = [j for j in special if not text or j < text[0]]
+    return (head + text + [j for j in special if j not in head])[:room]
+
+
+def encode_split(split: Split, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 fixed_layout: bool = False, position_offset: int = 0) -> EncodedSplit:
+    """Tokenise a split: truncated to ``max_length`` and unpadded, or padded to exactly ``max_length`` in
+    the fixed-position layout of `encode_fixed_layout` when ``fixed_layout``."""
+    if fixed_layout:
+        return EncodedSplit(encode_fixed_layout(tokenizer, split.texts, split.pairs, max_length, position_offset),
+                            split.labels)
     return EncodedSplit(encode_texts(tokenizer, split.texts, split.pairs, max_length), split.labels)
 
 

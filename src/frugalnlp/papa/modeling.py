@@ -1,0 +1,291 @@
+"""PAPA models: chosen attention heads use a constant matrix instead of softmax(QK^T).
+
+Works on any BERT-family encoder (BERT, RoBERTa, XLM-RoBERTa, ELECTRA) through
+`transformers.AttentionInterface`: the model runs with ``attn_implementation="frugalnlp_papa"``, and
+each self-attention module gets a `ConstantHeads` child holding its constant matrices (and, for
+ranking, one gate per head). Constant heads lose their query and key rows, so they cost nothing to
+score. `PapaModel` wraps the encoder with a `Probe` classifier and saves everything (constant heads,
+matrices, layout) with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import (AttentionInterface, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel)
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.models.bert.modeling_bert import eager_attention_forward
+
+from frugalnlp.backbones import backbone_for
+from frugalnlp.backbones.bert import BertBackbone
+from frugalnlp.errors import FrugalError
+
+ATTENTION = "frugalnlp_papa"
+SETTINGS = ("probe", "finetune")
+
+
+class ConstantHeads(nn.Module):
+    """PAPA state of one self-attention layer.
+
+    ``heads`` hold a constant matrix each (``constant``: [len(heads), n, n]). Without gates they replace
+    the real attention (and have no query/key rows); with ``gated`` every head of the layer has a constant
+    and mixes sigmoid(gate) * real + (1 - sigmoid(gate)) * constant, gates starting at 0 (an even mix).
+    """
+
+    def __init__(self, num_heads: int, length: int, heads: list[int], gated: bool = False) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.heads = sorted(heads)
+        self.live = [h for h in range(num_heads) if h not in self.heads] if not gated else list(range(num_heads))
+        self.register_buffer("constant", torch.zeros(len(self.heads), length, length))
+        self.gates = nn.Parameter(torch.zeros(num_heads)) if gated else None
+
+
+class NoHeads(nn.Module):
+    """Query/key projection of a layer whose heads are all constant: one zero head, never read."""
+
+    def __init__(self, head_size: int) -> None:
+        super().__init__()
+        self.head_size = head_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(*hidden.shape[:-1], self.head_size)
+
+
+def papa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with constant heads. query/key: [batch, live heads, seq, head size] (constant heads have
+    no rows), value: [batch, heads, seq, head size], attention_mask: additive [batch, 1, seq, seq] or None.
+    Returns ([batch, seq, heads, head size], probabilities [batch, heads, seq, seq])."""
+    papa: ConstantHeads | None = getattr(module, "papa", None)
+    if papa is None:
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    batch, num_heads, seq, _ = value.shape
+    if attention_mask is None:
+        keys = value.new_ones(batch, 1, seq, seq, dtype=torch.bool)
+    else:
+        keys = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).expand(batch, 1, seq, seq)
+    # Constant rows over real keys only, renormalised; a row with no mass there attends uniformly.
+    constant = papa.constant[:, :seq, :seq].to(value.dtype) * keys
+    total = constant.sum(-1, keepdim=True)
+    uniform = keys / keys.sum(-1, keepdim=True).clamp_min(1)
+    constant = torch.where(total > 0, constant / total.clamp_min(torch.finfo(value.dtype).tiny), uniform)
+
+    live = len(papa.live)
+    real = None
+    if live:
+        scores = torch.matmul(query[:, :live], key[:, :live].transpose(2, 3)) * (scaling or query.size(-1) ** -0.5)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        real = nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)  # real heads only
+    if papa.gates is not None:
+        gate = papa.gates.sigmoid().to(value.dtype)[None, :, None, None]
+        probs = gate * real + (1 - gate) * constant
+    else:
+        probs = value.new_empty(batch, num_heads, seq, seq)
+        probs[:, papa.heads] = constant
+        if live:
+            probs[:, papa.live] = real
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+AttentionInterface.register(ATTENTION, papa_attention)
+AttentionMaskInterface.register(ATTENTION, eager_mask)
+
+
+class Probe(nn.Module):
+    """The PAPA probe: for each of ``num_states`` layer outputs (embeddings included) a learned weight per
+    position (softmax over the real tokens), the weighted sums concatenated, then dense-tanh-dense.
+
+    states: [batch, num_states, seq, hidden], attention_mask: [batch, seq] -> logits [batch, num_labels].
+    """
+
+    def __init__(self, num_states: int, length: int, hidden: int, num_labels: int, dropout: float) -> None:
+        super().__init__()
+        self.position_scores = nn.Parameter(torch.zeros(num_states, length))
+        self.dropout = nn.Dropout(dropout)
+        self.dense = nn.Linear(num_states * hidden, hidden)
+        self.out = nn.Linear(hidden, num_labels)
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch, num_states, seq, hidden = states.shape
+        scores = self.position_scores[:, :seq].expand(batch, num_states, seq)
+        scores = scores.masked_fill(~attention_mask.bool()[:, None, :], torch.finfo(scores.dtype).min)
+        pooled = torch.einsum("bst,bsth->bsh", scores.softmax(-1).to(states.dtype), states)
+        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled.reshape(batch, -1))))))
+
+
+class PapaConfig(PretrainedConfig):
+    """Configuration of a `PapaModel`.
+
+    Args:
+        backbone_config: the encoder's own config, as a dict (``model_type`` included).
+        length: n, the fixed-layout length the constant matrices and probe are built for.
+        constant_heads: ``[layer, head]`` pairs (0-based) that use their constant matrix. A list of pairs,
+            not a dict: JSON would turn integer keys into strings.
+        gated: every head mixes real and constant attention through a learned gate (head ranking).
+        setting: ``"probe"`` (encoder frozen; only the probe and gates train) or ``"finetune"`` (all trains).
+        position_offset: position id of slot 0 in the layout (RoBERTa-style models: pad_token_id + 1).
+        classifier_dropout: dropout inside the probe.
+    """
+
+    model_type = "frugalnlp-papa"
+
+    def __init__(self, backbone_config: dict | None = None, length: int = 64,
+                 constant_heads: list[list[int]] | None = None, gated: bool = False, setting: str = "probe",
+                 position_offset: int = 0, classifier_dropout: float = 0.1, **kwargs) -> None:
+        self.backbone_config = backbone_config
+        self.length = length
+        self.constant_heads = sorted([int(l), int(h)] for l, h in (constant_heads or []))
+        self.gated = gated
+        self.setting = setting
+        self.position_offset = position_offset
+        self.classifier_dropout = classifier_dropout
+        super().__init__(**kwargs)
+
+
+class PapaModel(PreTrainedModel):
+    """A BERT-family encoder with PAPA constant heads and a `Probe` classifier.
+
+    Build one from a pretrained encoder and its constant matrices with `from_encoder`; reload a saved
+    one with `from_pretrained`. Inputs are in the fixed layout (`frugalnlp.encoding.encode_fixed_layout`).
+    """
+
+    config_class = PapaConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    _supports_attention_backend = True
+
+    def __init__(self, config: PapaConfig, backbone: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        if config.setting not in SETTINGS:
+            raise FrugalError(f"PAPA setting {config.setting!r} is not one of {', '.join(SETTINGS)}")
+        family = backbone.config.model_type if backbone is not None else config.backbone_config.get("model_type")
+        if family not in BertBackbone.families:
+            raise FrugalError(f"PAPA needs a BERT-family encoder ({', '.join(BertBackbone.families)}); "
+                              f"{family} does not route attention through AttentionInterface")
+        if backbone is None:
+            backbone_config = AutoConfig.for_model(**config.backbone_config)
+            backbone = AutoModel.from_config(backbone_config, attn_implementation=ATTENTION)
+        else:
+            backbone.set_attn_implementation(ATTENTION)
+        backbone_for(backbone).strip_pooler()  # the probe reads every layer; a pooler would be dead weight
+        self.backbone = backbone
+        layers = backbone_for(backbone).layers
+        num_heads = backbone.config.num_attention_heads
+        for l, h in config.constant_heads:
+            if not (0 <= l < len(layers) and 0 <= h < num_heads):
+                raise FrugalError(f"constant head (layer {l}, head {h}) is out of range: the model has "
+                                  f"{len(layers)} layers of {num_heads} heads (0-based)")
+        for index, layer in enumerate(layers):
+            heads = list(range(num_heads)) if config.gated else [h for l, h in config.constant_heads if l == index]
+            _inject(layer.attention.self, ConstantHeads(num_heads, config.length, heads, config.gated))
+        hidden = backbone.config.hidden_size
+        self.probe = Probe(len(layers) + 1, config.length, hidden, config.num_labels, config.classifier_dropout)
+        self.post_init()
+        self._freeze()  # after the injection, so that new gates are trainable in the probe setting
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only what PAPA adds: the encoder keeps its pretrained weights.
+        if isinstance(module, Probe):
+            nn.init.zeros_(module.position_scores)
+            for linear in (module.dense, module.out):
+                nn.init.normal_(linear.weight, std=self.config.backbone_config.get("initializer_range", 0.02))
+                nn.init.zeros_(linear.bias)
+        elif isinstance(module, ConstantHeads) and module.gates is not None:
+            nn.init.zeros_(module.gates)
+
+    def _freeze(self) -> None:
+        frozen = self.config.setting == "probe"
+        for name, parameter in self.backbone.named_parameters():
+            parameter.requires_grad = not frozen or name.endswith("papa.gates")
+
+    def train(self, mode: bool = True) -> PapaModel:
+        super().train(mode)
+        if self.config.setting == "probe":
+            self.backbone.eval()  # a frozen encoder has no dropout
+        return self
+
+    @classmethod
+    def from_encoder(cls, encoder: str | PreTrainedModel, constant_attention: torch.Tensor,
+                     constant_heads: list[list[int]] | None = None, gated: bool = False, setting: str = "probe",
+                     num_labels: int = 2, position_offset: int | None = None, **config_kwargs) -> PapaModel:
+        """A PAPA model on a pretrained encoder (a path, a name, or a loaded HF model).
+
+        constant_attention: [layers, heads, n, n] from `compute_constant_attention`.
+        """
+        if isinstance(encoder, str):
+            encoder = AutoModel.from_pretrained(encoder)
+        layers, heads, length, _ = constant_attention.shape
+        if (layers, heads) != (encoder.config.num_hidden_layers, encoder.config.num_attention_heads):
+            raise FrugalError(f"constant attention is for {layers} layers x {heads} heads, the model has "
+                              f"{encoder.config.num_hidden_layers} x {encoder.config.num_attention_heads}")
+        if position_offset is None:
+            position_offset = layout_position_offset(encoder)
+        config = PapaConfig(backbone_config=encoder.config.to_dict(), length=length, constant_heads=constant_heads,
+                            gated=gated, setting=setting, position_offset=position_offset, num_labels=num_labels,
+                            **config_kwargs)
+        model = cls(config, backbone=encoder)
+        model.set_constant_attention(constant_attention)
+        return model
+
+    def constant_modules(self) -> list[nn.Module]:
+        """Each layer's self-attention module (the one holding ``papa``)."""
+        return [layer.attention.self for layer in backbone_for(self.backbone).layers]
+
+    def set_constant_attention(self, constant_attention: torch.Tensor) -> None:
+        """Load each layer's constant matrices from a [layers, heads, n, n] tensor."""
+        with torch.no_grad():
+            for index, module in enumerate(self.constant_modules()):
+                module.papa.constant.copy_(constant_attention[index, module.papa.heads])
+
+    def gate_logits(self) -> torch.Tensor:
+        """lambda of every head: [layers, heads] (a gated model only)."""
+        if not self.config.gated:
+            raise FrugalError("this PAPA model has no gates; build it with gated=True to rank heads")
+        return torch.stack([m.papa.gates.detach() for m in self.constant_modules()])
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_attentions: bool = False) -> SequenceClassifierOutput:
+        """input_ids, attention_mask, token_type_ids, position_ids: [batch, seq] in the fixed layout (seq <= n);
+        labels: [batch] or None. Returns logits [batch, num_labels] (and the loss with labels)."""
+        if position_ids is None:
+            position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device)
+                            + self.config.position_offset).expand_as(input_ids)
+        encoder_grad = self.training and (self.config.setting == "finetune" or self.config.gated)
+        with torch.set_grad_enabled(encoder_grad or (torch.is_grad_enabled() and not self.training)):
+            encoded = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                    position_ids=position_ids, output_hidden_states=True,
+                                    output_attentions=output_attentions)
+        logits = self.probe(torch.stack(encoded.hidden_states, 1), attention_mask)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits, attentions=encoded.attentions)
+
+
+def layout_position_offset(encoder: PreTrainedModel) -> int:
+    """Position id of slot 0: RoBERTa-style embeddings count from ``padding_idx + 1``."""
+    padding_idx = getattr(encoder.embeddings, "padding_idx", None)
+    return padding_idx + 1 if padding_idx is not None else 0
+
+
+def _inject(attention: nn.Module, papa: ConstantHeads) -> None:
+    """Attach ``papa`` to a self-attention module; replaced heads lose their query and key rows."""
+    attention.papa = papa
+    if papa.gates is not None or not papa.heads:
+        return
+    size = attention.attention_head_size
+    rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in papa.live]) if papa.live else None
+    for name in ("query", "key"):
+        full: nn.Linear = getattr(attention, name)
+        if rows is None:
+            setattr(attention, name, NoHeads(size))
+            continue
+        live = nn.Linear(full.in_features, len(rows), device=full.weight.device, dtype=full.weight.dtype)
+        with torch.no_grad():
+            live.weight.copy_(full.weight[rows])
+            live.bias.copy_(full.bias[rows])
+        setattr(attention, name, live)

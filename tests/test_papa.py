@@ -1,0 +1,166 @@
+"""PAPA: constant attention matrices, constant heads in the model, the fixed layout, save/reload."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, RobertaConfig, RobertaModel
+
+from frugalnlp.encoding import encode_fixed_layout, load_tokenizer
+from frugalnlp.errors import FrugalError
+from frugalnlp.papa import PapaModel, compute_constant_attention
+from frugalnlp.papa.modeling import NoHeads
+
+SIZE = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=30522,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+N = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from frugalnlp.assets import resolve_model
+
+    return load_tokenizer(resolve_model("minilm"))
+
+
+def tiny(cls=BertModel, config=BertConfig, **extra):
+    torch.manual_seed(0)
+    return cls(config(**SIZE, **extra)).eval()
+
+
+def layout_batches(tokenizer, texts, pairs, batch_size=3, position_offset=0):
+    features = encode_fixed_layout(tokenizer, texts, pairs, N, position_offset)
+    tensors = {k: torch.tensor(v) for k, v in features.items()}
+    return [{k: v[i:i + batch_size] for k, v in tensors.items()} for i in range(0, len(texts), batch_size)]
+
+
+TEXTS = ["a gorgeous film", "dull", "the plot never quite gets going, and the cast looks bored throughout the film",
+         "one of the year's best", "flat", "it is neither good nor bad, merely long"]
+PAIRS = ["is it good", "yes", "no it is not", "maybe later today", "why would anyone watch this", "ok"]
+
+
+@pytest.mark.parametrize("pairs", [None, PAIRS], ids=["single", "pair"])
+def test_constant_attention_matches_an_independent_average(tokenizer, pairs):
+    model = tiny()
+    batches = layout_batches(tokenizer, TEXTS, pairs)
+    constant = compute_constant_attention(model, batches)
+    assert constant.shape == (3, 4, N, N)
+
+    eager = tiny(attn_implementation="eager")
+    total, count = torch.zeros(3, 4, N, N, dtype=torch.float64), torch.zeros(N, N, dtype=torch.float64)
+    for batch in batches:
+        for row in range(len(batch["input_ids"])):
+            example = {k: v[row:row + 1] for k, v in batch.items()}
+            with torch.no_grad():
+                attentions = eager(**example, output_attentions=True).attentions
+            real = example["attention_mask"][0].bool()
+            for i in range(N):
+                for j in range(N):
+                    if real[i] and real[j]:
+                        count[i, j] += 1
+                        for layer, a in enumerate(attentions):
+                            total[layer, :, i, j] += a[0, :, i, j].double()
+    expected = torch.where(count > 0, total / count.clamp_min(1), 0.0)
+    assert (count == 0).any() == (pairs is not None)  # pairs leave cells no example fills: they must be 0
+    assert torch.allclose(constant.double(), expected, atol=1e-6)
+    assert model.config._attn_implementation != "eager"  # restored
+
+
+def test_all_constant_heads_with_an_inputs_own_attention_reproduce_it(tokenizer):
+    encoder = tiny(attn_implementation="eager")
+    batch = layout_batches(tokenizer, TEXTS[2:3], PAIRS[2:3], batch_size=1)[0]
+    with torch.no_grad():
+        reference = encoder(**batch, output_attentions=True, output_hidden_states=True)
+    own = torch.stack([a[0] for a in reference.attentions])  # [layers, heads, n, n]
+    every_head = [[l, h] for l in range(3) for h in range(4)]
+    papa = PapaModel.from_encoder(tiny(), own, constant_heads=every_head).eval()
+    with torch.no_grad():
+        out = papa.backbone(**batch, output_hidden_states=True)
+    real = batch["attention_mask"][0].bool()
+    for ours, theirs in zip(out.hidden_states, reference.hidden_states):
+        assert torch.allclose(ours[0, real], theirs[0, real], atol=1e-5)
+    for module in papa.constant_modules():  # all heads constant: no query/key weights at all
+        assert isinstance(module.query, NoHeads) and isinstance(module.key, NoHeads)
+
+
+def test_constant_heads_save_reload_identical_logits_without_query_key(tokenizer, tmp_path):
+    batches = layout_batches(tokenizer, TEXTS, PAIRS)
+    constant = compute_constant_attention(tiny(), batches)
+    heads = [[0, 1], [0, 3], [2, 0], [2, 1], [2, 2], [2, 3]]
+    torch.manual_seed(1)
+    papa = PapaModel.from_encoder(tiny(), constant, constant_heads=heads, num_labels=3).eval()
+    papa.save_pretrained(tmp_path / "papa")
+    assert not list((tmp_path / "papa").glob("*.bin"))
+    again = PapaModel.from_pretrained(tmp_path / "papa").eval()
+    assert again.config.constant_heads == heads and again.config.length == N
+    with torch.no_grad():
+        for batch in batches:
+            assert torch.equal(papa(**batch).logits, again(**batch).logits)
+    state = again.state_dict()
+    size = SIZE["hidden_size"] // SIZE["num_attention_heads"]
+    assert state["backbone.encoder.layer.0.attention.self.query.weight"].shape == (2 * size, SIZE["hidden_size"])
+    assert state["backbone.encoder.layer.1.attention.self.key.weight"].shape == (4 * size, SIZE["hidden_size"])
+    assert not any(k.startswith("backbone.encoder.layer.2.attention.self.query") for k in state)
+    assert state["backbone.encoder.layer.0.attention.self.papa.constant"].shape == (2, N, N)
+    assert torch.equal(state["backbone.encoder.layer.0.attention.self.papa.constant"], constant[0, [1, 3]])
+
+
+def test_constant_heads_change_the_output_and_partial_replacement_keeps_real_heads(tokenizer):
+    batches = layout_batches(tokenizer, TEXTS, None)
+    constant = compute_constant_attention(tiny(), batches)
+    plain = PapaModel.from_encoder(tiny(), constant, constant_heads=[]).eval()
+    one = PapaModel.from_encoder(tiny(), constant, constant_heads=[[1, 2]]).eval()
+    reference = tiny()
+    with torch.no_grad():
+        batch = batches[0]
+        expected = reference(**batch).last_hidden_state
+        assert torch.allclose(plain.backbone(**batch).last_hidden_state, expected, atol=1e-5)
+        assert not torch.allclose(one.backbone(**batch).last_hidden_state, expected, atol=1e-3)
+
+
+def test_pair_layout_token_types_and_positions(tokenizer):
+    features = encode_fixed_layout(tokenizer, ["is the sky blue"], ["yes it is"], 12)
+    tokens = tokenizer.convert_ids_to_tokens(features["input_ids"][0])
+    assert tokens == ["[CLS]", "is", "the", "sky", "blue", "[SEP]", "yes", "it", "is", "[SEP]", "[PAD]", "[PAD]"]
+    assert features["token_type_ids"][0] == [0] * 6 + [1] * 4 + [0] * 2
+    assert features["attention_mask"][0] == [1] * 10 + [0] * 2
+    assert features["position_ids"][0] == list(range(12))
+
+    short = encode_fixed_layout(tokenizer, ["hi"], ["a much longer second text that will not fit"], 12)
+    tokens = tokenizer.convert_ids_to_tokens(short["input_ids"][0])
+    assert tokens[:3] == ["[CLS]", "hi", "[SEP]"] and tokens[3:6] == ["[PAD]"] * 3
+    assert tokens[6:] == ["a", "much", "longer", "second", "text", "[SEP]"]  # second text starts at n/2, truncated
+    assert short["token_type_ids"][0] == [0] * 6 + [1] * 6
+
+    single = encode_fixed_layout(tokenizer, ["one two three four five six seven eight nine ten"], None, 8)
+    assert tokenizer.convert_ids_to_tokens(single["input_ids"][0]) == \
+        ["[CLS]", "one", "two", "three", "four", "five", "six", "[SEP]"]  # a single text uses all n slots
+
+    # RoBERTa-style positions count from pad_token_id + 1 at every slot, padding included.
+    roberta = tiny(RobertaModel, RobertaConfig, pad_token_id=1)
+    papa = PapaModel.from_encoder(roberta, torch.zeros(3, 4, N, N))
+    assert papa.config.position_offset == 2
+    batch = layout_batches(tokenizer, ["hi"], ["there you go"], position_offset=2)[0]
+    assert batch["position_ids"][0].tolist() == list(range(2, 2 + N))
+
+
+def test_papa_refuses_other_families_and_bad_heads():
+    from transformers import MPNetConfig, MPNetModel
+
+    with pytest.raises(FrugalError, match="BERT-family"):
+        PapaModel.from_encoder(tiny(MPNetModel, MPNetConfig), torch.zeros(3, 4, N, N))
+    with pytest.raises(FrugalError, match="out of range"):
+        PapaModel.from_encoder(tiny(), torch.zeros(3, 4, N, N), constant_heads=[[3, 0]])
+    with pytest.raises(FrugalError, match="the model has 3 x 4"):
+        PapaModel.from_encoder(tiny(), torch.zeros(2, 4, N, N))
+
+
+def test_probe_handles_a_batch_of_one_and_trains_only_probe_and_gates(tokenizer):
+    batch = layout_batches(tokenizer, TEXTS[:1], None, batch_size=1)[0]
+    papa = PapaModel.from_encoder(tiny(), torch.rand(3, 4, N, N), gated=True).train()
+    out = papa(**batch, labels=torch.tensor([1]))
+    assert out.logits.shape == (1, 2)
+    out.loss.backward()
+    trainable = {n for n, p in papa.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in papa.named_parameters() if n.startswith("probe.") or n.endswith("papa.gates")}
+    gates = [m.papa.gates for m in papa.constant_modules()]
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
+    assert papa.gate_logits().shape == (3, 4)
