@@ -100,3 +100,15 @@ def test_compaction_keeps_rows_aligned(family):
         assert alone.exit_index.item() == together.exit_index[i].item()
         assert torch.allclose(alone.logits[0], together.logits[i], atol=1e-4)
     assert len(set(together.exit_index.tolist())) > 1, "rows must leave at different exits to test compaction"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_and_reload(family, tmp_path):
+    # Each family reloads with its own default attention (MPNet has no sdpa, the wrapper has).
+    model = EarlyExitModel.from_backbone(make_backbone(family), exit_layers=[2, 4], method="sweet").eval()
+    model.save_pretrained(tmp_path / family)
+    again = EarlyExitModel.from_pretrained(tmp_path / family).eval()
+    ids, mask, types = padded_batch()
+    with torch.no_grad():
+        for ours, theirs in zip(model.exit_logits(ids, mask, types), again.exit_logits(ids, mask, types)):
+            assert torch.allclose(ours, theirs, atol=1e-6)

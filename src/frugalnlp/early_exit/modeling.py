@@ -150,7 +150,7 @@ class EarlyExitModel(PreTrainedModel):
             raise FrugalError(f"pooling {config.pooling!r} is not one of {', '.join(POOLINGS)}")
         if backbone is None:
             backbone_config = AutoConfig.for_model(**config.backbone_config)
-            backbone_config._attn_implementation = config._attn_implementation
+            # The family's own default attention: not every family supports the wrapper's (MPNet has no sdpa).
             backbone = AutoModel.from_config(backbone_config)
         self.backbone = backbone
         adapter = backbone_for(backbone)
