@@ -142,6 +142,94 @@ def cmd_demo(args: argparse.Namespace) -> None:
              train_size=args.train_size, epochs=args.epochs, max_length=args.max_length,
              exit_layers=args.exit_layers, overwrite=args.overwrite, resume=args.resume)
 
+def cmd_papa_constants(args: argparse.Namespace) -> None:
+    from frugalnlp.papa.experiment import make_constants
+
+    print(f"wrote {make_constants(args.task, args.model, args.max_length, args.output, train_size=args.train_size, overwrite=args.overwrite)}")
+
+
+def _papa_spec(args: argparse.Namespace, **kwargs):
+    from frugalnlp.papa.experiment import PapaSpec
+
+    return PapaSpec(output=args.output, constants=args.constants, epochs=args.epochs, lr=args.lr,
+                    batch_size=args.batch_size, seed=args.seed, train_size=args.train_size, **kwargs)
+
+
+def cmd_papa_rank(args: argparse.Namespace) -> None:
+    from frugalnlp.papa.experiment import rank_heads
+
+    path = rank_heads(_papa_spec(args), overwrite=args.overwrite, resume=args.resume)
+    ranking = json.loads((path / "ranking.json").read_text())
+    first = ", ".join(f"L{l}H{h}" for l, h in ranking["order"][:8])
+    print(f"most constant-leaning heads: {first}, ...\nwrote {path}")
+
+
+def cmd_papa_run(args: argparse.Namespace) -> None:
+    from frugalnlp.papa.experiment import run_papa
+
+    path = run_papa(_papa_spec(args, ranking=args.ranking, heads=args.heads, setting=args.setting),
+                    overwrite=args.overwrite, resume=args.resume)
+    metrics = json.loads((path / "metrics.json").read_text())
+    print(f"{args.heads} constant heads: dev accuracy {metrics['dev']['accuracy']:.4f}, "
+          f"test accuracy {metrics['test']['accuracy']:.4f}\nwrote {path}")
+
+
+def cmd_papa_sweep(args: argparse.Namespace) -> None:
+    from frugalnlp.papa.experiment import sweep
+
+    sweep(args.task, args.model, args.max_length, args.heads, args.seeds, args.output, setting=args.setting,
+          train_size=args.train_size, epochs=args.epochs, lr=args.lr, constants=args.constants,
+          ranking=args.ranking, constants_train_size=args.constants_train_size, overwrite=args.overwrite,
+          resume=args.resume)
+
+
+def _add_papa_parser(sub) -> None:
+    papa = sub.add_parser("papa", help="PAPA: constant attention, head ranking, probing and fine-tuning")
+    steps = papa.add_subparsers(dest="papa_command", required=True)
+
+    def recipe(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--epochs", type=float, default=3.0)
+        p.add_argument("--lr", type=float, default=None, help="default 1e-3 (probe) or 5e-5 (finetune)")
+        p.add_argument("--train-size", type=int, default=None, help="stratified subset of N training examples")
+        p.add_argument("--output", required=True)
+        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+    p = steps.add_parser("constants", help="average attention over the training split, in the fixed layout")
+    p.add_argument("--task", default="mr")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--max-length", type=int, default=64, help="n: the layout length (pairs: second text at n/2)")
+    p.add_argument("--train-size", type=int, default=None, help="average over a stratified subset of N examples")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_papa_constants)
+
+    for name, func, text in (("rank", cmd_papa_rank, "learn a gate per head and order heads by it (JSON + heatmap)"),
+                             ("run", cmd_papa_run, "train with the first N ranked heads constant and score it")):
+        p = steps.add_parser(name, help=text)
+        p.add_argument("--constants", required=True, help="output of `frugalnlp papa constants`")
+        if name == "run":
+            p.add_argument("--ranking", default=None, help="output of `frugalnlp papa rank` (needed when N > 0)")
+            p.add_argument("--heads", type=int, default=0, help="N: how many ranked heads become constant")
+            p.add_argument("--setting", default="probe", help="probe (encoder frozen) or finetune (all trains)")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--seed", type=int, default=0)
+        recipe(p)
+        p.set_defaults(func=func)
+
+    p = steps.add_parser("sweep", help="constants, ranking and a run per number of constant heads; table and plot")
+    p.add_argument("--task", default="mr")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--heads", default="0,half,all-but-few,all", help="integers, half, all, all-but-few, all-but-K")
+    p.add_argument("--seeds", type=_int_list, default=[0])
+    p.add_argument("--setting", default="probe", help="probe (encoder frozen) or finetune (all trains)")
+    p.add_argument("--constants", default=None, help="reuse constants (default: compute into OUTPUT/constants)")
+    p.add_argument("--ranking", default=None, help="reuse a ranking (default: rank into OUTPUT/ranking)")
+    p.add_argument("--constants-train-size", type=int, default=None, help="examples to average attention over")
+    recipe(p)
+    p.set_defaults(func=cmd_papa_sweep)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="frugalnlp", description=__doc__)
@@ -207,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished runs")
     p.set_defaults(func=cmd_demo)
+
+    _add_papa_parser(sub)
     return parser
 
 

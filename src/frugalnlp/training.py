@@ -10,13 +10,15 @@ import json
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import PartialState
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback,
+                          TrainingArguments, set_seed)
 
 from frugalnlp.assets import resolve_model
 from frugalnlp.early_exit.calibration import fit_temperatures
@@ -69,12 +71,15 @@ def _training_args(spec: RunSpec, checkpoint_dir: Path) -> TrainingArguments:
         dataloader_num_workers=0, use_cpu=not torch.cuda.is_available(), disable_tqdm=False)
 
 
-def fit(model: EarlyExitModel, train: EncodedSplit, tokenizer, spec: RunSpec, checkpoint_dir: Path,
+def fit(model: PreTrainedModel, train: EncodedSplit, collator: Callable, spec: RunSpec, checkpoint_dir: Path,
         resume: bool, callbacks: list[TrainerCallback] | None = None) -> dict:
-    """Fine-tune ``model`` with the HF Trainer; resumes from the newest checkpoint when asked and present."""
+    """Train ``model`` with the HF Trainer; resumes from the newest checkpoint when asked and present.
+
+    ``spec`` gives the recipe (any object with RunSpec's batch_size, epochs, lr, seed and save_steps).
+    """
     has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
     trainer = Trainer(model=model, args=_training_args(spec, checkpoint_dir), train_dataset=train,
-                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks)
+                      data_collator=collator, callbacks=callbacks)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     return {"seconds": time.perf_counter() - start, "steps": result.global_step, "train_loss": result.training_loss}
@@ -135,7 +140,7 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
     training = []
     for model in models:
         depth = model.config.exit_layers[-1]
-        training.append({"layers": depth, **fit(model, data["train"], tokenizer, spec,
+        training.append({"layers": depth, **fit(model, data["train"], DataCollatorWithPadding(tokenizer), spec,
                                                  checkpoints / f"layers-{depth}", resume, callbacks)})
     if not processes.is_main_process:
         processes.wait_for_everyone()

@@ -163,10 +163,7 @@ class PapaModel(PreTrainedModel):
         super().__init__(config)
         if config.setting not in SETTINGS:
             raise FrugalError(f"PAPA setting {config.setting!r} is not one of {', '.join(SETTINGS)}")
-        family = backbone.config.model_type if backbone is not None else config.backbone_config.get("model_type")
-        if family not in BertBackbone.families:
-            raise FrugalError(f"PAPA needs a BERT-family encoder ({', '.join(BertBackbone.families)}); "
-                              f"{family} does not route attention through AttentionInterface")
+        check_family(backbone.config.model_type if backbone is not None else config.backbone_config.get("model_type"))
         if backbone is None:
             backbone_config = AutoConfig.for_model(**config.backbone_config)
             backbone = AutoModel.from_config(backbone_config, attn_implementation=ATTENTION)
@@ -264,6 +261,13 @@ class PapaModel(PreTrainedModel):
         logits = self.probe(torch.stack(encoded.hidden_states, 1), attention_mask)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits, attentions=encoded.attentions)
+
+
+def check_family(model_type: str | None) -> None:
+    """FrugalError unless PAPA can run on this model type (its attention goes through AttentionInterface)."""
+    if model_type not in BertBackbone.families:
+        raise FrugalError(f"PAPA needs a BERT-family encoder ({', '.join(BertBackbone.families)}); "
+                          f"{model_type} does not route attention through AttentionInterface")
 
 
 def layout_position_offset(encoder: PreTrainedModel) -> int:

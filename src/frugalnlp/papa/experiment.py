@@ -1,0 +1,324 @@
+"""PAPA experiments: constant matrices -> head ranking -> runs with N constant heads -> a sweep over N.
+
+The constants file fixes the task, model and layout length; ranking and runs read them from it, so
+every part of one experiment agrees. Each step writes its own directory atomically (`RunDir`).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, default_data_collator, set_seed
+
+from frugalnlp.assets import resolve_model
+from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
+from frugalnlp.errors import FrugalError
+from frugalnlp.evaluation import scores
+from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
+from frugalnlp.papa.modeling import SETTINGS, PapaModel, check_family, layout_position_offset
+from frugalnlp.report import save_figure
+from frugalnlp.rundir import RunDir, write_bytes, write_json
+from frugalnlp.tasks import TaskData, load_task, with_train_size
+from frugalnlp.training import fit
+
+DEFAULT_LR = {"probe": 1e-3, "finetune": 5e-5}
+
+
+def make_constants(task: str, model: str, max_length: int, output: str, train_size: int | None = None,
+                   overwrite: bool = False, batch_size: int = 32) -> Path:
+    """Average attention of ``model`` over ``task``'s training split (or a seed-0 stratified subset of
+    ``train_size``) in the fixed layout of length ``max_length``; writes ``OUTPUT/constant_attention.safetensors``."""
+    run = RunDir(output, overwrite=overwrite)
+    data = load_task(task)
+    train = with_train_size(data, train_size, seed=0).train
+    model_path = resolve_model(model)
+    encoder = AutoModel.from_pretrained(model_path)
+    check_family(encoder.config.model_type)
+    tokenizer = load_tokenizer(model_path)
+    offset = layout_position_offset(encoder)
+    encoded = encode_split(train, tokenizer, max_length, fixed_layout=True, position_offset=offset)
+    started = time.perf_counter()
+    constant = compute_constant_attention(encoder, [batch for _, batch in batches(encoded, tokenizer, batch_size)],
+                                          progress=True)
+    metadata = {"kind": "frugalnlp-papa-constants", "task": task, "model": model, "length": max_length,
+                "position_offset": offset, "examples": len(train), "train_size": train_size,
+                "layers": constant.shape[0], "heads": constant.shape[1], "seconds": time.perf_counter() - started,
+                "command": _command()}
+    run.open()
+    save_constant_attention(run.path / "constant_attention.safetensors", constant, metadata)
+    write_json(run.path / "constants.json", metadata)
+    return run.commit()
+
+
+@dataclass
+class PapaSpec:
+    """One PAPA training run (ranking or N constant heads); saved as the run's ``config.json``."""
+
+    output: str
+    constants: str
+    ranking: str | None = None
+    heads: int = 0
+    setting: str = "probe"
+    epochs: float = 3.0
+    lr: float | None = None  # default: 1e-3 for the probe setting, 5e-5 for fine-tuning
+    batch_size: int = 16
+    seed: int = 0
+    train_size: int | None = None
+    save_steps: int | None = None
+    eval_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise FrugalError(f"unknown setting '{self.setting}'; choose probe or finetune")
+        self.lr = self.lr if self.lr is not None else DEFAULT_LR[self.setting]
+        for name in ("epochs", "lr", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise FrugalError(f"--{name.replace('_', '-')} must be positive")
+
+
+@dataclass
+class _Experiment:
+    """What a constants file fixes: the matrices, the task (with the run's training subset) and the encoder."""
+
+    constant: torch.Tensor
+    metadata: dict
+    task: TaskData
+    model_path: str
+    tokenizer: object
+
+    @classmethod
+    def load(cls, spec: PapaSpec) -> _Experiment:
+        constant, metadata = load_constant_attention(spec.constants)
+        task = with_train_size(load_task(metadata["task"]), spec.train_size, spec.seed)
+        model_path = resolve_model(metadata["model"])
+        return cls(constant, metadata, task, model_path, load_tokenizer(model_path))
+
+    def encode(self, split: str) -> EncodedSplit:
+        return encode_split(self.task.split(split), self.tokenizer, self.metadata["length"], fixed_layout=True,
+                            position_offset=self.metadata["position_offset"])
+
+    def model(self, spec: PapaSpec, constant_heads: list[list[int]], gated: bool = False) -> PapaModel:
+        set_seed(spec.seed)  # the probe is initialised randomly
+        return PapaModel.from_encoder(self.model_path, self.constant, constant_heads=constant_heads, gated=gated,
+                                      setting="probe" if gated else spec.setting, num_labels=self.task.num_labels,
+                                      position_offset=self.metadata["position_offset"],
+                                      id2label=dict(enumerate(self.task.label_names)))
+
+    def train(self, model: PapaModel, spec: PapaSpec, run: RunDir, resume: bool) -> dict:
+        return fit(model, self.encode("train"), default_data_collator, spec, run.path / "checkpoints", resume)
+
+    def evaluate(self, model: PapaModel, split: str, batch_size: int) -> dict:
+        data = self.encode(split)
+        logits = torch.empty(len(data), self.task.num_labels)
+        model.eval()
+        with torch.inference_mode():
+            for index, batch in batches(data, self.tokenizer, batch_size, model.device):
+                logits[torch.as_tensor(index)] = model(**batch).logits.float().cpu()
+        return {"examples": len(data), **scores(logits.argmax(-1), data.labels, self.task.num_labels)}
+
+
+def rank_heads(spec: PapaSpec, overwrite: bool = False, resume: bool = False) -> Path:
+    """Learn one gate per head (probe setting: only gates and probe train) and order the heads by gate logit,
+    ascending: the first heads are those that lean most on their constant matrix. Writes ``ranking.json``
+    and a layers x heads heatmap ``ranking.png``."""
+    run = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    experiment = _Experiment.load(spec)
+    model = experiment.model(spec, constant_heads=[], gated=True)
+    run.open()
+    training = experiment.train(model, spec, run, resume)
+    gates = model.gate_logits()  # [layers, heads]
+    order = torch.argsort(gates.flatten(), stable=True)
+    heads = gates.shape[1]
+    ranking = {"kind": "frugalnlp-papa-ranking", "order": [[int(i) // heads, int(i) % heads] for i in order],
+               "gate_logits": gates.tolist(), "constants": experiment.metadata, "spec": asdict(spec),
+               "dev": experiment.evaluate(model, "dev", spec.eval_batch_size), "training": training,
+               "command": _command()}
+    write_json(run.path / "ranking.json", ranking)
+    _plot_gates(gates, run.path / "ranking.png",
+                f"PAPA gates sigma(lambda): {experiment.metadata['model']} on {experiment.metadata['task']}")
+    _remove_checkpoints(run)
+    return run.commit()
+
+
+def load_ranking(path: str | Path) -> list[list[int]]:
+    """Head order ``[[layer, head], ...]`` (most constant-leaning first) from a ranking directory or file."""
+    path = Path(path)
+    path = path / "ranking.json" if path.is_dir() else path
+    if not path.exists():
+        raise FrugalError(f"no head ranking at {path}; make one with `frugalnlp papa rank`")
+    ranking = json.loads(path.read_text())
+    if ranking.get("kind") != "frugalnlp-papa-ranking":
+        raise FrugalError(f"{path} is not a frugalnlp head ranking")
+    return ranking["order"]
+
+
+def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False) -> Path:
+    """Train and score a model whose first ``spec.heads`` ranked heads are constant; returns the run directory."""
+    run = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    experiment = _Experiment.load(spec)
+    total = experiment.metadata["layers"] * experiment.metadata["heads"]
+    if not 0 <= spec.heads <= total:
+        raise FrugalError(f"--heads {spec.heads} is out of range: the model has {total} heads")
+    if spec.heads and spec.ranking is None:
+        raise FrugalError("--heads > 0 needs --ranking (from `frugalnlp papa rank`)")
+    constant_heads = load_ranking(spec.ranking)[:spec.heads] if spec.heads else []
+    model = experiment.model(spec, constant_heads)
+    run.open()
+    started = time.perf_counter()
+    training = experiment.train(model, spec, run, resume)
+    metrics = {split: experiment.evaluate(model, split, spec.eval_batch_size) for split in ("dev", "test")}
+    metrics.update(heads=spec.heads, total_heads=total, constant_heads=constant_heads, training=training,
+                   train_examples=len(experiment.task.train), seconds=time.perf_counter() - started)
+    model.save_pretrained(run.path / "model")
+    experiment.tokenizer.save_pretrained(run.path / "model")
+    write_json(run.path / "config.json", {"kind": "frugalnlp-papa-run", "spec": asdict(spec),
+                                          "constants": experiment.metadata, "command": _command()})
+    write_json(run.path / "metrics.json", metrics)
+    _remove_checkpoints(run)
+    return run.commit()
+
+
+def resolve_heads(text: str, layers: int, heads: int) -> list[int]:
+    """Parse ``--heads`` for a sweep: integers, ``half``, ``all``, ``all-but-K`` and ``all-but-few``
+    (all but one in twelve, e.g. 66 of MiniLM's 72)."""
+    total = layers * heads
+    named = {"half": total // 2, "all": total, "all-but-few": total - max(1, total // 12)}
+    values = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if item in named:
+            value = named[item]
+        elif item.startswith("all-but-") and item[8:].isdigit():
+            value = total - int(item[8:])
+        elif item.isdigit():
+            value = int(item)
+        else:
+            raise FrugalError(f"--heads: '{item}' is not a number, half, all, all-but-few or all-but-K")
+        if not 0 <= value <= total:
+            raise FrugalError(f"--heads: {item} is out of range: the model has {total} heads")
+        values.append(value)
+    return sorted(set(values))
+
+
+def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], output: str,
+          setting: str = "probe", train_size: int | None = None, epochs: float = 3.0, lr: float | None = None,
+          constants: str | None = None, ranking: str | None = None, constants_train_size: int | None = None,
+          overwrite: bool = False, resume: bool = False) -> dict:
+    """Constants (unless given), one ranking (seed ``seeds[0]``, unless given), then a run per (N, seed).
+    Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``, ``sweep.png``
+    and ``report.md``. With ``resume`` the finished parts are kept."""
+    started = time.perf_counter()
+    out = RunDir(output, overwrite=overwrite, resume=resume)
+    if not seeds:
+        raise FrugalError("--seeds: give at least one seed")
+    PapaSpec(output="", constants="", setting=setting, epochs=epochs, lr=lr)  # check the recipe before any work
+    out.open()
+    if constants is None:
+        constants = str(out.path / "constants")
+        if not Path(constants).exists():
+            make_constants(task, model, max_length, constants, train_size=constants_train_size)
+    metadata = load_constant_attention(constants)[1]
+    counts = resolve_heads(heads, metadata["layers"], metadata["heads"])
+
+    def spec(path: Path, **kwargs) -> PapaSpec:
+        return PapaSpec(output=str(path), constants=constants, setting=setting, epochs=epochs, lr=lr,
+                        train_size=train_size, **kwargs)
+
+    if ranking is None and any(counts):
+        ranking = str(out.path / "ranking")
+        if not Path(ranking).exists():
+            rank_spec = spec(Path(ranking), seed=seeds[0])
+            rank_spec.setting, rank_spec.lr = "probe", lr or DEFAULT_LR["probe"]
+            rank_heads(rank_spec, resume=Path(ranking + ".partial").exists())
+    results: dict[int, list[dict]] = {n: [] for n in counts}
+    for n in counts:
+        for seed in seeds:
+            path = out.path / f"heads-{n}" / f"seed-{seed}"
+            if not (path / "metrics.json").exists():
+                print(f"== {n} constant heads, seed {seed}", file=sys.stderr)
+                run_papa(spec(path, heads=n, seed=seed, ranking=ranking),
+                         resume=path.with_name(path.name + ".partial").exists())
+            results[n].append(json.loads((path / "metrics.json").read_text()))
+
+    base = float(np.mean([m["test"]["accuracy"] for m in results[counts[0]]])) if counts[0] == 0 else None
+    rows = []
+    for n, runs in results.items():
+        accuracy = [m["test"]["accuracy"] for m in runs]
+        mean = float(np.mean(accuracy))
+        rows.append({"heads": n, "share": n / (metadata["layers"] * metadata["heads"]), "accuracy_mean": mean,
+                     "accuracy_std": float(np.std(accuracy)), "accuracy_per_seed": accuracy,
+                     "dev_accuracy_per_seed": [m["dev"]["accuracy"] for m in runs],
+                     "relative_drop": None if base is None else (base - mean) / base})
+    summary = {"task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
+               "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
+               "lr": lr or DEFAULT_LR[setting], "constants": metadata, "ranking": ranking, "rows": rows,
+               "seconds": time.perf_counter() - started, "command": _command()}
+    table = format_sweep(summary)
+    print(table)
+    write_json(out.path / "sweep.json", summary)
+    _plot_sweep(summary, out.path / "sweep.png")
+    write_bytes(out.path / "report.md", f"# PAPA sweep: {metadata['task']}\n\n{table}\n\n![sweep](sweep.png)\n".encode())
+    out.commit()
+    return summary
+
+
+def format_sweep(summary: dict) -> str:
+    """Markdown table: heads replaced, test accuracy (mean ± std over seeds), relative drop against N=0."""
+    seeds = len(summary["seeds"])
+    lines = [f"Task `{summary['task']}`, model `{summary['model']}`, {summary['setting']} setting, "
+             f"length {summary['length']}, train size {summary['train_size']}, seeds {summary['seeds']}", "",
+             "| constant heads | share | test accuracy | relative drop |", "|---|---|---|---|"]
+    for row in summary["rows"]:
+        accuracy = f"{row['accuracy_mean']:.3f}" + (f" ± {row['accuracy_std']:.3f}" if seeds > 1 else "")
+        drop = "—" if row["relative_drop"] is None else f"{100 * row['relative_drop']:.1f}%"
+        lines.append(f"| {row['heads']} | {100 * row['share']:.0f}% | {accuracy} | {drop} |")
+    return "\n".join(lines)
+
+
+def _plot_sweep(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.errorbar([r["heads"] for r in rows], [r["accuracy_mean"] for r in rows],
+                yerr=[r["accuracy_std"] for r in rows], marker="o", capsize=3)
+    ax.set_xlabel("heads replaced by constant attention")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"PAPA {summary['setting']}: {summary['model']} on {summary['task']}, seeds {summary['seeds']}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def _plot_gates(gates: torch.Tensor, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * gates.shape[1], 1 + 0.45 * gates.shape[0]))
+    image = ax.imshow(gates.sigmoid().numpy(), cmap="viridis", aspect="auto")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer (0-based)")
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(image, ax=ax, label="weight of real attention")
+    save_figure(fig, path)
+
+
+def _remove_checkpoints(run: RunDir) -> None:
+    import shutil
+
+    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # Trainer checkpoints hold pickles
+
+
+def _command() -> str:
+    return " ".join(["frugalnlp", *map(shlex.quote, sys.argv[1:])])
