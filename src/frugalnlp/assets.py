@@ -142,6 +142,12 @@ def _in_hub_cache(name: str) -> bool:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 
+BUILD_HINTS = {
+    "frugalnlp-early-exit": "wrap a plain encoder with EarlyExitModel.from_backbone (CLI: frugalnlp train --model PATH)",
+    "frugalnlp-papa": "build one on a plain encoder with PapaModel.from_encoder (CLI: frugalnlp papa run)",
+}
+
+
 def verify_checkpoint(path: str, model_type: str | None = None, trust_pickle: bool = False) -> None:
     """Refuse a local checkpoint that holds pickle files (unless trusted) or is of the wrong kind.
 
@@ -163,4 +169,4 @@ def verify_checkpoint(path: str, model_type: str | None = None, trust_pickle: bo
     found = json.loads(config.read_text()).get("model_type")
     if found != model_type:
         raise FrugalError(f"{path} is a '{found}' checkpoint, not a '{model_type}' one; "
-                          "wrap a plain encoder with EarlyExitModel.from_backbone (CLI: frugalnlp train --model PATH)")
+                          + BUILD_HINTS.get(model_type, "load it with the class it was saved from"))

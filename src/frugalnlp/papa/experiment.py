@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, default_data_collator, set_seed
 
-from frugalnlp.assets import resolve_model
+from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import scores
@@ -39,6 +39,7 @@ def make_constants(task: str, model: str, max_length: int, output: str, train_si
     data = load_task(task)
     train = with_train_size(data, train_size, seed=0).train
     model_path = resolve_model(model)
+    verify_checkpoint(model_path)
     encoder = AutoModel.from_pretrained(model_path)
     check_family(encoder.config.model_type)
     tokenizer = load_tokenizer(model_path)

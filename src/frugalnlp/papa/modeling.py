@@ -17,6 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
+from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import backbone_for
 from frugalnlp.backbones.bert import BertBackbone
 from frugalnlp.errors import FrugalError
@@ -209,13 +210,16 @@ class PapaModel(PreTrainedModel):
     @classmethod
     def from_encoder(cls, encoder: str | PreTrainedModel, constant_attention: torch.Tensor,
                      constant_heads: list[list[int]] | None = None, gated: bool = False, setting: str = "probe",
-                     num_labels: int = 2, position_offset: int | None = None, **config_kwargs) -> PapaModel:
-        """A PAPA model on a pretrained encoder (a path, a name, or a loaded HF model).
+                     num_labels: int = 2, position_offset: int | None = None, trust_pickle: bool = False,
+                     **config_kwargs) -> PapaModel:
+        """A PAPA model on a pretrained encoder (an alias, a path, a hub name, or a loaded HF model).
 
         constant_attention: [layers, heads, n, n] from `compute_constant_attention`.
         """
         if isinstance(encoder, str):
-            encoder = AutoModel.from_pretrained(encoder)
+            path = resolve_model(encoder)
+            verify_checkpoint(path, trust_pickle=trust_pickle)
+            encoder = AutoModel.from_pretrained(path)
         layers, heads, length, _ = constant_attention.shape
         if (layers, heads) != (encoder.config.num_hidden_layers, encoder.config.num_attention_heads):
             raise FrugalError(f"constant attention is for {layers} layers x {heads} heads, the model has "
@@ -228,6 +232,13 @@ class PapaModel(PreTrainedModel):
         model = cls(config, backbone=encoder)
         model.set_constant_attention(constant_attention)
         return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, trust_pickle: bool = False, **kwargs) -> PapaModel:
+        """Reload a saved PAPA model; refuses checkpoints of another kind and pickle files (unless trusted)."""
+        path = str(pretrained_model_name_or_path)
+        verify_checkpoint(path, model_type=PapaConfig.model_type, trust_pickle=trust_pickle)
+        return super().from_pretrained(path, *args, **kwargs)
 
     def constant_modules(self) -> list[nn.Module]:
         """Each layer's self-attention module (the one holding ``papa``)."""

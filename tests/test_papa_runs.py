@@ -1,0 +1,96 @@
+"""`frugalnlp papa` end to end on a tiny random BERT with the real tokenizer and the real MR data, plus its errors."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from frugalnlp.errors import FrugalError
+from frugalnlp.papa import PapaModel
+from frugalnlp.papa.experiment import resolve_heads
+
+COMMON = ["--train-size", 48, "--epochs", 1]
+
+
+@pytest.fixture(scope="module")
+def constants(tiny_dir, tmp_path_factory):
+    from frugalnlp.papa.experiment import make_constants
+
+    return make_constants("mr", str(tiny_dir), 20, str(tmp_path_factory.mktemp("papa") / "constants"), train_size=80)
+
+
+def test_constants_rank_run_and_reload(constants, tmp_path, capsys):
+    status, out, err = run_cli(["papa", "rank", "--constants", constants, *COMMON, "--output", tmp_path / "rank"], capsys)
+    assert status == 0, err
+    ranking = json.loads((tmp_path / "rank" / "ranking.json").read_text())
+    assert sorted(map(tuple, ranking["order"])) == [(l, h) for l in range(4) for h in range(4)]
+    lambdas = torch.tensor(ranking["gate_logits"])
+    assert lambdas.abs().sum() > 0  # the gates trained
+    first = [lambdas[l, h] for l, h in ranking["order"]]
+    assert first == sorted(first)  # ascending: most constant-leaning first
+    assert (tmp_path / "rank" / "ranking.png").stat().st_size > 0
+
+    status, out, err = run_cli(["papa", "run", "--constants", constants, "--ranking", tmp_path / "rank", "--heads", 5,
+                                "--setting", "finetune", *COMMON, "--output", tmp_path / "run"], capsys)
+    assert status == 0, err
+    assert "5 constant heads" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["constant_heads"] == ranking["order"][:5] and 0 <= metrics["test"]["accuracy"] <= 1
+    model = PapaModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.constant_heads == sorted(ranking["order"][:5]) and model.config.setting == "finetune"
+
+    status, _, err = run_cli(["papa", "run", "--constants", constants, "--heads", 5, *COMMON,
+                              "--output", tmp_path / "run"], capsys)
+    assert status == 2 and "already exists" in err  # never overwrites another run
+
+    (tmp_path / "run" / "model" / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FrugalError, match="pickle"):
+        PapaModel.from_pretrained(tmp_path / "run" / "model")
+
+
+def test_sweep_table_and_files(constants, tmp_path, capsys):
+    status, out, err = run_cli(["papa", "sweep", "--constants", constants, "--heads", "0,half,all", "--seeds", "0,1",
+                                *COMMON, "--output", tmp_path / "sweep"], capsys)
+    assert status == 0, err
+    assert "| constant heads | share | test accuracy | relative drop |" in out and "| 16 | 100% |" in out
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["heads"] for r in summary["rows"]] == [0, 8, 16]
+    assert summary["rows"][0]["relative_drop"] == 0 and all(len(r["accuracy_per_seed"]) == 2 for r in summary["rows"])
+    assert (tmp_path / "sweep" / "sweep.png").exists() and (tmp_path / "sweep" / "ranking" / "ranking.json").exists()
+
+
+def test_resolve_heads():
+    assert resolve_heads("0,half,all-but-few,all", 6, 12) == [0, 36, 66, 72]
+    assert resolve_heads("all-but-4,3", 2, 4) == [3, 4]
+    for bad in ("most", "99", "all-but-x"):
+        with pytest.raises(FrugalError):
+            resolve_heads(bad, 2, 4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--heads", 99], "out of range"),
+    (["run", "--heads", 3], "needs --ranking"),
+    (["run", "--setting", "frozen"], "unknown setting"),
+    (["run", "--heads", 2, "--ranking", "nowhere"], "no head ranking"),
+])
+def test_papa_errors(constants, tmp_path, capsys, args, message):
+    status, _, err = run_cli(["papa", *args, "--constants", constants, "--output", tmp_path / "x"], capsys)
+    assert status == 2 and message in err, err
+
+
+def test_papa_refuses_a_checkpoint_of_another_kind(tiny_dir):
+    with pytest.raises(FrugalError, match="not a 'frugalnlp-papa' one; build one"):
+        PapaModel.from_pretrained(tiny_dir)
+
+
+def test_papa_refuses_non_constants_and_other_families(tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    status, _, err = run_cli(["papa", "run", "--constants", tmp_path / "c", "--output", tmp_path / "x"], capsys)
+    assert status == 2 and "papa constants" in err
+    from transformers import MPNetConfig, MPNetModel
+
+    MPNetModel(MPNetConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)) \
+        .save_pretrained(tmp_path / "mpnet")
+    status, _, err = run_cli(["papa", "constants", "--model", tmp_path / "mpnet", "--output", tmp_path / "y"], capsys)
+    assert status == 2 and "BERT-family" in err
