@@ -152,7 +152,7 @@ def _papa_spec(args: argparse.Namespace, **kwargs):
     from frugalnlp.papa.experiment import PapaSpec
 
     return PapaSpec(output=args.output, constants=args.constants, epochs=args.epochs, lr=args.lr,
-                    batch_size=args.batch_size, seed=args.seed, train_size=args.train_size, **kwargs)
+                    gate_lr=args.gate_lr, batch_size=args.batch_size, seed=args.seed, train_size=args.train_size, **kwargs)
 
 
 def cmd_papa_rank(args: argparse.Namespace) -> None:
@@ -178,7 +178,7 @@ def cmd_papa_sweep(args: argparse.Namespace) -> None:
     from frugalnlp.papa.experiment import sweep
 
     sweep(args.task, args.model, args.max_length, args.heads, args.seeds, args.output, setting=args.setting,
-          train_size=args.train_size, epochs=args.epochs, lr=args.lr, constants=args.constants,
+          train_size=args.train_size, epochs=args.epochs, lr=args.lr, gate_lr=args.gate_lr, constants=args.constants,
           ranking=args.ranking, constants_train_size=args.constants_train_size, overwrite=args.overwrite,
           resume=args.resume)
 
@@ -190,6 +190,7 @@ def _add_papa_parser(sub) -> None:
     def recipe(p: argparse.ArgumentParser) -> None:
         p.add_argument("--epochs", type=float, default=3.0)
         p.add_argument("--lr", type=float, default=None, help="default 1e-3 (probe) or 5e-5 (finetune)")
+        p.add_argument("--gate-lr", type=float, default=0.05, help="learning rate of the ranking gates")
         p.add_argument("--train-size", type=int, default=None, help="stratified subset of N training examples")
         p.add_argument("--output", required=True)
         p.add_argument("--overwrite", action="store_true")

@@ -72,14 +72,16 @@ def _training_args(spec: RunSpec, checkpoint_dir: Path) -> TrainingArguments:
 
 
 def fit(model: PreTrainedModel, train: EncodedSplit, collator: Callable, spec: RunSpec, checkpoint_dir: Path,
-        resume: bool, callbacks: list[TrainerCallback] | None = None) -> dict:
+        resume: bool, callbacks: list[TrainerCallback] | None = None,
+        optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Train ``model`` with the HF Trainer; resumes from the newest checkpoint when asked and present.
 
-    ``spec`` gives the recipe (any object with RunSpec's batch_size, epochs, lr, seed and save_steps).
+    ``spec`` gives the recipe (any object with RunSpec's batch_size, epochs, lr, seed and save_steps);
+    ``optimizer`` replaces the Trainer's AdamW (e.g. for per-group learning rates; the schedule still applies).
     """
     has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
     trainer = Trainer(model=model, args=_training_args(spec, checkpoint_dir), train_dataset=train,
-                      data_collator=collator, callbacks=callbacks)
+                      data_collator=collator, callbacks=callbacks, optimizers=(optimizer, None))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     return {"seconds": time.perf_counter() - start, "steps": result.global_step, "train_loss": result.training_loss}

@@ -69,6 +69,7 @@ class PapaSpec:
     setting: str = "probe"
     epochs: float = 3.0
     lr: float | None = None  # default: 1e-3 for the probe setting, 5e-5 for fine-tuning
+    gate_lr: float = 0.05  # ranking: one scalar per head, which a probe's learning rate barely moves
     batch_size: int = 16
     seed: int = 0
     train_size: int | None = None
@@ -79,7 +80,7 @@ class PapaSpec:
         if self.setting not in SETTINGS:
             raise FrugalError(f"unknown setting '{self.setting}'; choose probe or finetune")
         self.lr = self.lr if self.lr is not None else DEFAULT_LR[self.setting]
-        for name in ("epochs", "lr", "batch_size"):
+        for name in ("epochs", "lr", "gate_lr", "batch_size"):
             if getattr(self, name) <= 0:
                 raise FrugalError(f"--{name.replace('_', '-')} must be positive")
 
@@ -113,7 +114,9 @@ class _Experiment:
                                       id2label=dict(enumerate(self.task.label_names)))
 
     def train(self, model: PapaModel, spec: PapaSpec, run: RunDir, resume: bool) -> dict:
-        return fit(model, self.encode("train"), default_data_collator, spec, run.path / "checkpoints", resume)
+        optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr, spec.gate_lr), weight_decay=0.0)
+        return fit(model, self.encode("train"), default_data_collator, spec, run.path / "checkpoints", resume,
+                   optimizer=optimizer)
 
     def evaluate(self, model: PapaModel, split: str, batch_size: int) -> dict:
         data = self.encode(split)
@@ -209,7 +212,7 @@ def resolve_heads(text: str, layers: int, heads: int) -> list[int]:
 
 def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], output: str,
           setting: str = "probe", train_size: int | None = None, epochs: float = 3.0, lr: float | None = None,
-          constants: str | None = None, ranking: str | None = None, constants_train_size: int | None = None,
+          gate_lr: float = 0.05, constants: str | None = None, ranking: str | None = None, constants_train_size: int | None = None,
           overwrite: bool = False, resume: bool = False) -> dict:
     """Constants (unless given), one ranking (seed ``seeds[0]``, unless given), then a run per (N, seed).
     Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``, ``sweep.png``
@@ -234,7 +237,7 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
     if ranking is None and any(counts):
         ranking = str(out.path / "ranking")
         if not Path(ranking).exists():
-            rank_spec = spec(Path(ranking), seed=seeds[0])
+            rank_spec = spec(Path(ranking), seed=seeds[0], gate_lr=gate_lr)
             rank_spec.setting, rank_spec.lr = "probe", lr or DEFAULT_LR["probe"]
             rank_heads(rank_spec, resume=Path(ranking + ".partial").exists())
     results: dict[int, list[dict]] = {n: [] for n in counts}
@@ -258,7 +261,7 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
                      "relative_drop": None if base is None else (base - mean) / base})
     summary = {"task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
                "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
-               "lr": lr or DEFAULT_LR[setting], "constants": metadata, "ranking": ranking, "rows": rows,
+               "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata, "ranking": ranking, "rows": rows,
                "seconds": time.perf_counter() - started, "command": _command()}
     table = format_sweep(summary)
     print(table)

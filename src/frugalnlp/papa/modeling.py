@@ -106,10 +106,15 @@ class Probe(nn.Module):
 
     def __init__(self, num_states: int, length: int, hidden: int, num_labels: int, dropout: float) -> None:
         super().__init__()
-        self.position_scores = nn.Parameter(torch.zeros(num_states, length))
+        self.position_scores = nn.Parameter(torch.zeros(num_states, length))  # uniform over real tokens at first
         self.dropout = nn.Dropout(dropout)
         self.dense = nn.Linear(num_states * hidden, hidden)
         self.out = nn.Linear(hidden, num_labels)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.position_scores)
+        self.dense.reset_parameters()
+        self.out.reset_parameters()
 
     def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         batch, num_states, seq, hidden = states.shape
@@ -187,12 +192,9 @@ class PapaModel(PreTrainedModel):
         self._freeze()  # after the injection, so that new gates are trainable in the probe setting
 
     def _init_weights(self, module: nn.Module) -> None:
-        # Only what PAPA adds: the encoder keeps its pretrained weights.
+        # Only what PAPA adds (when a checkpoint lacks it): the encoder keeps its pretrained weights.
         if isinstance(module, Probe):
-            nn.init.zeros_(module.position_scores)
-            for linear in (module.dense, module.out):
-                nn.init.normal_(linear.weight, std=self.config.backbone_config.get("initializer_range", 0.02))
-                nn.init.zeros_(linear.bias)
+            module.reset_parameters()
         elif isinstance(module, ConstantHeads) and module.gates is not None:
             nn.init.zeros_(module.gates)
 
@@ -249,6 +251,12 @@ class PapaModel(PreTrainedModel):
         with torch.no_grad():
             for index, module in enumerate(self.constant_modules()):
                 module.papa.constant.copy_(constant_attention[index, module.papa.heads])
+
+    def parameter_groups(self, lr: float, gate_lr: float) -> list[dict]:
+        """Trainable parameters for an optimizer: the gates (one scalar per head) at their own learning rate."""
+        gates = [p for n, p in self.named_parameters() if p.requires_grad and n.endswith("papa.gates")]
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.endswith("papa.gates")]
+        return [{"params": rest, "lr": lr}] + ([{"params": gates, "lr": gate_lr}] if gates else [])
 
     def gate_logits(self) -> torch.Tensor:
         """lambda of every head: [layers, heads] (a gated model only)."""
