@@ -145,7 +145,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_papa_constants(args: argparse.Namespace) -> None:
     from frugalnlp.papa.experiment import make_constants
 
-    print(f"wrote {make_constants(args.task, args.model, args.max_length, args.output, train_size=args.train_size, overwrite=args.overwrite)}")
+    path = make_constants(args.task, args.model, args.max_length, args.output, train_size=args.train_size,
+                          overwrite=args.overwrite)
+    print(f"wrote {path}")
 
 
 def _papa_spec(args: argparse.Namespace, **kwargs):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, default_data_collator, set_seed
+from transformers import AutoModel, PreTrainedTokenizerBase, default_data_collator, set_seed
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
@@ -93,7 +94,7 @@ class _Experiment:
     metadata: dict
     task: TaskData
     model_path: str
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
 
     @classmethod
     def load(cls, spec: PapaSpec) -> _Experiment:
@@ -212,16 +213,17 @@ def resolve_heads(text: str, layers: int, heads: int) -> list[int]:
 
 def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], output: str,
           setting: str = "probe", train_size: int | None = None, epochs: float = 3.0, lr: float | None = None,
-          gate_lr: float = 0.05, constants: str | None = None, ranking: str | None = None, constants_train_size: int | None = None,
-          overwrite: bool = False, resume: bool = False) -> dict:
-    """Constants (unless given), one ranking (seed ``seeds[0]``, unless given), then a run per (N, seed).
+          gate_lr: float = 0.05, constants: str | None = None, ranking: str | None = None,
+          constants_train_size: int | None = None, overwrite: bool = False, resume: bool = False) -> dict:
+    """Constants (unless given: then they fix task, model and length), one ranking (seed ``seeds[0]``, unless
+    given), then a run per (N, seed).
     Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``, ``sweep.png``
     and ``report.md``. With ``resume`` the finished parts are kept."""
     started = time.perf_counter()
     out = RunDir(output, overwrite=overwrite, resume=resume)
     if not seeds:
         raise FrugalError("--seeds: give at least one seed")
-    PapaSpec(output="", constants="", setting=setting, epochs=epochs, lr=lr)  # check the recipe before any work
+    PapaSpec(output="", constants="", setting=setting, epochs=epochs, lr=lr, gate_lr=gate_lr)  # fail before any work
     out.open()
     if constants is None:
         constants = str(out.path / "constants")
@@ -231,14 +233,14 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
     counts = resolve_heads(heads, metadata["layers"], metadata["heads"])
 
     def spec(path: Path, **kwargs) -> PapaSpec:
-        return PapaSpec(output=str(path), constants=constants, setting=setting, epochs=epochs, lr=lr,
-                        train_size=train_size, **kwargs)
+        recipe = dict(constants=constants, setting=setting, epochs=epochs, lr=lr, gate_lr=gate_lr,
+                      train_size=train_size)
+        return PapaSpec(output=str(path), **{**recipe, **kwargs})
 
     if ranking is None and any(counts):
         ranking = str(out.path / "ranking")
-        if not Path(ranking).exists():
-            rank_spec = spec(Path(ranking), seed=seeds[0], gate_lr=gate_lr)
-            rank_spec.setting, rank_spec.lr = "probe", lr or DEFAULT_LR["probe"]
+        if not Path(ranking).exists():  # gates are learnt in the probe setting, with the first seed
+            rank_spec = spec(Path(ranking), seed=seeds[0], setting="probe", lr=lr if setting == "probe" else None)
             rank_heads(rank_spec, resume=Path(ranking + ".partial").exists())
     results: dict[int, list[dict]] = {n: [] for n in counts}
     for n in counts:
@@ -319,8 +321,6 @@ def _plot_gates(gates: torch.Tensor, path: Path, title: str) -> None:
 
 
 def _remove_checkpoints(run: RunDir) -> None:
-    import shutil
-
     shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # Trainer checkpoints hold pickles
 
 
