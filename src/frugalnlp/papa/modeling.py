@@ -183,12 +183,14 @@ class PapaModel(PreTrainedModel):
             if not (0 <= l < len(layers) and 0 <= h < num_heads):
                 raise FrugalError(f"constant head (layer {l}, head {h}) is out of range: the model has "
                                   f"{len(layers)} layers of {num_heads} heads (0-based)")
-        for index, layer in enumerate(layers):
-            heads = list(range(num_heads)) if config.gated else [h for l, h in config.constant_heads if l == index]
-            _inject(layer.attention.self, ConstantHeads(num_heads, config.length, heads, config.gated))
         hidden = backbone.config.hidden_size
         self.probe = Probe(len(layers) + 1, config.length, hidden, config.num_labels, config.classifier_dropout)
         self.post_init()
+        # After post_init: transformers initialises modules it has not loaded, and the live query/key rows
+        # copied here from the pretrained projections must stay as they are.
+        for index, layer in enumerate(layers):
+            heads = list(range(num_heads)) if config.gated else [h for l, h in config.constant_heads if l == index]
+            _inject(layer.attention.self, ConstantHeads(num_heads, config.length, heads, config.gated))
         self._freeze()  # after the injection, so that new gates are trainable in the probe setting
 
     def _init_weights(self, module: nn.Module) -> None:
