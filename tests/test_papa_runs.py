@@ -53,10 +53,13 @@ def test_sweep_table_and_files(constants, tmp_path, capsys):
     status, out, err = run_cli(["papa", "sweep", "--constants", constants, "--heads", "0,half,all", "--seeds", "0,1",
                                 *COMMON, "--output", tmp_path / "sweep"], capsys)
     assert status == 0, err
-    assert "| constant heads | share | test accuracy | relative drop |" in out and "| 16 | 100% |" in out
+    assert "| constant heads | share | test accuracy | relative drop | encoder FLOPs (vs 0) |" in out
+    assert "| 16 | 100% |" in out
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["heads"] for r in summary["rows"]] == [0, 8, 16]
     assert summary["rows"][0]["relative_drop"] == 0 and all(len(r["accuracy_per_seed"]) == 2 for r in summary["rows"])
+    flops = [r["encoder_flops_share"] for r in summary["rows"]]
+    assert flops[0] == 1 and flops[0] > flops[1] > flops[2]  # constant heads really skip their query/key work
     assert (tmp_path / "sweep" / "sweep.png").exists() and (tmp_path / "sweep" / "ranking" / "ranking.json").exists()
 
 

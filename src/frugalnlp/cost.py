@@ -18,7 +18,8 @@ from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
 
 
-def _count(fn) -> int:
+def count_flops(fn) -> int:
+    """FLOPs (matrix products) of calling ``fn()``, counted by `torch.utils.flop_counter`."""
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -38,12 +39,12 @@ class FlopCost:
         adapter = self.member.adapter
         ids = torch.full((1, length), 1, dtype=torch.long, device=self.member.device)
         state = adapter.embed(ids, torch.ones_like(ids))
-        return _count(lambda: adapter.layer(0, state))
+        return count_flops(lambda: adapter.layer(0, state))
 
     @torch.inference_mode()
     def head_flops(self) -> int:
         hidden = torch.zeros(1, 1, self.member.adapter.hidden_size, device=self.member.device)
-        return _count(lambda: self.member.heads[0](hidden, torch.ones(1, 1, device=hidden.device)))
+        return count_flops(lambda: self.member.heads[0](hidden, torch.ones(1, 1, device=hidden.device)))
 
     def layer_flops(self, lengths: np.ndarray) -> np.ndarray:
         """FLOPs of one layer for each example length: [n]."""

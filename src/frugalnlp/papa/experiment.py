@@ -253,6 +253,8 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
             results[n].append(json.loads((path / "metrics.json").read_text()))
 
     base = float(np.mean([m["test"]["accuracy"] for m in results[counts[0]]])) if counts[0] == 0 else None
+    flops = {n: PapaModel.from_pretrained(out.path / f"heads-{n}" / f"seed-{seeds[0]}" / "model").encoder_flops()
+             for n in counts}
     rows = []
     for n, runs in results.items():
         accuracy = [m["test"]["accuracy"] for m in runs]
@@ -260,7 +262,8 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
         rows.append({"heads": n, "share": n / (metadata["layers"] * metadata["heads"]), "accuracy_mean": mean,
                      "accuracy_std": float(np.std(accuracy)), "accuracy_per_seed": accuracy,
                      "dev_accuracy_per_seed": [m["dev"]["accuracy"] for m in runs],
-                     "relative_drop": None if base is None else (base - mean) / base})
+                     "relative_drop": None if base is None else (base - mean) / base,
+                     "encoder_flops": flops[n], "encoder_flops_share": flops[n] / flops[counts[0]]})
     summary = {"task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
                "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
                "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata, "ranking": ranking, "rows": rows,
@@ -275,15 +278,18 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
 
 
 def format_sweep(summary: dict) -> str:
-    """Markdown table: heads replaced, test accuracy (mean ± std over seeds), relative drop against N=0."""
+    """Markdown table: heads replaced, test accuracy (mean ± std over seeds), relative drop against N=0, and
+    the encoder's FLOPs on n tokens against the first row (counted by `torch.utils.flop_counter`)."""
     seeds = len(summary["seeds"])
     lines = [f"Task `{summary['task']}`, model `{summary['model']}`, {summary['setting']} setting, "
              f"length {summary['length']}, train size {summary['train_size']}, seeds {summary['seeds']}", "",
-             "| constant heads | share | test accuracy | relative drop |", "|---|---|---|---|"]
+             f"| constant heads | share | test accuracy | relative drop | encoder FLOPs (vs {summary['rows'][0]['heads']}) |",
+             "|---|---|---|---|---|"]
     for row in summary["rows"]:
         accuracy = f"{row['accuracy_mean']:.3f}" + (f" ± {row['accuracy_std']:.3f}" if seeds > 1 else "")
         drop = "—" if row["relative_drop"] is None else f"{100 * row['relative_drop']:.1f}%"
-        lines.append(f"| {row['heads']} | {100 * row['share']:.0f}% | {accuracy} | {drop} |")
+        lines.append(f"| {row['heads']} | {100 * row['share']:.0f}% | {accuracy} | {drop} | "
+                     f"{row['encoder_flops_share']:.3f} |")
     return "\n".join(lines)
 
 

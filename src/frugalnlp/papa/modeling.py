@@ -20,6 +20,7 @@ from transformers.models.bert.modeling_bert import eager_attention_forward
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import backbone_for
 from frugalnlp.backbones.bert import BertBackbone
+from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
 
 ATTENTION = "frugalnlp_papa"
@@ -265,6 +266,12 @@ class PapaModel(PreTrainedModel):
         if not self.config.gated:
             raise FrugalError("this PAPA model has no gates; build it with gated=True to rank heads")
         return torch.stack([m.papa.gates.detach() for m in self.constant_modules()])
+
+    @torch.inference_mode()
+    def encoder_flops(self) -> int:
+        """FLOPs of one encoder forward on one example filling all n slots (constant heads score nothing)."""
+        ids = torch.ones(1, self.config.length, dtype=torch.long, device=self.device)
+        return count_flops(lambda: self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
