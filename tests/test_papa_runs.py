@@ -53,7 +53,7 @@ def test_sweep_table_and_files(constants, tmp_path, capsys):
     status, out, err = run_cli(["papa", "sweep", "--constants", constants, "--heads", "0,half,all", "--seeds", "0,1",
                                 *COMMON, "--output", tmp_path / "sweep"], capsys)
     assert status == 0, err
-    assert "| constant heads | share | test accuracy | relative drop | encoder FLOPs (vs 0) |" in out
+    assert "| constant heads | share | test accuracy | relative drop | test macro-F1 | encoder FLOPs (vs 0) |" in out
     assert "| 16 | 100% |" in out
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert [r["heads"] for r in summary["rows"]] == [0, 8, 16]

@@ -258,9 +258,12 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
     rows = []
     for n, runs in results.items():
         accuracy = [m["test"]["accuracy"] for m in runs]
+        macro_f1 = [m["test"]["macro_f1"] for m in runs]
         mean = float(np.mean(accuracy))
         rows.append({"heads": n, "share": n / (metadata["layers"] * metadata["heads"]), "accuracy_mean": mean,
                      "accuracy_std": float(np.std(accuracy)), "accuracy_per_seed": accuracy,
+                     "macro_f1_mean": float(np.mean(macro_f1)), "macro_f1_std": float(np.std(macro_f1)),
+                     "macro_f1_per_seed": macro_f1,
                      "dev_accuracy_per_seed": [m["dev"]["accuracy"] for m in runs],
                      "relative_drop": None if base is None else (base - mean) / base,
                      "encoder_flops": flops[n], "encoder_flops_share": flops[n] / flops[counts[0]]})
@@ -278,18 +281,21 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
 
 
 def format_sweep(summary: dict) -> str:
-    """Markdown table: heads replaced, test accuracy (mean ± std over seeds), relative drop against N=0, and
-    the encoder's FLOPs on n tokens against the first row (counted by `torch.utils.flop_counter`)."""
+    """Markdown table: heads replaced, test accuracy (mean ± std over seeds), relative drop against N=0,
+    macro-F1, and the encoder's FLOPs on n tokens against the first row (counted by `torch.utils.flop_counter`)."""
     seeds = len(summary["seeds"])
     lines = [f"Task `{summary['task']}`, model `{summary['model']}`, {summary['setting']} setting, "
              f"length {summary['length']}, train size {summary['train_size']}, seeds {summary['seeds']}", "",
-             f"| constant heads | share | test accuracy | relative drop | encoder FLOPs (vs {summary['rows'][0]['heads']}) |",
-             "|---|---|---|---|---|"]
+             "| constant heads | share | test accuracy | relative drop | test macro-F1 | "
+             f"encoder FLOPs (vs {summary['rows'][0]['heads']}) |", "|---|---|---|---|---|---|"]
+
+    def spread(row: dict, name: str) -> str:
+        return f"{row[name + '_mean']:.3f}" + (f" ± {row[name + '_std']:.3f}" if seeds > 1 else "")
+
     for row in summary["rows"]:
-        accuracy = f"{row['accuracy_mean']:.3f}" + (f" ± {row['accuracy_std']:.3f}" if seeds > 1 else "")
         drop = "—" if row["relative_drop"] is None else f"{100 * row['relative_drop']:.1f}%"
-        lines.append(f"| {row['heads']} | {100 * row['share']:.0f}% | {accuracy} | {drop} | "
-                     f"{row['encoder_flops_share']:.3f} |")
+        lines.append(f"| {row['heads']} | {100 * row['share']:.0f}% | {spread(row, 'accuracy')} | {drop} | "
+                     f"{spread(row, 'macro_f1')} | {row['encoder_flops_share']:.3f} |")
     return "\n".join(lines)
 
 
