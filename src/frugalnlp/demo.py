@@ -7,14 +7,13 @@ curve; rerunning with ``--resume`` skips the runs already finished.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 
 import numpy as np
 
 from frugalnlp.evaluation import accuracy_at_speedup
-from frugalnlp.report import evaluate_run, plot_curves
+from frugalnlp.report import command_line, evaluate_run, plot_curves
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.training import RunSpec, train_run
 
@@ -71,7 +70,7 @@ def run_demo(task: str = "mr", model: str = "minilm", seeds: list[int] = (0,), o
             "mean_curve": _mean_curve(r["curves"]),
         }
     summary["seconds"] = time.perf_counter() - started
-    summary["command"] = " ".join(["frugalnlp", *map(shlex.quote, sys.argv[1:])])
+    summary["command"] = command_line()
     table = format_table(summary)
     print(table)
     write_json(out.path / "results.json", summary)

@@ -61,16 +61,11 @@ def gradient_cosines(model: EarlyExitModel, data: EncodedSplit, tokenizer, num_b
 
 def plot_gradient_cosines(result: dict, path: str | Path, title: str = "") -> None:
     """Heatmap: layers (rows) x exit pairs (columns), cosine similarity, blank where not shared."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from frugalnlp.report import save_figure
+    from frugalnlp.report import new_figure, save_figure
 
     values = np.array([[np.nan if v is None else v for v in row] for row in result["cosine"]])
     layers = result["exit_layers"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * values.shape[1], 1.0 + 0.45 * values.shape[0]), dpi=120)
+    fig, ax = new_figure(figsize=(1.2 + 0.9 * values.shape[1], 1.0 + 0.45 * values.shape[0]), dpi=120)
     image = ax.imshow(values, cmap="RdBu", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(values.shape[1]), [f"L{layers[i]}·L{layers[j]}" for i, j in result["pairs"]], rotation=45)
     ax.set_yticks(range(values.shape[0]), [f"layer {k + 1}" for k in range(values.shape[0])])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import shlex
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +58,7 @@ def curve_csv(curve: list[dict]) -> str:
 def plot_curves(curves: dict[str, list[dict] | tuple[list[dict], list[dict]]], path: str | Path, title: str = "",
                 key: str = "speedup_layers") -> None:
     """Accuracy against speedup, one line per method; a (mean, std) pair draws a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = new_figure(figsize=(6, 4), dpi=120)
     for label, curve in curves.items():
         std = None
         if isinstance(curve, tuple):
@@ -81,6 +78,16 @@ def plot_curves(curves: dict[str, list[dict] | tuple[list[dict], list[dict]]], p
     save_figure(fig, path)
 
 
+def new_figure(**subplots):
+    """A (figure, axes) pair from ``plt.subplots(**subplots)`` on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(**subplots)
+
+
 def save_figure(fig, path: str | Path) -> None:
     """Write a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
@@ -90,3 +97,8 @@ def save_figure(fig, path: str | Path) -> None:
     fig.savefig(buffer, format="png")
     plt.close(fig)
     write_bytes(path, buffer.getvalue())
+
+
+def command_line() -> str:
+    """The ``frugalnlp`` command this process runs, shell-quoted, to record next to its results."""
+    return " ".join(["frugalnlp", *map(shlex.quote, sys.argv[1:])])

@@ -162,10 +162,15 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
                    seconds=time.perf_counter() - started, processes=processes.num_processes)
     write_json(run.path / "config.json", run_config(spec, task))
     write_json(run.path / "metrics.json", metrics)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # Trainer checkpoints hold pickles; only needed to resume
+    remove_checkpoints(run.path)
     final = run.commit()
     processes.wait_for_everyone()  # the other ranks return once the run is published
     return final
+
+
+def remove_checkpoints(run_path: Path) -> None:
+    """Delete a finished run's Trainer checkpoints: they hold pickles and only serve ``--resume``."""
+    shutil.rmtree(run_path / "checkpoints", ignore_errors=True)
 
 
 def load_spec_task(spec: RunSpec) -> TaskData:

@@ -7,8 +7,6 @@ every part of one experiment agrees. Each step writes its own directory atomical
 from __future__ import annotations
 
 import json
-import shlex
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,10 +22,10 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import scores
 from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
 from frugalnlp.papa.modeling import SETTINGS, PapaModel, check_family, layout_position_offset
-from frugalnlp.report import save_figure
+from frugalnlp.report import command_line, new_figure, save_figure
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.tasks import TaskData, load_task, with_train_size
-from frugalnlp.training import fit
+from frugalnlp.training import fit, remove_checkpoints
 
 DEFAULT_LR = {"probe": 1e-3, "finetune": 5e-5}
 
@@ -52,7 +50,7 @@ def make_constants(task: str, model: str, max_length: int, output: str, train_si
     metadata = {"kind": "frugalnlp-papa-constants", "task": task, "model": model, "length": max_length,
                 "position_offset": offset, "examples": len(train), "train_size": train_size,
                 "layers": constant.shape[0], "heads": constant.shape[1], "seconds": time.perf_counter() - started,
-                "command": _command()}
+                "command": command_line()}
     run.open()
     save_constant_attention(run.path / "constant_attention.safetensors", constant, metadata)
     write_json(run.path / "constants.json", metadata)
@@ -144,11 +142,11 @@ def rank_heads(spec: PapaSpec, overwrite: bool = False, resume: bool = False) ->
     ranking = {"kind": "frugalnlp-papa-ranking", "order": [[int(i) // heads, int(i) % heads] for i in order],
                "gate_logits": gates.tolist(), "constants": experiment.metadata, "spec": asdict(spec),
                "dev": experiment.evaluate(model, "dev", spec.eval_batch_size), "training": training,
-               "command": _command()}
+               "command": command_line()}
     write_json(run.path / "ranking.json", ranking)
     _plot_gates(gates, run.path / "ranking.png",
                 f"PAPA gates sigma(lambda): {experiment.metadata['model']} on {experiment.metadata['task']}")
-    _remove_checkpoints(run)
+    remove_checkpoints(run.path)
     return run.commit()
 
 
@@ -184,9 +182,9 @@ def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False) -> P
     model.save_pretrained(run.path / "model")
     experiment.tokenizer.save_pretrained(run.path / "model")
     write_json(run.path / "config.json", {"kind": "frugalnlp-papa-run", "spec": asdict(spec),
-                                          "constants": experiment.metadata, "command": _command()})
+                                          "constants": experiment.metadata, "command": command_line()})
     write_json(run.path / "metrics.json", metrics)
-    _remove_checkpoints(run)
+    remove_checkpoints(run.path)
     return run.commit()
 
 
@@ -270,7 +268,7 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
     summary = {"task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
                "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
                "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata, "ranking": ranking, "rows": rows,
-               "seconds": time.perf_counter() - started, "command": _command()}
+               "seconds": time.perf_counter() - started, "command": command_line()}
     table = format_sweep(summary)
     print(table)
     write_json(out.path / "sweep.json", summary)
@@ -300,13 +298,8 @@ def format_sweep(summary: dict) -> str:
 
 
 def _plot_sweep(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = summary["rows"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = new_figure(figsize=(5.5, 3.8))
     ax.errorbar([r["heads"] for r in rows], [r["accuracy_mean"] for r in rows],
                 yerr=[r["accuracy_std"] for r in rows], marker="o", capsize=3)
     ax.set_xlabel("heads replaced by constant attention")
@@ -318,23 +311,10 @@ def _plot_sweep(summary: dict, path: Path) -> None:
 
 
 def _plot_gates(gates: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * gates.shape[1], 1 + 0.45 * gates.shape[0]))
+    fig, ax = new_figure(figsize=(1 + 0.45 * gates.shape[1], 1 + 0.45 * gates.shape[0]))
     image = ax.imshow(gates.sigmoid().numpy(), cmap="viridis", aspect="auto")
     ax.set_xlabel("head")
     ax.set_ylabel("layer (0-based)")
     ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=ax, label="weight of real attention")
     save_figure(fig, path)
-
-
-def _remove_checkpoints(run: RunDir) -> None:
-    shutil.rmtree(run.path / "checkpoints", ignore_errors=True)  # Trainer checkpoints hold pickles
-
-
-def _command() -> str:
-    return " ".join(["frugalnlp", *map(shlex.quote, sys.argv[1:])])
