@@ -37,7 +37,6 @@ class ConstantHeads(nn.Module):
 
     def __init__(self, num_heads: int, length: int, heads: list[int], gated: bool = False) -> None:
         super().__init__()
-        self.num_heads = num_heads
         self.heads = sorted(heads)
         self.live = [h for h in range(num_heads) if h not in self.heads] if not gated else list(range(num_heads))
         self.register_buffer("constant", torch.zeros(len(self.heads), length, length))
