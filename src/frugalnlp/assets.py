@@ -32,15 +32,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FRUGALNLP_CACHE", Path.home() / ".cache" / "frugalnlp"))
 
 
-def package_file(distribution: str, relative: str) -> Path:
+def package_file(distribution: str, relative: str, install: str | None = None) -> Path:
     """A data file inside an installed distribution, located without importing the package.
 
     Some of these packages print or import heavy modules on import, so only their metadata is read.
+    ``install`` is the command to suggest when it is missing (default: pip install DISTRIBUTION).
     """
     try:
         dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise FrugalError(f"package '{distribution}' is not installed; run `make install` (or pip install {distribution})")
+        raise FrugalError(f"package '{distribution}' is not installed; run `make install` "
+                          f"(or {install or f'pip install {distribution}'})")
     path = Path(str(dist.locate_file(relative)))
     if not path.exists():
         raise FrugalError(f"'{relative}' is missing from the installed package '{distribution}'; reinstall it")

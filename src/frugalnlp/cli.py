@@ -17,6 +17,10 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
 
 
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 def _add_task_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--task", default=None, help="mr, imdb, bbc, boolq, or hf:NAME[:CONFIG] (default: mr)")
@@ -28,43 +32,86 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-column", default="label")
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
+    """Data, model and recipe flags; ``one_run`` adds those of a single run (method, seed, checkpoints)."""
     _add_task_args(p)
     p.add_argument("--model", default="minilm", help="alias (minilm, mpnet), local directory or hub name")
-    p.add_argument("--method", default="plain", help="plain, joint, sweet or multi-model")
+    if one_run:
+        p.add_argument("--method", default="plain", help="plain, joint, sweet, two-stage or multi-model")
     p.add_argument("--exit-layers", type=_int_list, default=None, help="1-based, e.g. 1,2,4,6 (ends at the last layer)")
+    if one_run:
+        p.add_argument("--num-layers", type=int, default=None,
+                       help="plain: keep only the first K layers (a static model for the frontier)")
     p.add_argument("--pooling", default="mean", help="exit heads read the first token or the masked mean (default)")
+    _add_recipe_args(p)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-size", type=int, default=None, help="stratified subset of N training examples")
-    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
+    if one_run:
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
+
+
+def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
+    g = p.add_mutually_exclusive_group()
+    if threshold:
+        g.add_argument("--threshold", type=float, default=None, help="confidence needed to leave early (default 0.9)")
+    g.add_argument("--target-speedup", type=float, default=None,
+                   help="choose the threshold on dev: best dev accuracy at this speedup (layers) or more")
+    g.add_argument("--max-drop", type=float, default=None,
+                   help="choose the threshold on dev: fastest within this accuracy drop of the last exit (e.g. 0.01)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("exit recipe (joint, sweet, two-stage)")
+    g.add_argument("--boundary-grad", type=float, default=None,
+                   help="A in [0, 1]: gradient kept across each exit boundary (joint 1, sweet 0)")
+    g.add_argument("--distill", default=None, help="self: early exits learn from the model's own last exit")
+    g.add_argument("--teacher", default=None, help="a finished run whose last exit the exits learn from")
+    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KL term (CE gets 1 - alpha)")
+    g.add_argument("--distill-temperature", type=float, default=2.0)
+    g.add_argument("--exit-weights", default="uniform", help="uniform or depth (loss weight proportional to the layer)")
+
+
+def _recipe(args: argparse.Namespace) -> dict:
+    return dict(boundary_grad=args.boundary_grad, distill=args.distill, teacher=args.teacher,
+                distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
+                exit_weights=args.exit_weights)
 
 
 def _spec(args: argparse.Namespace, output: str):
-    from frugalnlp.tasks import Columns
     from frugalnlp.training import RunSpec
 
     task = args.task if args.task or args.train_file else "mr"
-    return RunSpec(output=output, task=task, model=args.model, method=args.method, exit_layers=args.exit_layers,
+    one_run = {k: getattr(args, k) for k in ("method", "seed", "save_steps", "num_layers") if hasattr(args, k)}
+    return RunSpec(output=output, task=task, model=args.model, exit_layers=args.exit_layers,
                    pooling=args.pooling, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                   max_length=args.max_length, seed=args.seed, train_size=args.train_size,
+                   max_length=args.max_length, train_size=args.train_size,
                    train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,
-                   columns=Columns(text=args.text_column, label=args.label_column, text_pair=args.text_pair_column),
-                   save_steps=args.save_steps)
+                   columns=_columns(args), **one_run, **_recipe(args))
+
+
+def _columns(args: argparse.Namespace):
+    from frugalnlp.tasks import Columns
+
+    return Columns(text=args.text_column, label=args.label_column, text_pair=args.text_pair_column)
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    from frugalnlp.tasks import TASKS, load_task
+    from frugalnlp.tasks import task_summaries
 
-    summaries = [{**load_task(name).summary(), "description": spec.description} for name, spec in TASKS.items()]
+    summaries = task_summaries()
     if args.json:
         print(json.dumps(summaries, indent=2))
         return
     print(f"{'task':<7} {'kind':<7} {'train':>6} {'dev':>6} {'test':>6} {'total':>6}  labels / source")
     for s in summaries:
+        if not s["available"]:
+            print(f"{s['name']:<7} unavailable: its data package is missing; install it with `{s['install']}` "
+                  f"({s['description']})")
+            continue
         sizes = s["sizes"]
         print(f"{s['name']:<7} {'pair' if s['pair'] else 'single':<7} {sizes['train']:>6} {sizes['dev']:>6} "
               f"{sizes['test']:>6} {s['total']:>6}  {', '.join(s['labels'])} / {s['source']}")
@@ -87,14 +134,23 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from frugalnlp.report import evaluate_run
+    from frugalnlp.report import evaluate_run, format_comparison
 
-    path, curve = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
-                               output=args.output, overwrite=args.overwrite)
+    path, result = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
+                                output=args.output, overwrite=args.overwrite, static=args.static,
+                                target_speedup=args.target_speedup, max_drop=args.max_drop)
     print(f"{'threshold':>9} {'accuracy':>8} {'macro-F1':>8} {'layers':>7} {'speedup':>7} {'FLOPs':>6}")
-    for p in curve:
+    for p in result["points"]:
         print(f"{p['threshold']:>9.2f} {p['accuracy']:>8.4f} {p['macro_f1']:>8.4f} {p['layers_share']:>7.3f} "
               f"{p['speedup_layers']:>6.2f}x {p['flops_share']:>6.3f}")
+    print()
+    print(format_comparison({result["method"]: result["comparison"]}))
+    point = result["operating_point"]
+    if point:
+        chosen = point[args.split]
+        print(f"\noperating point chosen on dev: threshold {point['threshold']:.4f} (dev: accuracy "
+              f"{point['dev']['accuracy']:.4f} at {point['dev']['speedup_layers']:.2f}x); {args.split}: accuracy "
+              f"{chosen['accuracy']:.4f} at {chosen['speedup_layers']:.2f}x")
     print(f"wrote {path}")
 
 
@@ -125,8 +181,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from frugalnlp.predict import Predictor, predict_file
     from frugalnlp.tasks import Columns
 
-    predictor = Predictor(args.run, threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
-                          trust_pickle=args.trust_pickle)
+    threshold = 0.9 if args.threshold is None else args.threshold
+    predictor = Predictor(args.run, threshold=threshold, policy=args.policy, batch_size=args.batch_size,
+                          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
+    if predictor.operating_point:
+        point = predictor.operating_point
+        print(f"threshold {predictor.threshold:.4f} chosen on dev: accuracy {point['accuracy']:.4f} at "
+              f"{point['speedup_layers']:.2f}x", file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite)
     for line, problem in bad:
@@ -138,9 +199,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import run_demo
 
-    run_demo(task=args.task or "mr", model=args.model, seeds=args.seeds, output=args.output,
-             train_size=args.train_size, epochs=args.epochs, max_length=args.max_length,
-             exit_layers=args.exit_layers, overwrite=args.overwrite, resume=args.resume)
+    base = _spec(args, output="")
+    run_demo(task=args.task or (None if args.train_file else "mr"), model=args.model, seeds=args.seeds,
+             output=args.output, train_size=args.train_size, epochs=args.epochs, max_length=args.max_length,
+             exit_layers=args.exit_layers, overwrite=args.overwrite, resume=args.resume, methods=args.methods,
+             base=base)
+
 
 def cmd_papa_constants(args: argparse.Namespace) -> None:
     from frugalnlp.papa.experiment import make_constants
@@ -254,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--thresholds", type=int, default=21, help="number of evenly spaced thresholds in [0, 1]")
     p.add_argument("--policy", default="confidence", help="confidence, entropy or patience")
+    p.add_argument("--static", action="append", default=None, metavar="RUN",
+                   help="static frontier from this multi-model run or plain --num-layers run (repeatable; "
+                        "default: a multi-model run's own members)")
+    _add_operating_args(p)
     p.add_argument("--output", default=None, help="directory to write (default: RUN/eval-SPLIT-POLICY)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -276,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True, help="JSONL: line, label, confidence, exit_layer, layers_run")
-    p.add_argument("--threshold", type=float, default=0.9)
+    _add_operating_args(p, threshold=True)
     p.add_argument("--policy", default="confidence")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
@@ -286,14 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="joint vs SWEET vs Multi-Model on the embedded model, one table")
-    p.add_argument("--task", default=None)
-    p.add_argument("--model", default="minilm")
+    p = sub.add_parser("demo", help="adaptive methods and recipes against the static frontier and the oracle")
+    _add_train_args(p, one_run=False)
+    p.add_argument("--methods", type=_str_list, default=["joint", "sweet", "multi-model"],
+                   help="variants METHOD[:key=value...], e.g. joint,sweet,two-stage,joint:boundary-grad=0.5:distill=self "
+                        "(multi-model is always trained: its members are the static frontier)")
     p.add_argument("--seeds", type=_int_list, default=[0])
-    p.add_argument("--train-size", type=int, default=2000)
-    p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--exit-layers", type=_int_list, default=None)
+    p.set_defaults(train_size=2000, max_length=64)
     p.add_argument("--output", default="demo")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished runs")

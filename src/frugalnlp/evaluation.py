@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, f1_score
 from transformers import PreTrainedTokenizerBase
 
 from frugalnlp.cost import FlopCost
@@ -17,6 +16,7 @@ from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.policies import ExitPolicy, make_policy
 from frugalnlp.encoding import EncodedSplit, batches
+from frugalnlp.errors import FrugalError
 
 
 @torch.inference_mode()
@@ -55,15 +55,24 @@ def replay(exit_logits: torch.Tensor, temperatures: list[float], policy: ExitPol
 
 
 def scores(predicted: np.ndarray | torch.Tensor, gold: np.ndarray, num_labels: int) -> dict[str, float]:
-    predicted = np.asarray(predicted)
-    return {"accuracy": float(accuracy_score(gold, predicted)),
-            "macro_f1": float(f1_score(gold, predicted, average="macro", labels=list(range(num_labels)),
-                                       zero_division=0))}
+    """Accuracy and macro-F1 over ``num_labels`` classes (a class never seen nor predicted scores F1 0, as
+    sklearn's ``zero_division=0``); numpy only, since a curve scores hundreds of thresholds."""
+    predicted, gold = np.asarray(predicted, dtype=np.int64), np.asarray(gold, dtype=np.int64)
+    confusion = np.bincount(gold * num_labels + predicted, minlength=num_labels * num_labels).reshape(num_labels, -1)
+    tp = np.diag(confusion).astype(np.float64)
+    denominator = confusion.sum(0) + confusion.sum(1)  # 2 TP + FP + FN
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return {"accuracy": float(tp.sum() / len(gold)), "macro_f1": float(f1.mean())}
 
 
 def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
-    """Each exit's own scores when every example is forced to it."""
-    return [{"exit": e, "layer": layer, **scores(exit_logits[e].argmax(-1), gold, model.config.num_labels)}
+    """Each exit's own scores when every example is forced to it (the *fixed exits* baseline).
+
+    A fixed exit runs ``layer`` of the full depth (a cascade member runs alone: no earlier models).
+    """
+    depth = model.exit_layers[-1]
+    return [{"exit": e, "layer": layer, "layers_share": layer / depth, "speedup_layers": depth / layer,
+             **scores(exit_logits[e].argmax(-1), gold, model.config.num_labels)}
             for e, layer in enumerate(model.exit_layers)]
 
 
@@ -97,3 +106,122 @@ def accuracy_at_speedup(curve: list[dict], speedup: float, key: str = "speedup_l
     """Best accuracy among curve points at least ``speedup`` times faster (None if none is)."""
     reachable = [p["accuracy"] for p in curve if p[key] >= speedup - 1e-9]
     return max(reachable) if reachable else None
+
+
+# ----------------------------------------------------------------------------------------------- baselines
+
+def static_frontier(points: list[dict], speedup: float) -> float | None:
+    """Accuracy of separately trained truncated models at ``speedup`` (share of layers 1 / speedup).
+
+    ``points``: one ``{"layers_share", "accuracy"}`` per static model. Between two neighbouring depths
+    the frontier is linear in cost: sending a random share of the inputs to each model achieves it.
+    None when even the shallowest model is slower; the deepest model's accuracy beyond it.
+    """
+    pts = sorted((p["layers_share"], p["accuracy"]) for p in points)
+    cost = 1.0 / speedup
+    if not pts or cost < pts[0][0] - 1e-9:
+        return None
+    for (c0, a0), (c1, a1) in zip(pts, pts[1:]):
+        if c0 - 1e-9 <= cost <= c1 + 1e-9:
+            return a0 + (a1 - a0) * (min(max(cost, c0), c1) - c0) / (c1 - c0)
+    return pts[-1][1]
+
+
+class Oracle:
+    """Each example leaves at the first exit that is right: the bound for any policy on these exits.
+
+    Under a budget of mean layers run, the oracle pays every example the first exit's cost, then
+    buys correct answers cheapest first (an example no exit gets right leaves at the first exit). With
+    equal value per answer that greedy choice is optimal, so no policy on these exits, whatever its
+    decisions, is more accurate at the same share of layers.
+    """
+
+    def __init__(self, exit_logits: torch.Tensor, gold: np.ndarray, layers_to_exit: list[int], depth: int) -> None:
+        correct = (exit_logits.argmax(-1) == torch.as_tensor(gold)[None]).numpy()  # [exits, n]
+        cost = np.asarray(layers_to_exit, dtype=np.float64) / depth
+        right = correct.any(0)
+        first_right = correct.argmax(0)
+        self.n = correct.shape[1]
+        self.base = cost[0]
+        self.extra = np.cumsum(np.sort(cost[first_right[right]] - cost[0]))  # cost of the k cheapest answers
+
+    def accuracy(self, speedup: float) -> float | None:
+        """Best accuracy at mean layers share 1 / speedup; None faster than the first exit."""
+        budget = (1.0 / speedup - self.base) * self.n
+        if budget < -1e-9:
+            return None
+        return float(np.searchsorted(self.extra, budget + 1e-9, side="right")) / self.n
+
+    @property
+    def best(self) -> float:
+        """Accuracy with every example at its first right exit (any exit right counts)."""
+        return len(self.extra) / self.n
+
+
+def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], static: list[dict] | None,
+            oracle: Oracle, speedups: list[float]) -> list[dict]:
+    """Per target speedup: the adaptive curve at a threshold chosen on dev, beside the baselines.
+
+    ``adaptive`` is the test accuracy at the threshold whose dev speedup reaches the target with the
+    best dev accuracy; ``test_speedup`` is what it achieved on test, and the static frontier and oracle
+    are read at that same cost. ``adaptive_best_on_test`` is the curve's own best point at the
+    target (optimistic: chosen on test). ``gain_over_static`` is in accuracy points (x100);
+    ``gap_closed`` = (adaptive - static) / (oracle - static), the share of the way from the static
+    frontier to the oracle that the curve covers. Both curves need the same thresholds.
+    """
+    by_threshold = {p["threshold"]: p for p in test_curve}
+    rows = []
+    for s in speedups:
+        try:
+            point = by_threshold[choose_threshold(dev_curve, target_speedup=s)["threshold"]]
+        except FrugalError:  # the dev curve never gets that fast
+            point = None
+        adaptive = None if point is None else point["accuracy"]
+        at = s if point is None else point["speedup_layers"]
+        fixed_here = next((f["accuracy"] for f in fixed if abs(f["speedup_layers"] - s) < 1e-6), None)
+        frontier = static_frontier(static, at) if static else None
+        bound = oracle.accuracy(at)
+        gain = None if adaptive is None or frontier is None else 100 * (adaptive - frontier)
+        gap = None
+        if gain is not None and bound is not None and bound - frontier > 1e-12:
+            gap = (adaptive - frontier) / (bound - frontier)
+        rows.append({"speedup": s, "threshold": None if point is None else point["threshold"], "test_speedup": at,
+                     "adaptive": adaptive, "adaptive_best_on_test": accuracy_at_speedup(test_curve, s),
+                     "fixed_exit": fixed_here, "static": frontier, "oracle": bound,
+                     "gain_over_static": gain, "gap_closed": gap})
+    return rows
+
+
+def table_speedups(exit_layers: list[int], base: tuple[float, ...] = (1.5, 2.0, 3.0)) -> list[float]:
+    """1.5x, 2x, 3x and every earlier exit's own speedup, ascending."""
+    depth = exit_layers[-1]
+    return sorted({*base, *(depth / k for k in exit_layers[:-1])})
+
+
+# ----------------------------------------------------------------------------------------------- operating points
+
+OPERATING_GRID = np.linspace(0.0, 1.0, 401).round(6).tolist()  # thresholds tried when choosing one on dev
+
+
+def choose_threshold(dev_curve: list[dict], target_speedup: float | None = None,
+                     max_drop: float | None = None) -> dict:
+    """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more, or the fastest
+    point whose dev accuracy is at most ``max_drop`` below the last exit's (threshold 1).
+
+    Returns that point (its ``threshold`` is what to use on test or in production).
+    """
+    if (target_speedup is None) == (max_drop is None):
+        raise FrugalError("give exactly one of --target-speedup and --max-drop")
+    if target_speedup is not None:
+        if not (isinstance(target_speedup, (int, float)) and target_speedup >= 1.0):
+            raise FrugalError(f"--target-speedup {target_speedup!r} must be at least 1 (e.g. 2 for half the layers)")
+        reachable = [p for p in dev_curve if p["speedup_layers"] >= target_speedup - 1e-9]
+        if not reachable:
+            fastest = max(p["speedup_layers"] for p in dev_curve)
+            raise FrugalError(f"no threshold reaches a {target_speedup:g}x speedup on dev (at most {fastest:.2f}x)")
+        return max(reachable, key=lambda p: (p["accuracy"], p["speedup_layers"]))
+    if not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
+        raise FrugalError(f"--max-drop {max_drop!r} is outside [0, 1] (an accuracy drop, e.g. 0.01)")
+    reference = next(p["accuracy"] for p in dev_curve if p["threshold"] >= 1.0)
+    allowed = [p for p in dev_curve if p["accuracy"] >= reference - max_drop - 1e-12]
+    return max(allowed, key=lambda p: (p["speedup_layers"], p["accuracy"]))

@@ -31,8 +31,8 @@ def gradient_cosines(model: EarlyExitModel, data: EncodedSplit, tokenizer, num_b
         raise FrugalError("gradient analysis needs a model with at least two exits (joint or sweet)")
     adapter = model.adapter
     layers = list(adapter.layers)
-    method = model.config.method
-    model.config.method = "joint"  # measure what a shared backbone receives, whatever the training method
+    boundary_grad = model.config.boundary_grad
+    model.config.boundary_grad = 1.0  # measure what a shared backbone receives, whatever the training recipe
     model.eval()
     chosen = np.random.default_rng(seed).permutation(len(data))[: num_batches * batch_size]
     subset = EncodedSplit({k: [v[i] for i in chosen] for k, v in data.features.items()}, data.labels[chosen])
@@ -52,7 +52,7 @@ def gradient_cosines(model: EarlyExitModel, data: EncodedSplit, tokenizer, num_b
                     sums[e][li] += torch.cat([g.flatten() for g in grads[offset:offset + n]]).cpu()
                     offset += n
     finally:
-        model.config.method = method
+        model.config.boundary_grad = boundary_grad
     pairs = list(combinations(range(model.num_exits), 2))
     cosine = [[float(F.cosine_similarity(sums[i][li], sums[j][li], dim=0))
                if li < model.config.exit_layers[i] else None for i, j in pairs] for li in range(len(layers))]

@@ -25,9 +25,22 @@ class Predictor:
     """
 
     def __init__(self, run: str | os.PathLike, threshold: float = 0.9, policy: str = "confidence",
-                 batch_size: int = 32, trust_pickle: bool = False) -> None:
+                 batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
+                 max_drop: float | None = None) -> None:
+        """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
+        (see `frugalnlp.evaluation.choose_threshold`); the choice is kept in ``self.operating_point``."""
+        if batch_size < 1:
+            raise FrugalError(f"--batch-size {batch_size} must be at least 1")
+        make_policy(policy, threshold, 2)
         trained = load_run(run, trust_pickle=trust_pickle)
         self.model, self.tokenizer = trained.model, trained.tokenizer
+        self.operating_point = None
+        if target_speedup is not None or max_drop is not None:
+            from frugalnlp.report import operating_threshold
+
+            self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy)
+            threshold = self.operating_point["threshold"]
+        self.threshold = threshold
         self.policy = make_policy(policy, threshold, self.model.num_exits)
         self.max_length = trained.spec.max_length
         self.batch_size = batch_size

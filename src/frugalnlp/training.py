@@ -1,7 +1,10 @@
 """Training runs: task -> encode -> HF Trainer (one per model) -> calibrate on dev -> save -> metrics.
 
-Methods: ``plain`` (one classifier on the last layer), ``joint`` and ``sweet`` (one backbone with
-exits), ``multi-model`` (one truncated model per exit, each trained alone with the same recipe).
+Methods: ``plain`` (one classifier on the last layer, or on layer K with ``num_layers``), ``joint`` and
+``sweet`` (one backbone with exits), ``two-stage`` (DeeBERT: a plain fine-tune, then the exit heads
+trained on the frozen backbone), ``multi-model`` (one truncated model per exit, each trained alone
+with the same recipe). The exit recipe (boundary gradient, distillation, exit-loss weights) is
+described in `EarlyExitConfig`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from transformers import (DataCollatorWithPadding, PreTrainedModel, PreTrainedTo
 from frugalnlp.assets import resolve_model
 from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.cascade import Cascade, load_adaptive
+from frugalnlp.early_exit.config import DEFAULT_BOUNDARY_GRAD, check_recipe
 from frugalnlp.early_exit.modeling import EarlyExitModel, check_exit_layers
 from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError
@@ -30,7 +34,8 @@ from frugalnlp.evaluation import collect_exit_logits, exit_scores
 from frugalnlp.rundir import RunDir, write_json
 from frugalnlp.tasks import Columns, TaskData, load_task, with_train_size
 
-METHODS = ("plain", "joint", "sweet", "multi-model")
+METHODS = ("plain", "joint", "sweet", "two-stage", "multi-model")
+RECIPE_METHODS = ("joint", "sweet", "two-stage")  # the methods with exits that share one backbone
 
 
 def default_exit_layers(num_layers: int) -> list[int]:
@@ -60,6 +65,18 @@ class RunSpec:
     columns: Columns = field(default_factory=Columns)
     save_steps: int | None = None  # checkpoint every N steps (default: every epoch)
     eval_batch_size: int = 64
+    num_layers: int | None = None  # plain only: truncate the encoder to its first K layers (a static model)
+    boundary_grad: float | None = None  # None: the method's (joint 1, sweet 0)
+    distill: str | None = None  # None, "self" or "teacher"
+    teacher: str | None = None  # a finished run whose last exit teaches (distill="teacher")
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    exit_weights: str = "uniform"
+
+    def recipe(self) -> dict:
+        """The exit-training recipe as `EarlyExitModel.from_backbone` keywords."""
+        return dict(boundary_grad=self.boundary_grad, distill=self.distill, distill_alpha=self.distill_alpha,
+                    distill_temperature=self.distill_temperature, exit_weights=self.exit_weights)
 
 
 def _training_args(spec: RunSpec, checkpoint_dir: Path) -> TrainingArguments:
@@ -87,7 +104,8 @@ def fit(model: PreTrainedModel, train: EncodedSplit, collator: Callable, spec: R
     return {"seconds": time.perf_counter() - start, "steps": result.global_step, "train_loss": result.training_loss}
 
 
-def _check_spec(spec: RunSpec) -> None:
+def check_spec(spec: RunSpec) -> None:
+    """FrugalError naming the flag for any setting out of range, before anything is created."""
     if spec.method not in METHODS:
         raise FrugalError(f"unknown method '{spec.method}'; choose one of {', '.join(METHODS)}")
     if spec.pooling not in ("first", "mean"):
@@ -95,6 +113,23 @@ def _check_spec(spec: RunSpec) -> None:
     for name in ("epochs", "lr", "batch_size", "max_length"):
         if getattr(spec, name) <= 0:
             raise FrugalError(f"--{name.replace('_', '-')} must be positive")
+    if spec.num_layers is not None and spec.method != "plain":
+        raise FrugalError("--num-layers trains one truncated model: it needs --method plain "
+                          "(multi-model trains one per --exit-layers)")
+    if spec.distill == "teacher" and not spec.teacher:
+        raise FrugalError("--distill teacher needs --teacher RUN")
+    if spec.teacher and spec.distill is None:
+        spec.distill = "teacher"
+    if spec.teacher and spec.distill != "teacher":
+        raise FrugalError("--teacher RUN distils from that run: drop --distill self, or drop --teacher")
+    custom = {"--boundary-grad": spec.boundary_grad is not None, "--distill/--teacher": spec.distill is not None,
+              "--exit-weights": spec.exit_weights != "uniform"}
+    if spec.method not in RECIPE_METHODS and any(custom.values()):
+        flags = ", ".join(k for k, v in custom.items() if v)
+        raise FrugalError(f"{flags} shape(s) how exits share a backbone: use --method {', '.join(RECIPE_METHODS)}")
+    if spec.method == "two-stage" and spec.boundary_grad is not None:
+        raise FrugalError("--boundary-grad has no effect with --method two-stage (its backbone is frozen)")
+    check_recipe(spec.boundary_grad, spec.distill, spec.distill_alpha, spec.distill_temperature, spec.exit_weights)
 
 
 def _build_models(spec: RunSpec, model_path: str, task: TaskData) -> list[EarlyExitModel]:
@@ -106,16 +141,70 @@ def _build_models(spec: RunSpec, model_path: str, task: TaskData) -> list[EarlyE
     common = dict(num_labels=task.num_labels, pooling=spec.pooling, id2label=id2label)
     if spec.method == "plain":
         if spec.exit_layers:
-            raise FrugalError("--exit-layers needs --method joint, sweet or multi-model")
-        exits = [num_layers]
+            raise FrugalError("--exit-layers needs --method joint, sweet, two-stage or multi-model")
+        if spec.num_layers is not None and not 1 <= spec.num_layers <= num_layers:
+            raise FrugalError(f"--num-layers {spec.num_layers} is out of range: this model has layers 1..{num_layers}")
+        exits = [spec.num_layers or num_layers]
     else:
         exits = check_exit_layers(spec.exit_layers or default_exit_layers(num_layers), num_layers)
     spec.exit_layers = exits
     set_seed(spec.seed)
     if spec.method == "multi-model":
         return [EarlyExitModel.from_backbone(model_path, method="joint", num_layers=k, **common) for k in exits]
-    method = "joint" if spec.method == "plain" else spec.method
-    return [EarlyExitModel.from_backbone(model_path, exit_layers=exits, method=method, **common)]
+    if spec.method in ("plain", "two-stage"):  # two-stage starts as exactly the plain run
+        return [EarlyExitModel.from_backbone(model_path, method="joint", num_layers=spec.num_layers, **common)]
+    return [EarlyExitModel.from_backbone(model_path, exit_layers=exits, method=spec.method, **common, **spec.recipe())]
+
+
+def exits_on_frozen_backbone(plain: EarlyExitModel, spec: RunSpec) -> EarlyExitModel:
+    """Two-stage's second model: ``plain``'s backbone and head as the last exit, fresh early heads.
+
+    The backbone and the last head are frozen, so the last exit stays the plain model bit for bit.
+    """
+    model = EarlyExitModel.from_backbone(plain.backbone, exit_layers=spec.exit_layers, method="two-stage",
+                                         num_labels=plain.config.num_labels, pooling=spec.pooling,
+                                         id2label=plain.config.id2label, **spec.recipe())
+    model.heads[-1].load_state_dict(plain.heads[0].state_dict())
+    model.backbone.requires_grad_(False)
+    model.heads[-1].requires_grad_(False)
+    return model
+
+
+class WithTeacher(torch.utils.data.Dataset):
+    """A training set whose items also carry the teacher's logits (``teacher_logits``: [labels])."""
+
+    def __init__(self, data: EncodedSplit, teacher_logits: torch.Tensor) -> None:
+        self.data, self.teacher_logits = data, teacher_logits
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "teacher_logits": self.teacher_logits[i]}
+
+
+class TeacherCollator:
+    """Pads like ``collator`` and stacks the teacher's logits beside: [batch, labels]."""
+
+    def __init__(self, collator: Callable) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[dict]) -> dict:
+        teacher = torch.stack([item["teacher_logits"] for item in items])
+        batch = self.collator([{k: v for k, v in item.items() if k != "teacher_logits"} for item in items])
+        batch["teacher_logits"] = teacher
+        return batch
+
+
+def teacher_logits(teacher_run: str, task: TaskData) -> torch.Tensor:
+    """The raw last-exit logits of a finished run on ``task``'s training split: [n, labels]."""
+    teacher = load_run(teacher_run)
+    labels = list(teacher.config["task"]["labels"])
+    if labels != task.label_names:
+        raise FrugalError(f"--teacher {teacher_run} was trained on labels {labels}, not {task.label_names}; "
+                          "give a run of the same task")
+    data = encode_split(task.train, teacher.tokenizer, teacher.spec.max_length)
+    return collect_exit_logits(teacher.model, data, teacher.tokenizer, teacher.spec.eval_batch_size)[-1]
 
 
 def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
@@ -127,23 +216,34 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
     process writes the run directory, calibrates and scores.
     """
     started = time.perf_counter()
-    _check_spec(spec)
+    check_spec(spec)
     processes = PartialState(cpu=not torch.cuda.is_available())
     run = RunDir(spec.output, overwrite=overwrite, resume=resume)  # refuses before any work, on every rank
     task = load_spec_task(spec)
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path)
     models = _build_models(spec, model_path, task)
+    teacher = teacher_logits(spec.teacher, task) if spec.teacher else None
     processes.wait_for_everyone()  # every rank has checked the output before the main one creates it
     if processes.is_main_process:
         run.open()
     data = {name: encode_split(task.split(name), tokenizer, spec.max_length) for name in ("train", "dev", "test")}
+    train_set, collator = data["train"], DataCollatorWithPadding(tokenizer)
+    if teacher is not None:
+        train_set, collator = WithTeacher(train_set, teacher), TeacherCollator(collator)
     checkpoints = run.path / "checkpoints"
     training = []
+    if spec.method == "two-stage":  # stage 1 is the plain run; stage 2 learns the exits on its frozen backbone
+        plain = models[0]
+        training.append({"stage": "plain", "layers": plain.exit_layers[-1],
+                         **fit(plain, data["train"], DataCollatorWithPadding(tokenizer), spec, checkpoints / "plain",
+                               resume, callbacks)})
+        models = [exits_on_frozen_backbone(plain, spec)]
     for model in models:
         depth = model.config.exit_layers[-1]
-        training.append({"layers": depth, **fit(model, data["train"], DataCollatorWithPadding(tokenizer), spec,
-                                                 checkpoints / f"layers-{depth}", resume, callbacks)})
+        stage = "exits" if spec.method == "two-stage" else f"layers-{depth}"
+        training.append({"stage": stage, "layers": depth,
+                         **fit(model, train_set, collator, spec, checkpoints / stage, resume, callbacks)})
     if not processes.is_main_process:
         processes.wait_for_everyone()
         return run.final

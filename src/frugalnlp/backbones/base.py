@@ -43,10 +43,38 @@ class State:
 
     def detach(self) -> State:
         """The same batch cut from the graph behind it (SWEET's segment boundary)."""
-        return replace(self, hidden=self.hidden.detach(),
-                       layer_mask=None if self.layer_mask is None else self.layer_mask.detach(),
-                       extras={k: v.detach() for k, v in self.extras.items()},
-                       shared={k: v.detach() for k, v in self.shared.items()})
+        return self.boundary(0.0)
+
+    def boundary(self, grad_scale: float) -> State:
+        """The same batch, with the gradient flowing back through it multiplied by ``grad_scale``.
+
+        0 cuts the graph (SWEET), 1 leaves it whole (joint); values between are a soft separation,
+        so a loss k boundaries above a layer reaches it scaled by ``grad_scale ** k``.
+        """
+        if grad_scale == 1.0:
+            return self
+        if grad_scale == 0.0:
+            cut = torch.Tensor.detach
+        else:
+            def cut(t: torch.Tensor) -> torch.Tensor:
+                return _ScaleGrad.apply(t, grad_scale) if t.requires_grad else t
+        return replace(self, hidden=cut(self.hidden),
+                       layer_mask=None if self.layer_mask is None else cut(self.layer_mask),
+                       extras={k: cut(v) for k, v in self.extras.items()},
+                       shared={k: cut(v) for k, v in self.shared.items()})
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.scale, None
 
 
 class Backbone:

@@ -16,7 +16,7 @@ from transformers.utils import ModelOutput
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import Backbone, backbone_for
-from frugalnlp.early_exit.config import METHODS, POOLINGS, EarlyExitConfig
+from frugalnlp.early_exit.config import EarlyExitConfig
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
 
@@ -35,6 +35,35 @@ def check_exit_layers(exit_layers: list[int], num_layers: int) -> list[int]:
         raise FrugalError(f"exit layers {layers} must end at the last layer ({num_layers}), "
                           "so that every example gets an answer")
     return layers
+
+
+def exit_loss(exit_logits: list[torch.Tensor], labels: torch.Tensor, weights: list[float], config: EarlyExitConfig,
+              teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The exits' training loss: sum_k w_k [(1 - alpha) CE_k + alpha T^2 KL(teacher_T || exit_k,T)].
+
+    exit_logits: one [batch, labels] per exit; labels: [batch]. The teacher is ``teacher_logits``
+    ([batch, labels], ``distill="teacher"``) or the model's own last exit, detached (``distill="self"``,
+    which the last exit itself does not distil from). Without distillation each term is plain CE.
+    """
+    if config.distill == "teacher" and teacher_logits is None:
+        raise FrugalError("this model distils from a teacher: pass teacher_logits (CLI: --teacher RUN)")
+    teacher = None
+    if config.distill == "self":
+        teacher = exit_logits[-1].detach()
+    elif config.distill == "teacher":
+        teacher = teacher_logits.detach()
+    alpha, t = config.distill_alpha, config.distill_temperature
+    total = torch.zeros((), device=labels.device)
+    for k, (logits, weight) in enumerate(zip(exit_logits, weights)):
+        ce = F.cross_entropy(logits.float(), labels)
+        if teacher is None or (config.distill == "self" and k == len(exit_logits) - 1):
+            term = ce
+        else:
+            kl = F.kl_div(F.log_softmax(logits.float() / t, -1), F.log_softmax(teacher.float() / t, -1),
+                          reduction="batchmean", log_target=True) * t * t
+            term = (1 - alpha) * ce + alpha * kl
+        total = total + weight * term
+    return total
 
 
 class ExitHead(nn.Module):
@@ -59,7 +88,7 @@ class ExitHead(nn.Module):
 
 @dataclass
 class EarlyExitOutput(ModelOutput):
-    """loss: summed cross-entropy of the exits (when labels are given); exit_logits: one [batch, labels] per exit."""
+    """loss: the exits' weighted training loss (when labels are given); exit_logits: one [batch, labels] per exit."""
 
     loss: torch.Tensor | None = None
     exit_logits: tuple[torch.Tensor, ...] | None = None
@@ -144,10 +173,7 @@ class EarlyExitModel(PreTrainedModel):
 
     def __init__(self, config: EarlyExitConfig, backbone: PreTrainedModel | None = None) -> None:
         super().__init__(config)
-        if config.method not in METHODS:
-            raise FrugalError(f"training method {config.method!r} is not one of {', '.join(METHODS)}")
-        if config.pooling not in POOLINGS:
-            raise FrugalError(f"pooling {config.pooling!r} is not one of {', '.join(POOLINGS)}")
+        config.validate_recipe()
         if backbone is None:
             backbone_config = AutoConfig.for_model(**config.backbone_config)
             # The family's own default attention: not every family supports the wrapper's (MPNet has no sdpa).
@@ -207,12 +233,15 @@ class EarlyExitModel(PreTrainedModel):
                       method: str = "joint", num_labels: int = 2, pooling: str = "mean",
                       num_layers: int | None = None, id2label: dict[int, str] | None = None,
                       classifier_dropout: float = 0.1, attn_implementation: str | None = None,
-                      trust_pickle: bool = False) -> EarlyExitModel:
+                      trust_pickle: bool = False, boundary_grad: float | None = None, distill: str | None = None,
+                      distill_alpha: float = 0.5, distill_temperature: float = 2.0,
+                      exit_weights: str = "uniform") -> EarlyExitModel:
         """Wrap a pretrained encoder (alias, hub name, path or instance) with fresh exit heads.
 
         ``num_layers`` truncates the encoder first (Multi-Model's shallow models); ``exit_layers``
         defaults to the last layer alone (a plain classifier). A local directory holding pickle
-        weights is refused unless ``trust_pickle``.
+        weights is refused unless ``trust_pickle``. The training recipe (``boundary_grad``,
+        ``distill*``, ``exit_weights``) is described in `EarlyExitConfig` and saved with the model.
         """
         if isinstance(backbone, str):
             path = resolve_model(backbone)
@@ -229,8 +258,9 @@ class EarlyExitModel(PreTrainedModel):
         exit_layers = exit_layers or [adapter.num_layers]
         config = EarlyExitConfig(
             backbone_config=backbone.config.to_dict(), exit_layers=exit_layers, method=method, pooling=pooling,
-            classifier_dropout=classifier_dropout, num_labels=num_labels,
-            id2label=id2label or {i: str(i) for i in range(num_labels)})
+            classifier_dropout=classifier_dropout, num_labels=num_labels, boundary_grad=boundary_grad,
+            distill=distill, distill_alpha=distill_alpha, distill_temperature=distill_temperature,
+            exit_weights=exit_weights, id2label=id2label or {i: str(i) for i in range(num_labels)})
         config._attn_implementation = backbone.config._attn_implementation
         return cls(config, backbone=backbone)
 
@@ -245,11 +275,12 @@ class EarlyExitModel(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                **kwargs) -> EarlyExitOutput:
-        """Run every exit. input_ids: [batch, seq]; labels: [batch] (optional).
+                teacher_logits: torch.Tensor | None = None, **kwargs) -> EarlyExitOutput:
+        """Run every exit. input_ids: [batch, seq]; labels: [batch]; teacher_logits: [batch, labels] (optional).
 
-        Under SWEET the state is detached after each exit, so exit k's loss reaches only its head and
-        the layers since exit k-1 (exit 1: also the embeddings).
+        After each exit the gradient flowing back into the layers below is multiplied by
+        ``config.boundary_grad``: under SWEET (0) exit k's loss reaches only its head and the layers
+        since exit k-1 (exit 1: also the embeddings); under joint (1) it reaches everything below.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -262,12 +293,18 @@ class EarlyExitModel(PreTrainedModel):
                 state = adapter.layer(index, state)
             done = exit_layer
             exit_logits.append(head(state.hidden, state.attention_mask))
-            if self.config.method == "sweet":
-                state = state.detach()
+            state = state.boundary(self.config.boundary_grad)
         loss = None
         if labels is not None:
-            loss = sum(F.cross_entropy(logits.float(), labels) for logits in exit_logits)
+            loss = exit_loss(exit_logits, labels, self.exit_loss_weights(), self.config, teacher_logits)
         return EarlyExitOutput(loss=loss, exit_logits=tuple(exit_logits))
+
+    def exit_loss_weights(self) -> list[float]:
+        """Each exit's loss weight: all 1 (uniform), or proportional to its layer and summing to the exit count."""
+        if self.config.exit_weights == "depth":
+            layers = self.exit_layers
+            return [len(layers) * k / sum(layers) for k in layers]
+        return [1.0] * self.num_exits
 
     # ------------------------------------------------------------------------------------------ inference
 

@@ -1,0 +1,154 @@
+"""Baselines beside every curve: fixed exits, the static frontier, the oracle; operating points chosen on dev."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+from frugalnlp.errors import FrugalError
+from frugalnlp.evaluation import Oracle, choose_threshold, replay, speed_accuracy_curve, static_frontier
+from frugalnlp.early_exit.policies import POLICIES, make_policy
+
+
+class Layers:
+    """The few attributes of a model that a replayed curve reads (no forward pass needed)."""
+
+    def __init__(self, exit_layers, layers_to_exit, temperatures):
+        self.exit_layers, self.layers_to_exit, self.temperatures = exit_layers, layers_to_exit, temperatures
+        self.num_exits = len(exit_layers)
+
+
+@pytest.mark.parametrize("layers_to_exit", [[1, 2, 4, 6], [1, 3, 7, 13]])  # early exit; a cascade's recomputation
+@pytest.mark.parametrize("seed", range(3))
+def test_oracle_is_never_below_any_policy(layers_to_exit, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(4, 300, 3, generator=g) * torch.tensor([0.5, 1.0, 2.0, 3.0])[:, None, None]
+    gold = torch.randint(0, 3, (300,), generator=g).numpy()
+    oracle = Oracle(logits, gold, layers_to_exit, 6)
+    temperatures = [0.7, 1.0, 1.3, 1.0]
+    cost = torch.tensor(layers_to_exit, dtype=torch.float64) / 6
+    for name in POLICIES:
+        for threshold in np.linspace(0, 1, 41):
+            exit_index, labels = replay(logits, temperatures, make_policy(name, float(threshold), 4))
+            accuracy = float((labels.numpy() == gold).mean())
+            speedup = 1 / float(cost[exit_index].mean())
+            assert oracle.accuracy(speedup) >= accuracy - 1e-12, (name, threshold)
+    correct = (logits.argmax(-1).numpy() == gold[None])
+    assert oracle.best == correct.any(0).mean()
+    assert oracle.accuracy(6 / layers_to_exit[0]) == correct[0].mean()  # every example at the first exit
+    assert oracle.accuracy(6 / layers_to_exit[0] + 0.5) is None  # faster than the first exit: impossible
+
+
+def test_static_frontier_interpolates_linearly_in_cost():
+    points = [{"layers_share": 1 / 6, "accuracy": 0.6}, {"layers_share": 0.5, "accuracy": 0.7},
+              {"layers_share": 1.0, "accuracy": 0.8}]
+    for p in points:
+        assert static_frontier(points, 1 / p["layers_share"]) == pytest.approx(p["accuracy"])
+    assert static_frontier(points, 1 / 0.75) == pytest.approx(0.75)  # halfway in cost between 3 and 6 layers
+    assert static_frontier(points, 1 / (1 / 6 + (0.5 - 1 / 6) / 4)) == pytest.approx(0.625)
+    assert static_frontier(points, 7.0) is None
+
+
+def test_choose_threshold_on_dev():
+    curve = [{"threshold": t, "accuracy": a, "speedup_layers": s}
+             for t, a, s in [(0.0, 0.70, 4.0), (0.5, 0.78, 2.5), (0.8, 0.80, 1.6), (0.9, 0.82, 1.2), (1.0, 0.83, 1.0)]]
+    assert choose_threshold(curve, target_speedup=2.0)["threshold"] == 0.5
+    assert choose_threshold(curve, target_speedup=1.5)["threshold"] == 0.8
+    assert choose_threshold(curve, max_drop=0.01)["threshold"] == 0.9
+    assert choose_threshold(curve, max_drop=0.0)["threshold"] == 1.0
+    assert choose_threshold(curve, max_drop=0.2)["threshold"] == 0.0
+    with pytest.raises(FrugalError, match="at most 4.00x"):
+        choose_threshold(curve, target_speedup=5)
+    for bad in ({"target_speedup": 0.5}, {"max_drop": -0.1}, {"max_drop": float("nan")}, {}):
+        with pytest.raises(FrugalError):
+            choose_threshold(curve, **bad)
+
+
+def _train(capsys, args):
+    status, _, err = run_cli(["train", *args], capsys)
+    assert status == 0, err
+
+
+def test_evaluate_static_from_other_runs_equals_their_accuracies(tiny_dir, tmp_path, capsys):
+    common = ["--task", "mr", "--model", tiny_dir, "--train-size", 48, "--epochs", 1, "--max-length", 24]
+    _train(capsys, [*common, "--method", "sweet", "--exit-layers", "1,2,4", "--output", tmp_path / "sweet"])
+    _train(capsys, [*common, "--method", "multi-model", "--exit-layers", "1,4", "--output", tmp_path / "mm"])
+    _train(capsys, [*common, "--method", "plain", "--num-layers", 2, "--output", tmp_path / "plain2"])
+    status, out, err = run_cli(["evaluate", tmp_path / "sweet", "--static", tmp_path / "mm", "--static",
+                                tmp_path / "plain2", "--thresholds", 5, "--target-speedup", 2], capsys)
+    assert status == 0, err
+    result = json.loads((tmp_path / "sweet" / "eval-test-confidence" / "curve.json").read_text())
+    mm = json.loads((tmp_path / "mm" / "metrics.json").read_text())["test"]
+    plain = json.loads((tmp_path / "plain2" / "metrics.json").read_text())["test"]
+    static = result["baselines"]["static"]
+    assert [p["layers"] for p in static] == [1, 2, 4]
+    expected = [mm["exits"][0]["accuracy"], plain["accuracy"], mm["exits"][1]["accuracy"]]
+    assert [p["accuracy"] for p in static] == expected
+    for p, acc in zip(static, expected):
+        assert static_frontier(static, p["speedup_layers"]) == pytest.approx(acc)
+    rows = {r["speedup"]: r for r in result["comparison"]}
+    assert set(rows) == {1.5, 2.0, 3.0, 4.0}
+    four = rows[4.0]
+    assert four["fixed_exit"] == result["baselines"]["fixed_exits"][0]["accuracy"]
+    if four["adaptive"] is not None:
+        assert four["gain_over_static"] == pytest.approx(100 * (four["adaptive"] - four["static"]))
+    assert all(r["oracle"] >= r["adaptive"] for r in rows.values() if r["adaptive"] is not None)
+    point = result["operating_point"]
+    assert point["chosen_on"] == "dev" and point["dev"]["speedup_layers"] >= 2
+    assert "| sweet | 2.00x |" in out and "operating point chosen on dev" in out
+    # A multi-model run is its own static frontier; a joint run is not a static baseline.
+    status, _, err = run_cli(["evaluate", tmp_path / "mm", "--thresholds", 3], capsys)
+    assert status == 0, err
+    own = json.loads((tmp_path / "mm" / "eval-test-confidence" / "curve.json").read_text())["baselines"]["static"]
+    assert [p["accuracy"] for p in own] == [e["accuracy"] for e in mm["exits"]]
+    status, _, err = run_cli(["evaluate", tmp_path / "mm", "--static", tmp_path / "sweet", "--output",
+                              tmp_path / "e"], capsys)
+    assert status == 2 and "sweet run" in err and not (tmp_path / "e").exists()
+
+
+def test_train_flags_for_recipes_are_checked_before_work(tiny_dir, tmp_path, capsys):
+    common = ["train", "--task", "mr", "--model", tiny_dir, "--train-size", 48, "--epochs", 1]
+    for extra, message in [(["--method", "plain", "--boundary-grad", "0.5"], "--boundary-grad"),
+                           (["--method", "joint", "--boundary-grad", "2"], "outside [0, 1]"),
+                           (["--method", "sweet", "--num-layers", "2"], "--num-layers"),
+                           (["--method", "plain", "--num-layers", "9"], "out of range"),
+                           (["--method", "joint", "--distill", "teacher"], "--teacher RUN"),
+                           (["--method", "two-stage", "--boundary-grad", "0.5"], "frozen")]:
+        status, _, err = run_cli([*common, *extra, "--output", tmp_path / "o"], capsys)
+        assert status == 2 and message in err, (extra, err)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_teacher_distillation_run(tiny_dir, tmp_path, capsys):
+    common = ["--task", "mr", "--model", tiny_dir, "--train-size", 48, "--epochs", 1, "--max-length", 24]
+    _train(capsys, [*common, "--method", "plain", "--output", tmp_path / "teacher"])
+    _train(capsys, [*common, "--method", "sweet", "--exit-layers", "1,2,4", "--teacher", tmp_path / "teacher",
+                    "--boundary-grad", "0.25", "--exit-weights", "depth", "--output", tmp_path / "student"])
+    config = json.loads((tmp_path / "student" / "model" / "config.json").read_text())
+    assert (config["distill"], config["boundary_grad"], config["exit_weights"]) == ("teacher", 0.25, "depth")
+    spec = json.loads((tmp_path / "student" / "config.json").read_text())["spec"]
+    assert spec["teacher"] == str(tmp_path / "teacher")
+    status, _, err = run_cli(["train", *common, "--method", "joint", "--teacher", tmp_path / "student" / "model",
+                              "--output", tmp_path / "x"], capsys)
+    assert status == 2 and "not a frugalnlp run directory" in err
+
+
+def test_numpy_scores_equal_sklearn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from frugalnlp.evaluation import scores
+
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 5):
+        for t in range(30):
+            gold, predicted = rng.integers(0, k, 40), rng.integers(0, k, 40)
+            if t % 3 == 0:
+                predicted[:] = 0  # classes never predicted
+            if t % 5 == 0:
+                gold = rng.integers(0, max(1, k - 1), 40)  # a class never in gold
+            got = scores(predicted, gold, k)
+            assert got["accuracy"] == pytest.approx(accuracy_score(gold, predicted), abs=1e-12)
+            assert got["macro_f1"] == pytest.approx(
+                f1_score(gold, predicted, average="macro", labels=list(range(k)), zero_division=0), abs=1e-12)
