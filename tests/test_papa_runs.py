@@ -97,3 +97,17 @@ def test_papa_refuses_non_constants_and_other_families(tmp_path, capsys):
         .save_pretrained(tmp_path / "mpnet")
     status, _, err = run_cli(["papa", "constants", "--model", tmp_path / "mpnet", "--output", tmp_path / "y"], capsys)
     assert status == 2 and "BERT-family" in err
+
+
+def test_constants_and_runs_from_user_files(tiny_dir, tmp_path, capsys):
+    rows = ["text,label"] + [f"{'good fine' if i % 2 else 'bad dull'} film number {i},{i % 2}" for i in range(80)]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    status, _, err = run_cli(["papa", "constants", "--model", tiny_dir, "--train-file", tmp_path / "train.csv",
+                              "--max-length", 16, "--output", tmp_path / "c"], capsys)
+    assert status == 0, err
+    metadata = json.loads((tmp_path / "c" / "constants.json").read_text())
+    assert metadata["task"] == "train" and metadata["source"]["train_file"] == str(tmp_path / "train.csv")
+    status, out, err = run_cli(["papa", "run", "--constants", tmp_path / "c", "--heads", 0, "--epochs", 1,
+                                "--output", tmp_path / "run"], capsys)
+    assert status == 0, err
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["examples"] == 8

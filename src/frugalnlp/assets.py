@@ -142,6 +142,51 @@ def _in_hub_cache(name: str) -> bool:
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+TEXT_SUFFIXES = (".json", ".txt", ".md", ".model", ".vocab", ".merges")  # configs, tokenizers, cards
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether a file is safetensors by content: an 8-byte little-endian header size, then a JSON object."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return False
+            size = int.from_bytes(head, "little")
+            return 2 <= size <= path.stat().st_size - 8 and f.read(1) == b"{"
+    except OSError:
+        return False
+
+
+def unsafe_weight_files(folder: Path) -> list[str]:
+    """Files that loading ``folder`` might unpickle: any that a shard index names, or that looks like weights,
+    and is not safetensors by content (whatever its name)."""
+    unsafe = set()
+    for index in folder.glob("*.index.json"):
+        try:
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (ValueError, AttributeError):
+            unsafe.add(index.name)  # an index that cannot be read cannot be vouched for
+            continue
+        if not index.name.endswith(".safetensors.index.json"):
+            unsafe.add(index.name)  # transformers reads such an index with torch.load's loader
+        unsafe |= {shard for shard in shards if not is_safetensors(folder / shard)}
+    for file in folder.iterdir():
+        if file.is_file() and not file.name.endswith(TEXT_SUFFIXES) and file.suffix != ".py":
+            if (file.suffix in PICKLE_SUFFIXES or file.suffix == ".safetensors" or _looks_pickled(file)) \
+                    and not is_safetensors(file):
+                unsafe.add(file.name)
+    return sorted(unsafe)
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2+ starts with 0x80) or a torch.save zip archive."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head[:1] == b"\x80" or head == b"PK\x03\x04"
 
 
 BUILD_HINTS = {
@@ -159,10 +204,11 @@ def verify_checkpoint(path: str, model_type: str | None = None, trust_pickle: bo
     folder = Path(path)
     if not folder.is_dir():
         return
-    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
-    if pickles and not trust_pickle:
-        raise FrugalError(f"{path} holds pickle file(s) {', '.join(pickles)}, which can run code when loaded; "
-                          "convert them to safetensors, or pass --trust-pickle (trust_pickle=True) if you trust the source")
+    unsafe = [] if trust_pickle else unsafe_weight_files(folder)
+    if unsafe:
+        raise FrugalError(f"{path} holds weight file(s) that are not safetensors ({', '.join(unsafe)}), which can run "
+                          "code when loaded; convert them to safetensors (`frugalnlp predict` takes "
+                          "--trust-pickle, Python trust_pickle=True, for sources you trust)")
     config = folder / "config.json"
     if model_type is None:
         return

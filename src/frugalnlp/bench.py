@@ -25,7 +25,7 @@ from frugalnlp.encoding import encode_split, encode_texts
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.tasks import load_task
-from frugalnlp.training import RunSpec, load_run, train_run
+from frugalnlp.training import RECIPE_METHODS, RunSpec, load_run, load_run_config, train_run
 
 
 @dataclass
@@ -78,6 +78,9 @@ def run_bench(run: str | None = None, cascade_run: str | None = None, quick: boo
               settings: BenchSettings | None = None, progress: Callable[[str], None] = print) -> dict:
     """Time plain vs early exit vs cascade; returns the JSON-ready results."""
     settings = settings or (QUICK if quick else BenchSettings())
+    for given, methods, flag in ((run, RECIPE_METHODS, "--run"), (cascade_run, ("multi-model",), "--cascade-run")):
+        if given is not None and load_run_config(given)["spec"]["method"] not in methods:  # before minutes of work
+            raise FrugalError(f"{flag} {given} is not a {' or '.join(methods)} run")
     with tempfile.TemporaryDirectory(prefix="frugalnlp-bench-") as tmp:
         if run is None or cascade_run is None:
             progress("training small joint and multi-model runs to time (pass --run/--cascade-run to use yours)")

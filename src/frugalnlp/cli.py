@@ -10,11 +10,22 @@ import sys
 from frugalnlp.errors import FrugalError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line with exit status 2, like every other bad input."""
+
+    def error(self, message: str):
+        print(f"frugalnlp: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _int_list(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'")
+    if not values:
+        raise argparse.ArgumentTypeError("expected comma-separated integers, got nothing")
+    return values
 
 
 def _str_list(text: str) -> list[str]:
@@ -169,6 +180,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from frugalnlp.bench import format_bench, run_bench
     from frugalnlp.rundir import write_json
 
+    if args.json:  # refuse before minutes of timing
+        from frugalnlp.predict import check_prediction_output
+
+        check_prediction_output(args.json, args.overwrite)
     results = run_bench(run=args.run, cascade_run=args.cascade_run, quick=args.quick,
                         progress=lambda msg: print(msg, file=sys.stderr))
     print(format_bench(results))
@@ -178,9 +193,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from frugalnlp.predict import Predictor, predict_file
+    from frugalnlp.predict import Predictor, check_prediction_output, predict_file
     from frugalnlp.tasks import Columns
 
+    check_prediction_output(args.output, args.overwrite)  # before minutes of loading and choosing
+    if not os.path.isfile(args.input):
+        raise FrugalError(f"{args.input}: no such file")
     threshold = 0.9 if args.threshold is None else args.threshold
     predictor = Predictor(args.run, threshold=threshold, policy=args.policy, batch_size=args.batch_size,
                           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
@@ -189,7 +207,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(f"threshold {predictor.threshold:.4f} chosen on dev: accuracy {point['accuracy']:.4f} at "
               f"{point['speedup_layers']:.2f}x", file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
-    written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite)
+    written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
+                                progress=True)
     for line, problem in bad:
         print(f"frugalnlp: warning: {args.input}:{line}: {problem}; row skipped", file=sys.stderr)
     print(f"wrote {written} predictions to {args.output}; {len(bad)} bad row(s) skipped")
@@ -209,9 +228,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_papa_constants(args: argparse.Namespace) -> None:
     from frugalnlp.papa.experiment import make_constants
 
-    path = make_constants(args.task, args.model, args.max_length, args.output, train_size=args.train_size,
-                          overwrite=args.overwrite)
+    path = make_constants(None, args.model, args.max_length, args.output, train_size=args.train_size,
+                          overwrite=args.overwrite, source=_papa_source(args))
     print(f"wrote {path}")
+
+
+def _papa_source(args: argparse.Namespace) -> dict:
+    from frugalnlp.papa.experiment import task_source
+
+    return task_source(args.task or (None if args.train_file else "mr"), args.train_file, args.dev_file,
+                       args.test_file, _columns(args))
 
 
 def _papa_spec(args: argparse.Namespace, **kwargs):
@@ -243,10 +269,10 @@ def cmd_papa_run(args: argparse.Namespace) -> None:
 def cmd_papa_sweep(args: argparse.Namespace) -> None:
     from frugalnlp.papa.experiment import sweep
 
-    sweep(args.task, args.model, args.max_length, args.heads, args.seeds, args.output, setting=args.setting,
+    sweep(None, args.model, args.max_length, args.heads, args.seeds, args.output, setting=args.setting,
           train_size=args.train_size, epochs=args.epochs, lr=args.lr, gate_lr=args.gate_lr, constants=args.constants,
           ranking=args.ranking, constants_train_size=args.constants_train_size, overwrite=args.overwrite,
-          resume=args.resume)
+          resume=args.resume, source=_papa_source(args))
 
 
 def _add_papa_parser(sub) -> None:
@@ -263,7 +289,7 @@ def _add_papa_parser(sub) -> None:
         p.add_argument("--resume", action="store_true", help="continue an interrupted run")
 
     p = steps.add_parser("constants", help="average attention over the training split, in the fixed layout")
-    p.add_argument("--task", default="mr")
+    _add_task_args(p)
     p.add_argument("--model", default="minilm")
     p.add_argument("--max-length", type=int, default=64, help="n: the layout length (pairs: second text at n/2)")
     p.add_argument("--train-size", type=int, default=None, help="average over a stratified subset of N examples")
@@ -285,7 +311,7 @@ def _add_papa_parser(sub) -> None:
         p.set_defaults(func=func)
 
     p = steps.add_parser("sweep", help="constants, ranking and a run per number of constant heads; table and plot")
-    p.add_argument("--task", default="mr")
+    _add_task_args(p)
     p.add_argument("--model", default="minilm")
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--heads", default="0,half,all-but-few,all", help="integers, half, all, all-but-few, all-but-K")
@@ -299,7 +325,7 @@ def _add_papa_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugalnlp", description=__doc__)
+    parser = _Parser(prog="frugalnlp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("tasks", help="list the packaged tasks and their splits")
@@ -338,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cascade-run", default=None, help="a multi-model run to time (default: train a small one)")
     p.add_argument("--quick", action="store_true", help="fewer examples, batch sizes 1 and 32 (under a minute)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("predict", help="predict a CSV/TSV/JSONL file with a trained run (adaptive inference)")
@@ -371,17 +398,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad argument already reported in one line
+        return e.code if isinstance(e.code, int) else 2
     # Offline by default for hub lookups we did not ask for (telemetry, update checks).
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    from transformers.utils import logging as hf_logging
+
+    from frugalnlp.rundir import abandon_failed_starts
+
+    hf_logging.disable_progress_bar()  # weight loading takes a blink: its bar only buries our one-line messages
+
     try:
         status = args.func(args)
     except FrugalError as e:
+        abandon_failed_starts()
         print(f"frugalnlp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        abandon_failed_starts()
         print("frugalnlp: interrupted; a training run can be continued with --resume", file=sys.stderr)
         return 130
+    except BaseException:
+        abandon_failed_starts()
+        raise
     return status or 0
 
 

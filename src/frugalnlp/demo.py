@@ -20,12 +20,15 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from transformers import AutoConfig
 
+from frugalnlp.assets import resolve_model
+from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import accuracy_at_speedup, table_speedups
 from frugalnlp.report import command_line, evaluate_run, format_comparison, plot_curves
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.training import RunSpec, check_spec, train_run
+from frugalnlp.training import RunSpec, check_spec, load_spec_task, train_run
 
 DEMO_METHODS = ("joint", "sweet", "multi-model")
 STATIC = "multi-model"  # the variant whose members are the static frontier
@@ -95,6 +98,10 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
         if spec.method == "plain":
             raise FrugalError(f"demo variant '{v}': plain has no exits (the static frontier is trained anyway)")
         check_spec(replace(spec, teacher=spec.teacher or ("static" if spec.distill == "teacher" else None)))
+    num_layers = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers  # a bad model fails here
+    if exit_layers is not None:
+        check_exit_layers(exit_layers, num_layers)
+    load_spec_task(base)  # and a bad task, file or column here: before the output is created
     out = RunDir(output, overwrite=overwrite, resume=resume)
     out.open()
     results: dict[str, dict] = {v: {"exits": [], "curves": [], "comparisons": [], "dev_comparisons": [],
@@ -112,8 +119,9 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
                 train_run(spec, resume=run.with_name(run.name + ".partial").exists())
             metrics = json.loads((run / "metrics.json").read_text())
             curve_file = run / "eval-test-confidence" / "curve.json"
-            evaluation = (json.loads(curve_file.read_text()) if curve_file.exists()
-                          else evaluate_run(run, split="test", static=[str(static_run)])[1])
+            evaluation = json.loads(curve_file.read_text()) if curve_file.exists() else {}
+            if "dev_comparison" not in evaluation:  # not evaluated yet, or by a version without the baselines
+                evaluation = evaluate_run(run, split="test", static=[str(static_run)], overwrite=True)[1]
             layers = [e["layer"] for e in metrics["test"]["exits"]]
             plain = json.loads((static_run / "metrics.json").read_text())
             r = results[variant]

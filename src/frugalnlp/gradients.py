@@ -27,6 +27,8 @@ def gradient_cosines(model: EarlyExitModel, data: EncodedSplit, tokenizer, num_b
     Returns {"exit_layers", "pairs": [[i, j], ...], "cosine": [layers][pairs] (None where a pair
     does not share the layer)}.
     """
+    if num_batches < 1:
+        raise FrugalError(f"--batches {num_batches} must be at least 1")
     if model.num_exits < 2:
         raise FrugalError("gradient analysis needs a model with at least two exits (joint or sweet)")
     adapter = model.adapter

@@ -8,11 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
 from frugalnlp.errors import FrugalError
-from frugalnlp.tasks import Columns, read_rows, row_example
+from frugalnlp.rundir import check_output_path
+from frugalnlp.tasks import Columns, iter_rows, row_example
 from frugalnlp.training import load_run
 
 
@@ -69,39 +71,74 @@ class Predictor:
         return results
 
 
-def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: str | os.PathLike,
-                 columns: Columns, overwrite: bool = False, chunk: int = 256) -> tuple[int, list[tuple[int, str]]]:
-    """Predict every good row of a CSV/TSV/JSONL file into ``output`` (JSONL, written atomically).
-
-    Bad rows (malformed JSON, missing or empty text) are skipped and returned as (line, problem).
-    Returns (rows written, bad rows).
-    """
-    output = Path(output)
+def check_prediction_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output file of `predict_file`, or FrugalError if it cannot or must not be written."""
+    output = check_output_path(output)
+    if output.is_dir():
+        raise FrugalError(f"--output {output} is a directory; give a file path such as {output / 'predictions.jsonl'}")
+    if not output.parent.is_dir():
+        raise FrugalError(f"--output {output}: the folder {output.parent} does not exist; create it first")
     if output.exists() and not overwrite:
         raise FrugalError(f"output {output} already exists; choose another --output or pass --overwrite")
+    return output
+
+
+def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: str | os.PathLike,
+                 columns: Columns, overwrite: bool = False, chunk: int = 256,
+                 progress: bool = False) -> tuple[int, list[tuple[int, str]]]:
+    """Predict every good row of a CSV/TSV/JSONL file into ``output`` (JSONL, published atomically).
+
+    Rows are streamed ``chunk`` at a time, so memory stays flat however large the file. Bad rows
+    (malformed JSON or CSV, missing or empty text, invalid Unicode) are skipped and returned as
+    (line, problem). Returns (rows written, bad rows).
+    """
+    output = check_prediction_output(output, overwrite)
     bad: list[tuple[int, str]] = []
-    good: list[tuple[int, str, str | None]] = []
-    for number, row in read_rows(input_path, bad=bad):
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    written = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f, \
+                tqdm(total=_count_lines(input_path), unit="line", desc="predict", disable=not progress) as bar:
+            for part in _chunks(_good_rows(input_path, columns, bad, bar), chunk):
+                lines, texts, pairs = [n for n, _, _ in part], [t for _, t, _ in part], [p for _, _, p in part]
+                for number, result in zip(lines, predictor(texts, None if pairs[0] is None else pairs)):
+                    f.write(json.dumps({"line": number, **result}) + "\n")
+                    written += 1
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    bad.sort()
+    return written, bad
+
+
+def _good_rows(input_path: str | os.PathLike, columns: Columns, bad: list[tuple[int, str]],
+               bar) -> Iterator[tuple[int, str, str | None]]:
+    last = 0
+    for number, row in iter_rows(input_path, bad=bad):
+        bar.update(number - last)
+        last = number
         try:
             text, pair, _ = row_example(input_path, number, row, columns, need_label=False)
         except FrugalError as e:
             bad.append((number, str(e).split(": ", 1)[-1]))
             continue
-        good.append((number, text, pair))
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    written = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for lines, texts, pairs in _chunks(good, chunk):
-            for number, result in zip(lines, predictor(texts, pairs)):
-                f.write(json.dumps({"line": number, **result}) + "\n")
-                written += 1
-    os.replace(tmp, output)
-    bad.sort()
-    return written, bad
+        yield number, text, pair
 
 
-def _chunks(rows: list[tuple[int, str, str | None]], size: int) -> Iterator[tuple[list[int], list[str], list[str] | None]]:
-    for start in range(0, len(rows), size):
-        part = rows[start:start + size]
-        pairs = [p for _, _, p in part]
-        yield [n for n, _, _ in part], [t for _, t, _ in part], None if pairs[0] is None else pairs
+def _count_lines(path: str | os.PathLike) -> int | None:
+    try:
+        with open(path, "rb") as f:
+            return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        return None
+
+
+def _chunks(rows: Iterator[tuple[int, str, str | None]], size: int) -> Iterator[list[tuple[int, str, str | None]]]:
+    part = []
+    for row in rows:
+        part.append(row)
+        if len(part) == size:
+            yield part
+            part = []
+    if part:
+        yield part

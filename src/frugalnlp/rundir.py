@@ -2,11 +2,13 @@
 
 A run never overwrites another run's output unless asked (``overwrite``); an interrupted run
 leaves its ``.partial`` directory (with Trainer checkpoints) for ``resume``. Every file is written
-atomically (temporary file + rename), so a reader never sees half a JSON file.
+atomically (temporary file + rename), so a reader never sees half a JSON file. One process at a
+time writes an output: it holds an OS lock on ``OUTPUT.partial`` (released by the OS if it dies).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -14,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from frugalnlp.errors import FrugalError
+
+WRITER = ".writer"  # pid of the process that holds the lock
+SPEC = ".spec.json"  # what the run was started with, checked by --resume
+_open: list[RunDir] = []  # this process's uncommitted runs, for `abandon_failed_starts`
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -25,8 +31,11 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write a file atomically: a temporary file in the same directory, then rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _jsonable(value: Any) -> Any:
@@ -37,20 +46,28 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def check_output_path(output: str | os.PathLike, flag: str = "--output") -> Path:
+    """Refuse an output path that is a symbolic link or climbs with '..' (it could land anywhere)."""
+    path = Path(output)
+    if ".." in path.parts:
+        raise FrugalError(f"{flag} {output} contains '..'; give a path without it")
+    if path.is_symlink():
+        raise FrugalError(f"{flag} {output} is a symbolic link; give the real path")
+    return path
+
+
 class RunDir:
     """A run's output directory, checked before any work starts.
 
-    ``open()`` creates ``path`` to write in, ``commit()`` publishes it. ``resume`` continues in an existing
-    ``.partial``; ``overwrite`` replaces a finished output (only once the new one is complete).
+    ``open()`` creates ``path`` to write in and locks it, ``commit()`` publishes it. ``resume`` continues
+    in an existing ``.partial``; ``overwrite`` replaces a finished output (only once the new one is complete).
     """
 
     def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
-        self.final = Path(output)
+        self.final = check_output_path(output)
         self.path = self.final.with_name(self.final.name + ".partial")
-        exists = self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir()))
-        if exists and not overwrite:
-            raise FrugalError(f"output {self.final} already exists and is not empty; "
-                              "choose another --output or pass --overwrite")
+        self.overwrite = overwrite
+        self._check_final()
         if resume:
             if not self.path.is_dir():
                 raise FrugalError(f"nothing to resume: {self.path} does not exist; start the run without --resume")
@@ -58,16 +75,79 @@ class RunDir:
             if not overwrite:
                 raise FrugalError(f"{self.path} holds an interrupted run; pass --resume to continue it, "
                                   "or --overwrite to discard it")
-            shutil.rmtree(self.path)  # the user asked to discard the interrupted run
         self.resume = resume
+        self._lock: int | None = None
 
-    def open(self) -> Path:
-        """Create the ``.partial`` directory once the inputs are known to be good."""
-        self.path.mkdir(parents=True, exist_ok=True)
+    def _check_final(self) -> None:
+        exists = self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir()))
+        if exists and not self.overwrite:
+            raise FrugalError(f"output {self.final} already exists and is not empty; "
+                              "choose another --output or pass --overwrite")
+
+    def open(self, spec: dict | None = None) -> Path:
+        """Create and lock the ``.partial`` directory once the inputs are known to be good.
+
+        ``spec`` (JSON-able) is recorded; resuming with another spec is refused, naming the fields
+        that differ. A second process writing the same output is refused, naming the holder's pid.
+        """
+        for earlier in [r for r in _open if r.path.resolve() == self.path.resolve()]:
+            earlier.abandon_if_empty()  # a failed earlier attempt in this process (e.g. interrupted in a notebook)
+        if not self.resume and self.path.exists() and self.overwrite:
+            self._take_lock()  # the user asked to discard an interrupted run: not one still running
+            shutil.rmtree(self.path)
+            self._release()
+        try:
+            self.path.mkdir(parents=True, exist_ok=self.resume)
+        except FileExistsError:
+            raise FrugalError(f"{self.path} was just created by another process ({self._holder()}); "
+                              "choose another --output")
+        self._take_lock()
+        self._check_final()  # another process may have published the output since the check
+        (self.path / WRITER).write_text(f"{os.getpid()}\n")
+        if spec is not None:
+            self._check_spec(spec)
+        _open.append(self)
         return self.path
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FrugalError(f"{self.final} is being written by another process ({self._holder()}); "
+                              "wait for it to finish or choose another --output")
+        self._lock = fd
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
+
+    def _holder(self) -> str:
+        try:
+            return f"pid {int((self.path / WRITER).read_text())}"
+        except (OSError, ValueError):
+            return "pid unknown"
+
+    def _check_spec(self, spec: dict) -> None:
+        file = self.path / SPEC
+        if self.resume and file.exists():
+            recorded = json.loads(file.read_text())
+            current = json.loads(json.dumps(spec, default=_jsonable))
+            differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+            if differ:
+                details = "; ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in differ)
+                self._release()
+                raise FrugalError(f"--resume with other settings than the interrupted run ({details}); "
+                                  "resume with the same settings, or pass --overwrite to start again")
+        else:
+            write_json(file, spec)
 
     def commit(self) -> Path:
         """Publish the finished run as ``output`` and return that path."""
+        for name in (WRITER, SPEC):
+            (self.path / name).unlink(missing_ok=True)
         if self.final.exists():
             old = self.final.with_name(self.final.name + f".replaced-{os.getpid()}")
             os.replace(self.final, old)
@@ -75,4 +155,21 @@ class RunDir:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
         else:
             os.replace(self.path, self.final)
+        self._release()
+        if self in _open:
+            _open.remove(self)
         return self.final
+
+    def abandon_if_empty(self) -> None:
+        """After a failed start: remove the ``.partial`` this process created if nothing was saved in it."""
+        if not self.resume and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {WRITER, SPEC}:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._release()
+        if self in _open:
+            _open.remove(self)
+
+
+def abandon_failed_starts() -> None:
+    """Called when a command fails: failed starts leave nothing behind; runs with saved work stay for --resume."""
+    while _open:
+        _open[-1].abandon_if_empty()

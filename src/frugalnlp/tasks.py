@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -135,10 +134,29 @@ def _label_order(labels: Sequence[str]) -> list[str]:
         return sorted(unique)
 
 
+def canonical_label(label: str) -> str:
+    """One spelling per numeric label: ``1``, ``1.0`` and ``"1"`` are the same class; text labels stay as they are."""
+    text = label.strip()
+    try:
+        number = float(text)
+    except ValueError:
+        return label
+    if not np.isfinite(number):
+        return label
+    return str(int(number)) if number == int(number) else repr(number)
+
+
 def _build(name: str, source: str, train: _Pool, dev: _Pool | None = None, test: _Pool | None = None,
            label_names: list[str] | None = None, where: dict[str, str] | None = None) -> TaskData:
     """Index labels from the training pool and carve the missing dev/test splits out of train."""
-    label_names = label_names or _label_order(train.labels)
+    if label_names is None:  # user files: numeric spellings of one label are one class
+        for pool in (train, dev, test):
+            if pool is not None:
+                pool.labels = [canonical_label(label) for label in pool.labels]
+        label_names = _label_order(train.labels)
+    if len(label_names) < 2:
+        raise FrugalError(f"task '{name}': the training data has a single label ({', '.join(label_names)}); "
+                          "a classifier needs examples of at least two labels")
     index = {label: i for i, label in enumerate(label_names)}
     where = where or {}
 
@@ -253,52 +271,79 @@ class Columns:
 
 
 def read_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, dict]]:
-    """Rows of a CSV, TSV or JSONL file as ``(line_number, row)``; strict UTF-8.
+    """Rows of a CSV, TSV or JSONL file as ``(line_number, row)``; strict UTF-8 (see `iter_rows`).
 
-    Raises FrugalError naming the file and line for a missing or empty file, bad encoding or bad JSON.
-    With a ``bad`` list, malformed JSONL lines are appended to it as ``(line_number, problem)`` and
-    skipped instead (prediction reports them and goes on).
+    Raises FrugalError for a file with no rows.
+    """
+    rows = list(iter_rows(path, bad=bad))
+    if not rows and not bad:
+        raise FrugalError(f"{path}: no rows after the header" if Path(path).suffix.lower() in (".csv", ".tsv")
+                          else f"{path}: the file is empty")
+    return rows
+
+
+def iter_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None) -> Iterator[tuple[int, dict]]:
+    """Stream the rows of a CSV, TSV or JSONL file as ``(line_number, row)``; strict UTF-8.
+
+    Raises FrugalError naming the file and line for a missing or empty file, bad encoding or a bad row.
+    With a ``bad`` list, malformed rows (bad JSON, extra CSV fields, unreadable CSV rows) are appended to
+    it as ``(line_number, problem)`` and skipped instead (prediction reports them and goes on).
     """
     path = Path(path)
     if not path.is_file():
         raise FrugalError(f"{path}: no such file")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise FrugalError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); re-save the file as UTF-8")
-    if not text.strip():
-        raise FrugalError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".csv", ".tsv"):
+        raise FrugalError(f"{path}: unknown file type '{suffix}'; use .csv, .tsv or .jsonl")
+    if path.stat().st_size == 0:
+        raise FrugalError(f"{path}: the file is empty")
+
+    consumed = [0]  # lines read so far: where the next CSV row starts, even after an unreadable one
+
+    def lines() -> Iterator[str]:
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                consumed[0] = number
+                try:
+                    yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise FrugalError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                                      "re-save the file as UTF-8")
+
+    def report(number: int, problem: str) -> None:
+        if bad is None:
+            raise FrugalError(f"{path}:{number}: {problem}")
+        bad.append((number, problem))
+
     if suffix in (".jsonl", ".json"):
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(lines(), start=1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                problem = None if isinstance(row, dict) else "each line must be a JSON object"
             except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg})"
-            if problem is None:
-                rows.append((number, row))
-            elif bad is None:
-                raise FrugalError(f"{path}:{number}: {problem}")
+                report(number, f"not valid JSON ({e.msg})")
+                continue
+            if isinstance(row, dict):
+                yield number, row
             else:
-                bad.append((number, problem))
-        return rows
-    if suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
-        rows = []
-        start = 2
-        for row in reader:
-            rows.append((start, row))
-            start = reader.line_num + 1
-        if not rows:
-            raise FrugalError(f"{path}: no rows after the header")
-        return rows
-    raise FrugalError(f"{path}: unknown file type '{suffix}'; use .csv, .tsv or .jsonl")
+                report(number, "each line must be a JSON object")
+        return
+    reader = csv.DictReader(lines(), delimiter="\t" if suffix == ".tsv" else ",")
+    while True:
+        start = max(consumed[0], 1) + 1  # the header is read with the first row
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over the csv module's size limit (an unclosed quote, often)
+            report(start, f"unreadable row ({e})")
+            continue
+        if None in row:  # more fields than the header: an unquoted delimiter inside a text
+            report(start, f"{len(row[None])} more field(s) than the header's {len(reader.fieldnames)}; "
+                          "quote fields that contain the delimiter")
+        else:
+            yield start, row
 
 
 def row_example(path: str | os.PathLike, number: int, row: dict, columns: Columns,
@@ -315,6 +360,11 @@ def row_example(path: str | os.PathLike, number: int, row: dict, columns: Column
         value = "" if value is None else str(value)
         if not value.strip():
             raise FrugalError(f"{path}:{number}: column '{column}' is empty; fill or remove the row")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # JSON allows "\ud83d" alone, which is no character at all
+            raise FrugalError(f"{path}:{number}: column '{column}' holds a lone surrogate (invalid Unicode); "
+                              "fix the escape sequence")
         values.append(value)
     text = values[0]
     pair = values[1] if columns.text_pair else None

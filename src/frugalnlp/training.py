@@ -10,6 +10,7 @@ described in `EarlyExitConfig`.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import shutil
 import time
@@ -96,12 +97,47 @@ def fit(model: PreTrainedModel, train: EncodedSplit, collator: Callable, spec: R
     ``spec`` gives the recipe (any object with RunSpec's batch_size, epochs, lr, seed and save_steps);
     ``optimizer`` replaces the Trainer's AdamW (e.g. for per-group learning rates; the schedule still applies).
     """
-    has_checkpoint = resume and any(checkpoint_dir.glob("checkpoint-*"))
+    checkpoint = last_complete_checkpoint(checkpoint_dir) if resume else None
     trainer = Trainer(model=model, args=_training_args(spec, checkpoint_dir), train_dataset=train,
                       data_collator=collator, callbacks=callbacks, optimizers=(optimizer, None))
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
     return {"seconds": time.perf_counter() - start, "steps": result.global_step, "train_loss": result.training_loss}
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest Trainer checkpoint that was fully written; removes those a kill cut short.
+
+    The Trainer writes ``trainer_state.json`` last and deletes the previous checkpoint only after it,
+    so a process killed while saving leaves the previous, complete one to resume from.
+    """
+    complete = []
+    for folder in checkpoint_dir.glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append(folder)
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)
+    return max(complete, key=lambda f: int(f.name.rsplit("-", 1)[-1]), default=None)
+
+
+def check_max_length(max_length: int, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pair: bool) -> None:
+    """FrugalError unless ``max_length`` leaves room for some text and fits the model's positions."""
+    from frugalnlp.backbones import backbone_for
+
+    shortest = tokenizer.num_special_tokens_to_add(pair=pair) + (2 if pair else 1)
+    if max_length < shortest:
+        raise FrugalError(f"--max-length {max_length} leaves no room for text after the special tokens; "
+                          f"use at least {shortest} (e.g. 64)")
+    longest = backbone_for(model).max_length
+    if max_length > longest:
+        raise FrugalError(f"--max-length {max_length} is longer than the model's {longest} positions; use at most {longest}")
+
+
+def check_positive(value: float | None, flag: str) -> None:
+    """FrugalError unless ``value`` is a positive finite number (None passes: the default applies)."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise FrugalError(f"{flag} {value!r} must be a positive finite number")
 
 
 def check_spec(spec: RunSpec) -> None:
@@ -110,9 +146,10 @@ def check_spec(spec: RunSpec) -> None:
         raise FrugalError(f"unknown method '{spec.method}'; choose one of {', '.join(METHODS)}")
     if spec.pooling not in ("first", "mean"):
         raise FrugalError(f"unknown pooling '{spec.pooling}'; choose first or mean")
-    for name in ("epochs", "lr", "batch_size", "max_length"):
-        if getattr(spec, name) <= 0:
-            raise FrugalError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("epochs", "lr", "batch_size", "max_length", "save_steps", "eval_batch_size"):
+        check_positive(getattr(spec, name), f"--{name.replace('_', '-')}")
+    if spec.exit_layers is not None and not spec.exit_layers:
+        raise FrugalError("--exit-layers is empty; give e.g. --exit-layers 1,2,4,6 or leave it out for the default")
     if spec.num_layers is not None and spec.method != "plain":
         raise FrugalError("--num-layers trains one truncated model: it needs --method plain "
                           "(multi-model trains one per --exit-layers)")
@@ -223,10 +260,11 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path)
     models = _build_models(spec, model_path, task)
+    check_max_length(spec.max_length, models[0].backbone, tokenizer, task.is_pair)
     teacher = teacher_logits(spec.teacher, task) if spec.teacher else None
     processes.wait_for_everyone()  # every rank has checked the output before the main one creates it
     if processes.is_main_process:
-        run.open()
+        run.open(spec={k: v for k, v in asdict(spec).items() if k != "output"})
     data = {name: encode_split(task.split(name), tokenizer, spec.max_length) for name in ("train", "dev", "test")}
     train_set, collator = data["train"], DataCollatorWithPadding(tokenizer)
     if teacher is not None:

@@ -98,6 +98,11 @@ class Backbone:
         return self.config.hidden_size
 
     @property
+    def max_length(self) -> int:
+        """The longest input (in tokens) that the family's position embeddings cover."""
+        return getattr(self.config, "max_position_embeddings", None) or 1 << 20
+
+    @property
     def layers(self) -> nn.ModuleList:
         """The encoder's layers (``model.encoder.layer`` in every family so far)."""
         return self.model.encoder.layer

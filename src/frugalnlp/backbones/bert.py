@@ -13,6 +13,13 @@ from frugalnlp.backbones.base import Backbone, State
 class BertBackbone(Backbone):
     families = ("bert", "roberta", "xlm-roberta", "electra")
 
+    @property
+    def max_length(self) -> int:
+        positions = self.config.max_position_embeddings
+        if self.config.model_type in ("roberta", "xlm-roberta", "mpnet"):  # position ids start after the padding id
+            positions -= self.config.pad_token_id + 1
+        return positions
+
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> State:
         # RoBERTa-style embeddings derive position ids from the ids themselves (padding-aware).

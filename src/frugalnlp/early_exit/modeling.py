@@ -246,7 +246,8 @@ class EarlyExitModel(PreTrainedModel):
         if isinstance(backbone, str):
             path = resolve_model(backbone)
             verify_checkpoint(path, trust_pickle=trust_pickle)
-            backbone = AutoModel.from_pretrained(path, attn_implementation=attn_implementation)
+            backbone = AutoModel.from_pretrained(path, attn_implementation=attn_implementation,
+                                                 use_safetensors=None if trust_pickle else True)
         if not isinstance(backbone, PreTrainedModel):
             raise FrugalError(f"backbone must be a model name, path or PreTrainedModel, not {type(backbone).__name__}")
         adapter = backbone_for(backbone)
@@ -269,6 +270,7 @@ class EarlyExitModel(PreTrainedModel):
         """Reload a saved model; refuses checkpoints of another kind and pickle files (unless trusted)."""
         path = str(pretrained_model_name_or_path)
         verify_checkpoint(path, model_type=EarlyExitConfig.model_type, trust_pickle=trust_pickle)
+        kwargs.setdefault("use_safetensors", None if trust_pickle else True)  # never fall back to a pickle
         return super().from_pretrained(path, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------ training

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModel, PreTrainedTokenizerBase, default_data_collator, set_seed
+from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, default_data_collator, set_seed
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
@@ -24,30 +24,49 @@ from frugalnlp.papa.constants import compute_constant_attention, load_constant_a
 from frugalnlp.papa.modeling import SETTINGS, PapaModel, check_family, layout_position_offset
 from frugalnlp.report import command_line, new_figure, save_figure
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.tasks import TaskData, load_task, with_train_size
-from frugalnlp.training import fit, remove_checkpoints
+from frugalnlp.tasks import Columns, TaskData, load_task, with_train_size
+from frugalnlp.training import check_max_length, check_positive, fit, remove_checkpoints
 
 DEFAULT_LR = {"probe": 1e-3, "finetune": 5e-5}
 
 
-def make_constants(task: str, model: str, max_length: int, output: str, train_size: int | None = None,
-                   overwrite: bool = False, batch_size: int = 32) -> Path:
-    """Average attention of ``model`` over ``task``'s training split (or a seed-0 stratified subset of
-    ``train_size``) in the fixed layout of length ``max_length``; writes ``OUTPUT/constant_attention.safetensors``."""
+def task_source(task: str | None = None, train_file: str | None = None, dev_file: str | None = None,
+                test_file: str | None = None, columns: Columns = Columns()) -> dict:
+    """Where a PAPA experiment's data comes from, as recorded in the constants' metadata: a task name, or
+    the user's files (absolute paths) and columns."""
+    files = {k: None if v is None else str(Path(v).resolve())
+             for k, v in (("train_file", train_file), ("dev_file", dev_file), ("test_file", test_file))}
+    return {"task": task if train_file is None else None, **files, "columns": asdict(columns)}
+
+
+def load_source(source: dict) -> TaskData:
+    return load_task(source["task"], train_file=source["train_file"], dev_file=source["dev_file"],
+                     test_file=source["test_file"], columns=Columns(**source["columns"]))
+
+
+def make_constants(task: str | None, model: str, max_length: int, output: str, train_size: int | None = None,
+                   overwrite: bool = False, batch_size: int = 32, source: dict | None = None) -> Path:
+    """Average attention of ``model`` over the task's training split (or a seed-0 stratified subset of
+    ``train_size``) in the fixed layout of length ``max_length``; writes ``OUTPUT/constant_attention.safetensors``.
+
+    ``source`` (from `task_source`) gives user files instead of the task name ``task``.
+    """
     run = RunDir(output, overwrite=overwrite)
-    data = load_task(task)
+    source = source or task_source(task)
+    data = load_source(source)
     train = with_train_size(data, train_size, seed=0).train
     model_path = resolve_model(model)
     verify_checkpoint(model_path)
-    encoder = AutoModel.from_pretrained(model_path)
+    encoder = AutoModel.from_pretrained(model_path, use_safetensors=True)
     check_family(encoder.config.model_type)
     tokenizer = load_tokenizer(model_path)
+    check_max_length(max_length, encoder, tokenizer, data.is_pair)
     offset = layout_position_offset(encoder)
     encoded = encode_split(train, tokenizer, max_length, fixed_layout=True, position_offset=offset)
     started = time.perf_counter()
     constant = compute_constant_attention(encoder, [batch for _, batch in batches(encoded, tokenizer, batch_size)],
                                           progress=True)
-    metadata = {"kind": "frugalnlp-papa-constants", "task": task, "model": model, "length": max_length,
+    metadata = {"kind": "frugalnlp-papa-constants", "task": data.name, "source": source, "model": model, "length": max_length,
                 "position_offset": offset, "examples": len(train), "train_size": train_size,
                 "layers": constant.shape[0], "heads": constant.shape[1], "seconds": time.perf_counter() - started,
                 "command": command_line()}
@@ -79,9 +98,8 @@ class PapaSpec:
         if self.setting not in SETTINGS:
             raise FrugalError(f"unknown setting '{self.setting}'; choose probe or finetune")
         self.lr = self.lr if self.lr is not None else DEFAULT_LR[self.setting]
-        for name in ("epochs", "lr", "gate_lr", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise FrugalError(f"--{name.replace('_', '-')} must be positive")
+        for name in ("epochs", "lr", "gate_lr", "batch_size", "save_steps"):
+            check_positive(getattr(self, name), f"--{name.replace('_', '-')}")
 
 
 @dataclass
@@ -97,7 +115,8 @@ class _Experiment:
     @classmethod
     def load(cls, spec: PapaSpec) -> _Experiment:
         constant, metadata = load_constant_attention(spec.constants)
-        task = with_train_size(load_task(metadata["task"]), spec.train_size, spec.seed)
+        source = metadata.get("source") or task_source(metadata["task"])  # constants written before user files
+        task = with_train_size(load_source(source), spec.train_size, spec.seed)
         model_path = resolve_model(metadata["model"])
         return cls(constant, metadata, task, model_path, load_tokenizer(model_path))
 
@@ -212,7 +231,8 @@ def resolve_heads(text: str, layers: int, heads: int) -> list[int]:
 def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], output: str,
           setting: str = "probe", train_size: int | None = None, epochs: float = 3.0, lr: float | None = None,
           gate_lr: float = 0.05, constants: str | None = None, ranking: str | None = None,
-          constants_train_size: int | None = None, overwrite: bool = False, resume: bool = False) -> dict:
+          constants_train_size: int | None = None, overwrite: bool = False, resume: bool = False,
+          source: dict | None = None) -> dict:
     """Constants (unless given: then they fix task, model and length), one ranking (seed ``seeds[0]``, unless
     given), then a run per (N, seed).
     Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``, ``sweep.png``
@@ -222,11 +242,20 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
     if not seeds:
         raise FrugalError("--seeds: give at least one seed")
     PapaSpec(output="", constants="", setting=setting, epochs=epochs, lr=lr, gate_lr=gate_lr)  # fail before any work
+    # Everything that can be checked without the constants is checked before the output is created.
+    if constants is None:
+        config = AutoConfig.from_pretrained(resolve_model(model))
+        check_family(config.model_type)
+        resolve_heads(heads, config.num_hidden_layers, config.num_attention_heads)
+        load_source(source or task_source(task))
+    else:
+        metadata = load_constant_attention(constants)[1]
+        resolve_heads(heads, metadata["layers"], metadata["heads"])
     out.open()
     if constants is None:
         constants = str(out.path / "constants")
         if not Path(constants).exists():
-            make_constants(task, model, max_length, constants, train_size=constants_train_size)
+            make_constants(task, model, max_length, constants, train_size=constants_train_size, source=source)
     metadata = load_constant_attention(constants)[1]
     counts = resolve_heads(heads, metadata["layers"], metadata["heads"])
 

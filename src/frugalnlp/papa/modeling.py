@@ -223,7 +223,7 @@ class PapaModel(PreTrainedModel):
         if isinstance(encoder, str):
             path = resolve_model(encoder)
             verify_checkpoint(path, trust_pickle=trust_pickle)
-            encoder = AutoModel.from_pretrained(path)
+            encoder = AutoModel.from_pretrained(path, use_safetensors=None if trust_pickle else True)
         layers, heads, length, _ = constant_attention.shape
         if (layers, heads) != (encoder.config.num_hidden_layers, encoder.config.num_attention_heads):
             raise FrugalError(f"constant attention is for {layers} layers x {heads} heads, the model has "
@@ -242,6 +242,7 @@ class PapaModel(PreTrainedModel):
         """Reload a saved PAPA model; refuses checkpoints of another kind and pickle files (unless trusted)."""
         path = str(pretrained_model_name_or_path)
         verify_checkpoint(path, model_type=PapaConfig.model_type, trust_pickle=trust_pickle)
+        kwargs.setdefault("use_safetensors", None if trust_pickle else True)  # never fall back to a pickle
         return super().from_pretrained(path, *args, **kwargs)
 
     def constant_modules(self) -> list[nn.Module]:
