@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import Oracle, choose_threshold, replay, speed_accuracy_curve, static_frontier
 from frugalnlp.early_exit.policies import POLICIES, make_policy
+from frugalnlp.errors import FrugalError
+from frugalnlp.evaluation import Oracle, choose_threshold, replay, static_frontier
 
 
 class Layers:

@@ -6,7 +6,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import cli_process, run_cli

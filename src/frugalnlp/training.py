@@ -27,7 +27,7 @@ from transformers import (DataCollatorWithPadding, PreTrainedModel, PreTrainedTo
 from frugalnlp.assets import resolve_model
 from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.cascade import Cascade, load_adaptive
-from frugalnlp.early_exit.config import DEFAULT_BOUNDARY_GRAD, check_recipe
+from frugalnlp.early_exit.config import check_recipe
 from frugalnlp.early_exit.modeling import EarlyExitModel, check_exit_layers
 from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError
