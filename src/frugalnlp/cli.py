@@ -181,9 +181,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from frugalnlp.rundir import write_json
 
     if args.json:  # refuse before minutes of timing
-        from frugalnlp.predict import check_prediction_output
+        from frugalnlp.rundir import check_output_file
 
-        check_prediction_output(args.json, args.overwrite)
+        check_output_file(args.json, args.overwrite, flag="--json")
     results = run_bench(run=args.run, cascade_run=args.cascade_run, quick=args.quick,
                         progress=lambda msg: print(msg, file=sys.stderr))
     print(format_bench(results))
@@ -193,10 +193,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from frugalnlp.predict import Predictor, check_prediction_output, predict_file
+    from frugalnlp.predict import Predictor, predict_file
+    from frugalnlp.rundir import check_output_file
     from frugalnlp.tasks import Columns
 
-    check_prediction_output(args.output, args.overwrite)  # before minutes of loading and choosing
+    check_output_file(args.output, args.overwrite)  # before minutes of loading and choosing
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
     threshold = 0.9 if args.threshold is None else args.threshold

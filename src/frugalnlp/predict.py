@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +12,7 @@ from tqdm.auto import tqdm
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
 from frugalnlp.errors import FrugalError
-from frugalnlp.rundir import check_output_path
+from frugalnlp.rundir import check_output_file
 from frugalnlp.tasks import Columns, iter_rows, row_example
 from frugalnlp.training import load_run
 
@@ -71,18 +70,6 @@ class Predictor:
         return results
 
 
-def check_prediction_output(output: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The output file of `predict_file`, or FrugalError if it cannot or must not be written."""
-    output = check_output_path(output)
-    if output.is_dir():
-        raise FrugalError(f"--output {output} is a directory; give a file path such as {output / 'predictions.jsonl'}")
-    if not output.parent.is_dir():
-        raise FrugalError(f"--output {output}: the folder {output.parent} does not exist; create it first")
-    if output.exists() and not overwrite:
-        raise FrugalError(f"output {output} already exists; choose another --output or pass --overwrite")
-    return output
-
-
 def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: str | os.PathLike,
                  columns: Columns, overwrite: bool = False, chunk: int = 256,
                  progress: bool = False) -> tuple[int, list[tuple[int, str]]]:
@@ -92,7 +79,7 @@ def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: st
     (malformed JSON or CSV, missing or empty text, invalid Unicode) are skipped and returned as
     (line, problem). Returns (rows written, bad rows).
     """
-    output = check_prediction_output(output, overwrite)
+    output = check_output_file(output, overwrite)
     bad: list[tuple[int, str]] = []
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     written = 0

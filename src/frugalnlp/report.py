@@ -48,7 +48,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     fine = sorted({*OPERATING_GRID, *grid})
     dev_curve, dev_logits, dev_gold = split_curve(trained, "dev", fine, policy)
     full_curve, logits, gold = split_curve(trained, split, fine, policy)
-    curve = [p for p in full_curve if p["threshold"] in set(grid)]
+    shown = set(grid)
+    curve = [p for p in full_curve if p["threshold"] in shown]
     operating = None
     if target_speedup is not None or max_drop is not None:
         chosen = choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop)

@@ -56,6 +56,18 @@ def check_output_path(output: str | os.PathLike, flag: str = "--output") -> Path
     return path
 
 
+def check_output_file(output: str | os.PathLike, overwrite: bool = False, flag: str = "--output") -> Path:
+    """An output file that can be written: not a directory, in an existing folder, new unless ``overwrite``."""
+    output = check_output_path(output, flag)
+    if output.is_dir():
+        raise FrugalError(f"{flag} {output} is a directory; give a file path such as {output / 'predictions.jsonl'}")
+    if not output.parent.is_dir():
+        raise FrugalError(f"{flag} {output}: the folder {output.parent} does not exist; create it first")
+    if output.exists() and not overwrite:
+        raise FrugalError(f"output {output} already exists; choose another {flag} or pass --overwrite")
+    return output
+
+
 class RunDir:
     """A run's output directory, checked before any work starts.
 
