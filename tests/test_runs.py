@@ -150,6 +150,9 @@ def test_demo_prints_the_table_and_writes_the_report(tiny_dir, tmp_path, capsys)
     mm = results["methods"]["multi-model"]
     assert mm["last_exit_vs_plain_points"] == [0.0, 0.0]  # its last member is the plain model
     assert [p["layers"] for p in results["static"]] == [1, 2, 4]
+    slowest = results["oracle"][0]  # 1x: any exit right counts, for the best variant
+    assert slowest["speedup_layers"] == 1.0
+    assert all(slowest["accuracy"] >= m["mean_curve"]["mean"][-1]["accuracy"] - 1e-12 for m in results["methods"].values())
     assert results["static"][0]["accuracy"] == pytest.approx(np.mean([s[0] for s in mm["exit_accuracy_per_seed"]]))
     assert (tmp_path / "demo" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "curves.png" in (tmp_path / "demo" / "report.md").read_text()

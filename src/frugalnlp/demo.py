@@ -106,7 +106,7 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
     out.open()
     results: dict[str, dict] = {v: {"exits": [], "curves": [], "comparisons": [], "dev_comparisons": [],
                                     "last_vs_plain": [], "dev_last_vs_plain": []} for v in variants}
-    static_by_seed, layers = {}, None
+    static_by_seed, oracles, layers = {}, [], None
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)
         for variant in [STATIC] + [v for v in variants if v != STATIC]:
@@ -131,12 +131,14 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
             r["dev_comparisons"].append(evaluation["dev_comparison"])
             r["last_vs_plain"].append(100 * (metrics["test"]["accuracy"] - plain["test"]["accuracy"]))
             r["dev_last_vs_plain"].append(100 * (metrics["dev"]["accuracy"] - plain["dev"]["accuracy"]))
+            oracles.append(evaluation["baselines"]["oracle"])
             if variant == STATIC:
                 static_by_seed[seed] = evaluation["baselines"]["static"]
 
     summary = {"task": base.task or Path(base.train_file).stem, "model": model, "seeds": list(seeds),
                "train_size": train_size, "epochs": epochs, "max_length": max_length, "exit_layers": layers,
                "speedups": table_speedups(layers), "static": _mean_static(list(static_by_seed.values())),
+               "oracle": _best_oracle(oracles, len(seeds)),
                "methods": {}}
     for variant, r in results.items():
         exits = np.array(r["exits"])
@@ -162,7 +164,7 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
     write_json(out.path / "results.json", summary)
     plot_curves({m: (s["mean_curve"]["mean"], s["mean_curve"]["std"]) for m, s in summary["methods"].items()},
                 out.path / "curves.png", title=f"{summary['task']}, {model}, train size {train_size}, seeds {list(seeds)}",
-                baselines={"static": summary["static"]})
+                baselines={"static": summary["static"], "oracle": summary["oracle"]})
     write_bytes(out.path / "report.md", (f"# frugalnlp demo: {summary['task']}\n\n{table}\n\n![curves](curves.png)\n").encode())
     out.commit()
     return summary
@@ -186,6 +188,23 @@ def select_on_dev(methods: dict[str, dict], low: float = 1.5, high: float = 3.0,
                                          f"mean dev gain over static; last exit within {tolerance:g} pt of plain on dev",
             "dev_worst_gain_points": {v: worst_gain(methods[v]) for v in methods},
             "eligible": candidates}
+
+
+def _best_oracle(oracles: list[list[dict]], seeds: int) -> list[dict]:
+    """The oracle to draw beside every variant: at each speedup, the best variant's mean over seeds.
+
+    ``oracles`` holds one oracle curve per (seed, variant), seed-major, all at the same speedups.
+    """
+    per_variant = len(oracles) // seeds
+    points = []
+    for i, first in enumerate(oracles[0]):
+        means = []
+        for v in range(per_variant):
+            values = [oracles[s * per_variant + v][i]["accuracy"] for s in range(seeds)]
+            if all(a is not None for a in values):
+                means.append(float(np.mean(values)))
+        points.append({"speedup_layers": first["speedup_layers"], "accuracy": max(means) if means else None})
+    return points
 
 
 def _mean_static(per_seed: list[list[dict]]) -> list[dict]:
