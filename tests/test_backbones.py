@@ -103,6 +103,35 @@ def test_compaction_keeps_rows_aligned(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_merging_rows_of_two_batches_at_an_exit_keeps_each_rows_outputs(family):
+    """Segment-level batching: rows of different batches (different lengths) continue as one batch."""
+    model = EarlyExitModel.from_backbone(make_backbone(family), exit_layers=[1, 2, 4], method="joint").eval()
+    batches = [padded_batch(5, seq=14, seed=1), padded_batch(3, seq=9, seed=2)]
+    if family == "mpnet":
+        batches = [(ids, mask, None) for ids, mask, _ in batches]
+    with torch.no_grad():
+        alone = [model.advance(1, model.advance(0, model.start(*b))[0])[1] for b in batches]
+        states = [model.keep_rows(model.advance(0, model.start(*b))[0], torch.tensor(rows))
+                  for b, rows in zip(batches, ([0, 2, 4], [1, 2]))]
+        _, merged = model.advance(1, model.merge(states))
+    assert torch.allclose(merged, torch.cat([alone[0][[0, 2, 4]], alone[1][[1, 2]]]), atol=1e-5)
+
+
+def test_cascade_merges_rows_of_two_batches(tiny_bert):
+    import copy
+
+    from frugalnlp.early_exit.cascade import Cascade
+
+    cascade = Cascade([EarlyExitModel.from_backbone(copy.deepcopy(tiny_bert), num_layers=k).eval() for k in (1, 2)])
+    batches = [padded_batch(4, seq=12, seed=3, pad=0), padded_batch(3, seq=7, seed=4, pad=0)]
+    with torch.no_grad():
+        alone = [cascade.advance(1, cascade.start(*b))[1] for b in batches]
+        _, merged = cascade.advance(1, cascade.merge([cascade.keep_rows(cascade.start(*b), torch.tensor([0, 2]))
+                                                      for b in batches]))
+    assert torch.allclose(merged, torch.cat([alone[0][[0, 2]], alone[1][[0, 2]]]), atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_save_and_reload(family, tmp_path):
     # Each family reloads with its own default attention (MPNet has no sdpa, the wrapper has).
     model = EarlyExitModel.from_backbone(make_backbone(family), exit_layers=[2, 4], method="sweet").eval()

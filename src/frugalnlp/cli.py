@@ -216,6 +216,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 2 if bad and args.strict else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from frugalnlp.serving import ServeSettings, serve
+    except ImportError as e:
+        raise FrugalError(f"serving needs the 'serve' extra ({e.name} is missing): pip install -e '.[serve]' "
+                          "(make install has it)") from None
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=args.batching,
+                             max_texts=args.max_texts, max_chars=args.max_chars)
+    if not 0 <= args.port <= 65535:
+        raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
+    serve(args.run, host=args.host, port=args.port, settings=settings,
+          threshold=0.9 if args.threshold is None else args.threshold, policy=args.policy,
+          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import run_demo
 
@@ -381,6 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): POST /predict, GET /healthz, GET /metrics")
+    p.add_argument("run")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _add_operating_args(p, threshold=True)
+    p.add_argument("--policy", default="confidence")
+    p.add_argument("--batching", default="segment",
+                   help="segment: rows going past an exit join other requests' rows there (default); "
+                        "request: each micro-batch runs to the end alone")
+    p.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch and per segment run")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--max-texts", type=int, default=256, help="texts per request")
+    p.add_argument("--max-chars", type=int, default=20_000, help="characters per text")
+    p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="adaptive methods and recipes against the static frontier and the oracle")
     _add_train_args(p, one_run=False)

@@ -12,6 +12,7 @@ import copy
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -134,6 +135,24 @@ class Backbone:
         shared = {k: self.trim(k, v, length) for k, v in state.shared.items()}
         return State(hidden=hidden, attention_mask=mask, layer_mask=self.layer_mask(hidden, mask), extras=extras,
                      shared=shared)
+
+    def merge(self, states: list[State]) -> State:
+        """One batch of the rows of several states at the same layer, right-padded to the longest.
+
+        Padding columns are masked, so each row's outputs stay those it would have alone. Shared
+        tensors depend on positions only: the longest state's serve every row.
+        """
+        length = max(s.hidden.shape[1] for s in states)
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]))
+
+        hidden = torch.cat([pad(s.hidden) for s in states])
+        mask = torch.cat([pad(s.attention_mask) for s in states])
+        extras = {k: torch.cat([pad(s.extras[k]) for s in states]) for k in states[0].extras}
+        longest = max(states, key=lambda s: s.hidden.shape[1])
+        return State(hidden=hidden, attention_mask=mask, layer_mask=self.layer_mask(hidden, mask), extras=extras,
+                     shared=dict(longest.shared))
 
     def trim(self, name: str, value: torch.Tensor, length: int) -> torch.Tensor:
         """Cut a family tensor (extra or shared) to the first ``length`` positions."""

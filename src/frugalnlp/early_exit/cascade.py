@@ -10,16 +10,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from frugalnlp.backbones.base import used_length
-from frugalnlp.early_exit.modeling import Departures, EarlyExitModel, Prediction
+from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction, adaptive_predict
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_json
 
 MANIFEST = "cascade.json"
+
+
+class Tokens(NamedTuple):
+    """A cascade's state between models: the rows' tokens, [batch, seq] each (token types may be None)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
 
 
 class Cascade:
@@ -73,26 +83,41 @@ class Cascade:
         """Every model's logits on the whole batch: one [batch, labels] per exit."""
         return tuple(m(input_ids, attention_mask, token_type_ids).exit_logits[0] for m in self.models)
 
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> Tokens:
+        """The state before the first model: the tokens themselves, since every model starts from them."""
+        return Tokens(input_ids, attention_mask, token_type_ids)
+
+    def advance(self, exit_index: int, tokens: Tokens, head: bool = True) -> tuple[Tokens, torch.Tensor | None]:
+        """Run model ``exit_index`` on the rows still going; without ``head`` it is skipped altogether
+        (a later model recomputes from the tokens). Returns the tokens and its temperature-scaled logits."""
+        if not head:
+            return tokens, None
+        model = self.models[exit_index]
+        logits = model(tokens.input_ids, tokens.attention_mask, tokens.token_type_ids).exit_logits[0].float()
+        return tokens, logits / model.config.temperatures[0]
+
+    def keep_rows(self, tokens: Tokens, rows: torch.Tensor) -> Tokens:
+        """Only ``rows`` of the batch, cut to the columns they use."""
+        length = used_length(tokens.attention_mask.index_select(0, rows))
+        return Tokens(*(None if t is None else t.index_select(0, rows)[:, :length] for t in tokens))
+
+    def merge(self, parts: list[Tokens]) -> Tokens:
+        """One batch of several batches' rows, right-padded to the longest."""
+        length = max(p.input_ids.shape[1] for p in parts)
+        pad = self.config.backbone_config.get("pad_token_id") or 0
+        fill = {"input_ids": pad, "attention_mask": 0, "token_type_ids": 0}
+        merged = {name: torch.cat([F.pad(getattr(p, name), (0, length - getattr(p, name).shape[1]), value=value)
+                                   for p in parts])
+                  for name, value in fill.items() if getattr(parts[0], name) is not None}
+        return Tokens(**{"token_type_ids": None, **merged})
+
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
                 policy: ExitPolicy | None = None) -> Prediction:
         """Cascade inference: each model runs only on the rows that earlier models passed on."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        departures = Departures(policy or ConfidencePolicy(threshold), input_ids.shape[0], self.num_exits,
-                                input_ids.device)
-        inputs = [input_ids, attention_mask, token_type_ids]
-        for e, model in enumerate(self.models):
-            if departures.skips(e):
-                continue  # threshold 1: only the last model answers
-            logits = model(*inputs).exit_logits[0].float() / model.config.temperatures[0]
-            stay = departures.decide(e, logits)
-            if stay is None:
-                break
-            length = used_length(inputs[1].index_select(0, stay))  # the rows left may need fewer columns
-            inputs = [None if t is None else t.index_select(0, stay)[:, :length] for t in inputs]
-        return departures.prediction(self.layers_to_exit)
+        return adaptive_predict(self, input_ids, attention_mask, token_type_ids, policy or ConfidencePolicy(threshold))
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
-from frugalnlp.backbones import Backbone, backbone_for
+from frugalnlp.backbones import Backbone, State, backbone_for
 from frugalnlp.early_exit.config import EarlyExitConfig
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
@@ -122,6 +122,7 @@ class Departures:
         self.rows = torch.arange(batch, device=device)  # original row of each row still running
         self.state = policy.start(batch, device)
         self.left: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, logits, exit)
+        self.dropped = False  # whether the last `decide` let some rows go and kept others
 
     def skips(self, exit_index: int) -> bool:
         """Whether this exit can be skipped altogether (no row can leave before the last exit)."""
@@ -130,7 +131,8 @@ class Departures:
     def decide(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor | None:
         """Record who leaves at this exit given their calibrated logits [rows, labels].
 
-        Returns the positions (in the current batch) of the rows that go on, or None when none do.
+        Returns the positions (in the current batch) of the rows that go on, or None when none do;
+        ``self.dropped`` says whether the batch must shrink to them.
         """
         if exit_index == self.last:
             self.left.append((self.rows, logits, exit_index))
@@ -138,9 +140,10 @@ class Departures:
         leave, self.state = self.policy.step(logits, self.state)
         self.left.append((self.rows[leave], logits[leave], exit_index))
         stay = (~leave).nonzero().squeeze(1)
+        self.dropped = 0 < len(stay) < len(self.rows)
         if len(stay) == 0:
             return None
-        if len(stay) < len(self.rows):
+        if self.dropped:
             self.rows = self.rows[stay]
             self.state = None if self.state is None else self.state[stay]
         return stay
@@ -156,6 +159,30 @@ class Departures:
         return Prediction(labels=probs.argmax(-1), exit_index=exits,
                           layers_run=torch.tensor(layers_to_exit, device=exits.device)[exits],
                           confidence=probs.amax(-1), logits=logits)
+
+
+def adaptive_predict(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     token_type_ids: torch.Tensor | None, policy: ExitPolicy) -> Prediction:
+    """Batched adaptive inference for any model with the segment interface (`EarlyExitModel`, `Cascade`).
+
+    ``start`` the batch, then ``advance`` it one segment (the layers up to the next exit and its
+    head) at a time; at each exit the rows the policy lets go leave and ``keep_rows`` shrinks the
+    batch to the others. Decisions do not depend on the batch: a row decides on its own logits alone.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    departures = Departures(policy, input_ids.shape[0], model.num_exits, input_ids.device)
+    state = model.start(input_ids, attention_mask, token_type_ids)
+    for e in range(model.num_exits):
+        state, logits = model.advance(e, state, head=not departures.skips(e))
+        if logits is None:
+            continue
+        stay = departures.decide(e, logits)
+        if stay is None:
+            break
+        if departures.dropped:
+            state = model.keep_rows(state, stay)
+    return departures.prediction(model.layers_to_exit)
 
 
 class EarlyExitModel(PreTrainedModel):
@@ -310,6 +337,34 @@ class EarlyExitModel(PreTrainedModel):
 
     # ------------------------------------------------------------------------------------------ inference
 
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> State:
+        """The state before the first segment: the embedded batch ([batch, seq] ids)."""
+        return self.adapter.embed(input_ids, attention_mask, token_type_ids)
+
+    def advance(self, exit_index: int, state: State, head: bool = True) -> tuple[State, torch.Tensor | None]:
+        """Run segment ``exit_index``: the layers since the previous exit, then (if ``head``) its exit.
+
+        Returns the state after the segment and the exit's temperature-scaled logits [rows, labels] (None
+        without ``head``: a policy that cannot leave there need not pay for the head).
+        """
+        adapter = self.adapter
+        exit_layers = self.config.exit_layers
+        for index in range(exit_layers[exit_index - 1] if exit_index else 0, exit_layers[exit_index]):
+            state = adapter.layer(index, state)
+        if not head:
+            return state, None
+        logits = self.heads[exit_index](state.hidden, state.attention_mask).float()
+        return state, logits / self.config.temperatures[exit_index]
+
+    def keep_rows(self, state: State, rows: torch.Tensor) -> State:
+        """Only ``rows`` ([k] positions) of the batch, with the padding no kept row needs cut."""
+        return self.adapter.select(state, rows)
+
+    def merge(self, states: list[State]) -> State:
+        """One batch of the rows of several states that stand at the same exit (segment-level batching)."""
+        return self.adapter.merge(states)
+
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
@@ -317,26 +372,7 @@ class EarlyExitModel(PreTrainedModel):
         """Adaptive inference over a batch, running only the layers each example needs.
 
         At each exit the rows that the policy (default: calibrated max-probability >= ``threshold``)
-        lets go leave; the others continue as a smaller, possibly shorter batch. Decisions do not
-        depend on the batch: a row decides on its own logits alone.
+        lets go leave; the others continue as a smaller, possibly shorter batch (`adaptive_predict`).
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        adapter = self.adapter
-        departures = Departures(policy or ConfidencePolicy(threshold), input_ids.shape[0], self.num_exits,
-                                input_ids.device)
-        state = adapter.embed(input_ids, attention_mask, token_type_ids)
-        done = 0
-        for e, (exit_layer, head) in enumerate(zip(self.config.exit_layers, self.heads)):
-            for index in range(done, exit_layer):
-                state = adapter.layer(index, state)
-            done = exit_layer
-            if departures.skips(e):
-                continue
-            logits = head(state.hidden, state.attention_mask).float() / self.config.temperatures[e]
-            stay = departures.decide(e, logits)
-            if stay is None:
-                break
-            if len(stay) < len(state.hidden):
-                state = adapter.select(state, stay)
-        return departures.prediction(self.layers_to_exit)
+        return adaptive_predict(self, input_ids, attention_mask, token_type_ids,
+                                policy or ConfidencePolicy(threshold))

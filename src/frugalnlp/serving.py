@@ -1,0 +1,412 @@
+"""HTTP serving of adaptive inference: FastAPI + uvicorn, one model worker, Prometheus metrics.
+
+Requests only validate and enqueue; one worker thread owns the model and gathers the texts of
+concurrent requests into micro-batches (``max_batch`` texts, or whatever arrived within
+``max_wait_ms`` of the oldest). Two ways to batch:
+
+- ``request``: each micro-batch runs `adaptive_predict` to the end, thinning as rows leave (what
+  batched `predict` does);
+- ``segment``: rows that go on past an exit wait in that exit's queue and are merged with other
+  micro-batches' rows that reached it (`EarlyExitModel.merge`, `Cascade.merge`), so under load every
+  segment runs on full batches. A queue runs when it holds ``max_batch`` rows, when its oldest row has
+  waited ``max_wait_ms``, or when the worker has nothing else to do; deeper queues go first, since
+  they finish requests.
+
+A row decides on its own logits alone, so both give the answers of `predict` one text at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from frugalnlp.errors import FrugalError
+from frugalnlp.predict import Predictor
+
+BATCHING = ("segment", "request")
+
+
+@dataclass
+class ServeSettings:
+    """Batching and request limits of `create_app`."""
+
+    max_batch: int = 64  # texts per micro-batch (and per segment run)
+    max_wait_ms: float = 5.0  # how long the oldest waiting text may wait for a batch to fill
+    batching: str = "segment"  # or "request"
+    max_texts: int = 256  # per request
+    max_chars: int = 20_000  # per text
+    max_queue: int = 8192  # texts waiting before new requests get 503
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise FrugalError(f"unknown --batching '{self.batching}'; choose one of {', '.join(BATCHING)}")
+        for name in ("max_batch", "max_texts", "max_chars", "max_queue"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise FrugalError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be a whole number >= 1")
+        if not 0 <= self.max_wait_ms < float("inf"):
+            raise FrugalError(f"--max-wait-ms {self.max_wait_ms!r} must be a finite number >= 0")
+
+
+class RequestError(Exception):
+    """A bad request: answered with ``status`` and a JSON message naming ``field``."""
+
+    def __init__(self, status: int, field: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message = status, field, message
+
+
+class Metrics:
+    """The server's Prometheus metrics, in their own registry (names prefixed ``frugalnlp_``)."""
+
+    def __init__(self, exit_layers: list[int], max_batch: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("frugalnlp_requests", "HTTP /predict requests by status code", ["code"], registry=r)
+        self.texts = Counter("frugalnlp_texts", "texts classified", registry=r)
+        self.exits = Histogram("frugalnlp_exit_layer", "layer each text left after", buckets=exit_layers,
+                               registry=r)
+        self.latency = Histogram("frugalnlp_request_latency_seconds", "time from request to answer",
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch})
+        self.batch_rows = Histogram("frugalnlp_batch_size", "rows per model run, by the exit it ends at",
+                                    ["exit_layer"], buckets=[s for s in sizes if s <= max_batch], registry=r)
+        self.queued = Gauge("frugalnlp_queued_texts", "texts waiting for the model worker", registry=r)
+
+
+@dataclass
+class Job:
+    """One request's texts; the worker fills ``results`` and resolves ``future`` on the request's loop."""
+
+    texts: list[str]
+    pairs: list[str] | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    results: list[dict | None] = field(default_factory=list)
+    remaining: int = 0
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.texts)
+        self.remaining = len(self.texts)
+
+
+@dataclass
+class Group:
+    """Rows standing at the same exit: the model's state for them, the policy's, and whose they are."""
+
+    state: Any  # State (early exit) or Tokens (cascade)
+    policy_state: torch.Tensor | None
+    owners: list[tuple[Job, int]]
+    since: float
+
+
+class ModelWorker:
+    """The one thread that runs the model; requests `submit` jobs from the event loop."""
+
+    def __init__(self, predictor: Predictor, settings: ServeSettings, metrics: Metrics) -> None:
+        self.predictor, self.settings, self.metrics = predictor, settings, metrics
+        self.model, self.policy = predictor.model, predictor.policy
+        self.last = self.model.num_exits - 1
+        self.inbox: deque[tuple[Job, int, float]] = deque()  # texts not started: (job, row, arrival)
+        self.queues: list[deque[Group]] = [deque() for _ in range(self.model.num_exits)]  # [0] unused
+        self.queued = 0  # texts anywhere in the worker
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="frugalnlp-model-worker", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish every text already submitted, then end the thread."""
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            if self.queued + len(job.texts) > self.settings.max_queue:
+                raise RequestError(503, "texts", f"the server is overloaded ({self.queued} texts waiting); retry later")
+            now = time.perf_counter()
+            self.inbox.extend((job, i, now) for i in range(len(job.texts)))
+            self.queued += len(job.texts)
+            self.metrics.queued.set(self.queued)
+            self.wake.notify()
+
+    # ---------------------------------------------------------------------------------- worker thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wake:
+                task = self._next_task()
+                while task is None:
+                    if self.stopping and self.queued == 0:
+                        return
+                    self.wake.wait(timeout=self._wait_time())
+                    task = self._next_task()
+            run, rows = task
+            try:
+                run()
+            except Exception as error:  # a failed batch fails its requests, never the server
+                self._fail(rows, error)
+
+    def _wait_time(self) -> float | None:
+        """Seconds until the inbox's oldest text has waited ``max_wait_ms`` (None: wait for a submit)."""
+        if not self.inbox:
+            return None
+        return max(self.inbox[0][2] + self.settings.max_wait_ms / 1000 - time.perf_counter(), 0.0)
+
+    def _next_task(self) -> tuple[Callable[[], None], list[tuple[Job, int]]] | None:
+        """What to run next and the rows it holds (called under the lock), or None to wait."""
+        now = time.perf_counter()
+        wait = self.settings.max_wait_ms / 1000
+        full = self.settings.max_batch
+        flushing = self.stopping
+        for e in range(self.last, 0, -1):  # a deep queue that is full or has waited long enough
+            queue = self.queues[e]
+            if queue and (flushing or now - queue[0].since >= wait or sum(len(g.owners) for g in queue) >= full):
+                return self._take_segment(e)
+        if self.inbox and (flushing or len(self.inbox) >= full or now - self.inbox[0][2] >= wait):
+            rows = [self.inbox.popleft()[:2] for _ in range(min(full, len(self.inbox)))]
+            return (lambda: self._start(rows)), rows
+        for e in range(self.last, 0, -1):  # nothing else to do: no reason to keep rows waiting
+            if self.queues[e]:
+                return self._take_segment(e)
+        return None
+
+    def _take_segment(self, e: int) -> tuple[Callable[[], None], list[tuple[Job, int]]]:
+        """Pop up to ``max_batch`` rows of queue ``e`` (splitting a group if needed) into one task."""
+        queue, room, groups = self.queues[e], self.settings.max_batch, []
+        while queue and room:
+            group = queue.popleft()
+            if len(group.owners) > room:
+                keep = torch.arange(room)
+                rest = torch.arange(room, len(group.owners))
+                queue.appendleft(self._subset(group, rest))
+                group = self._subset(group, keep)
+            groups.append(group)
+            room -= len(group.owners)
+        return (lambda: self._advance(e, self._merge(groups))), [owner for g in groups for owner in g.owners]
+
+    def _subset(self, group: Group, rows: torch.Tensor) -> Group:
+        return Group(self.model.keep_rows(group.state, rows),
+                     None if group.policy_state is None else group.policy_state[rows],
+                     [group.owners[i] for i in rows.tolist()], group.since)
+
+    def _merge(self, groups: list[Group]) -> Group:
+        if len(groups) == 1:
+            return groups[0]
+        states = [g.policy_state for g in groups]
+        return Group(self.model.merge([g.state for g in groups]),
+                     None if states[0] is None else torch.cat(states),
+                     [owner for g in groups for owner in g.owners], min(g.since for g in groups))
+
+    def _start(self, rows: list[tuple[Job, int]]) -> None:
+        """Tokenise a micro-batch and run it: to the end (request batching) or one segment (segment)."""
+        jobs = [job for job, _ in rows]
+        texts = [job.texts[i] for job, i in rows]
+        pairs = None if jobs[0].pairs is None else [job.pairs[i] for job, i in rows]
+        p = self.predictor
+        batch = p.tokenizer(texts, pairs, truncation=True, max_length=p.max_length, padding=True,
+                            return_tensors="pt")
+        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+        if self.settings.batching == "request":
+            self.metrics.batch_rows.labels(str(self.model.exit_layers[-1])).observe(len(rows))
+            pred = self.model.predict(ids, mask, types, policy=self.policy)
+            self._deliver(rows, pred.logits, pred.exit_index)
+            return
+        state = self.model.start(ids, mask, types)
+        self._advance(0, Group(state, self.policy.start(len(rows), ids.device), rows, time.perf_counter()))
+
+    def _advance(self, e: int, group: Group) -> None:
+        """Run segment ``e`` on a group; rows that leave are answered, the others queue at exit e+1."""
+        self.metrics.batch_rows.labels(str(self.model.exit_layers[e])).observe(len(group.owners))
+        head = not (e < self.last and self.policy.never_leaves_early)
+        state, logits = self.model.advance(e, group.state, head=head)
+        if logits is None:
+            self._enqueue(e + 1, Group(state, group.policy_state, group.owners, time.perf_counter()))
+            return
+        if e == self.last:
+            leave, policy_state = torch.ones(len(group.owners), dtype=torch.bool), None
+        else:
+            leave, policy_state = self.policy.step(logits, group.policy_state)
+        going = leave.nonzero().squeeze(1)
+        self._deliver([group.owners[i] for i in going.tolist()], logits[going],
+                      torch.full((len(going),), e, dtype=torch.long))
+        stay = (~leave).nonzero().squeeze(1)
+        if len(stay):
+            rest = Group(state, policy_state, group.owners, time.perf_counter())
+            self._enqueue(e + 1, self._subset(rest, stay) if len(stay) < len(group.owners) else rest)
+
+    def _enqueue(self, e: int, group: Group) -> None:
+        with self.wake:
+            self.queues[e].append(group)
+
+    def _deliver(self, rows: list[tuple[Job, int]], logits: torch.Tensor, exit_index: torch.Tensor) -> None:
+        """Answer rows: ``logits`` [rows, labels] temperature-scaled at exit ``exit_index`` [rows]."""
+        if not rows:
+            return
+        probs = logits.softmax(-1)
+        labels, confidence = probs.argmax(-1).tolist(), probs.amax(-1).tolist()
+        p, layers_to_exit = self.predictor, self.model.layers_to_exit
+        finished = []
+        for (job, i), label, conf, e in zip(rows, labels, confidence, exit_index.tolist()):
+            job.results[i] = {"label": p.id2label[label], "confidence": round(conf, 6),
+                              "exit_layer": p.exit_layers[e], "layers_run": layers_to_exit[e]}
+            self.metrics.exits.observe(p.exit_layers[e])
+            job.remaining -= 1
+            if job.remaining == 0:
+                finished.append(job)
+        self.metrics.texts.inc(len(rows))
+        with self.wake:
+            self.queued -= len(rows)
+            self.metrics.queued.set(self.queued)
+        for job in finished:
+            job.loop.call_soon_threadsafe(_resolve, job.future, job.results, None)
+
+    def _fail(self, rows: list[tuple[Job, int]], error: Exception) -> None:
+        """A model run raised: its requests get the error (their other rows finish unseen)."""
+        with self.wake:
+            self.queued -= len(rows)
+            self.metrics.queued.set(self.queued)
+        for job in {id(job): job for job, _ in rows}.values():
+            job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
+
+
+def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> None:
+    if future.done():  # the client went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def parse_request(body: bytes, is_pair: bool, settings: ServeSettings) -> tuple[list[str], list[str] | None]:
+    """Validate a /predict body: ``{"texts": [...]}`` (and ``"text_pairs"`` for pair models).
+
+    Raises `RequestError` naming the offending field.
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError(400, "body", "the body is not valid JSON (UTF-8)") from None
+    if not isinstance(payload, dict):
+        raise RequestError(422, "body", 'the body must be a JSON object such as {"texts": ["..."]}')
+    allowed = {"texts", "text_pairs"}
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise RequestError(422, unknown[0], f"unknown field '{unknown[0]}'; send {{\"texts\": [...]}}"
+                           + (' and "text_pairs"' if is_pair else ""))
+    texts = _text_list(payload, "texts", settings)
+    pairs = None
+    if is_pair:
+        if "text_pairs" not in payload:
+            raise RequestError(422, "text_pairs", "this model classifies text pairs: send text_pairs beside texts")
+        pairs = _text_list(payload, "text_pairs", settings)
+        if len(pairs) != len(texts):
+            raise RequestError(422, "text_pairs", f"text_pairs has {len(pairs)} items but texts has {len(texts)}")
+    elif "text_pairs" in payload:
+        raise RequestError(422, "text_pairs", "this model classifies single texts: leave out text_pairs")
+    return texts, pairs
+
+
+def _text_list(payload: dict, name: str, settings: ServeSettings) -> list[str]:
+    if name not in payload:
+        raise RequestError(422, name, f"missing field '{name}': a list of strings")
+    texts = payload[name]
+    if not isinstance(texts, list):
+        raise RequestError(422, name, f"'{name}' must be a list of strings, not {type(texts).__name__}")
+    if not texts:
+        raise RequestError(422, name, f"'{name}' is empty")
+    if len(texts) > settings.max_texts:
+        raise RequestError(413, name, f"'{name}' has {len(texts)} items; at most {settings.max_texts} per request")
+    for i, text in enumerate(texts):
+        where = f"{name}[{i}]"
+        if not isinstance(text, str):
+            raise RequestError(422, where, f"'{where}' must be a string, not {type(text).__name__}")
+        if not text.strip():
+            raise RequestError(422, where, f"'{where}' is empty")
+        if len(text) > settings.max_chars:
+            raise RequestError(413, where, f"'{where}' has {len(text)} characters; at most {settings.max_chars}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(422, where, f"'{where}' is not valid Unicode (a lone surrogate)") from None
+    return texts
+
+
+def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_name: str = ""):
+    """The FastAPI app: POST /predict, GET /healthz, GET /metrics. The worker lives with the app."""
+    settings = settings or ServeSettings()
+    metrics = Metrics(predictor.exit_layers, settings.max_batch)
+    worker = ModelWorker(predictor, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        worker.stop()  # after uvicorn has finished the requests in flight
+
+    app = FastAPI(title="frugalnlp", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        start = time.perf_counter()
+        try:
+            texts, pairs = parse_request(await request.body(), predictor.is_pair, settings)
+            loop = asyncio.get_running_loop()
+            job = Job(texts, pairs, loop, loop.create_future())
+            worker.submit(job)
+            results = await job.future
+            status, content = 200, {"predictions": results}
+        except RequestError as e:
+            status, content = e.status, {"error": e.message, "field": e.field}
+        except Exception as e:  # the model failed: say so, keep serving
+            status, content = 500, {"error": f"prediction failed: {type(e).__name__}: {e}", "field": None}
+        metrics.requests.labels(str(status)).inc()
+        metrics.latency.observe(time.perf_counter() - start)
+        return JSONResponse(content, status_code=status)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok", "run": run_name, "threshold": predictor.threshold,
+                "operating_point": predictor.operating_point, "batching": settings.batching,
+                "exit_layers": predictor.exit_layers, "pair": predictor.is_pair}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
+          **predictor_args) -> None:
+    """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first)."""
+    settings = settings or ServeSettings()
+    predictor = Predictor(run, batch_size=settings.max_batch, **predictor_args)
+    app = create_app(predictor, settings, run_name=str(run))
+    print(f"serving {run} on http://{host}:{port} (threshold {predictor.threshold:g}, "
+          f"{settings.batching} batching, max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms)",
+          flush=True)
+    # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, stop the worker) and then re-raises
+    # it to the handler it found: a no-op one makes that graceful stop exit 0 rather than die by the signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
