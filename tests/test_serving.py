@@ -2,49 +2,24 @@
 
 import asyncio
 import signal
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-import torch
 from conftest import cli_process
 from prometheus_client.parser import text_string_to_metric_families
 
+from frugalnlp.loadtest import ServerProcess
 from frugalnlp.predict import Predictor
 from frugalnlp.tasks import load_task
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`frugalnlp serve RUN ...` on a free port, up once /healthz answers."""
-
+class Server(ServerProcess):
     def __init__(self, run, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = cli_process("serve", run, "--port", self.port, *args)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.communicate()
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise AssertionError("the server did not come up")
+        super().__init__(run, *args, threads=1)  # tests run beside other work: no oversubscribed cores
 
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=30)
-
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[tuple, float]:
         text = httpx.get(f"{self.url}/metrics").text
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(text) for s in family.samples}
@@ -58,8 +33,6 @@ def texts():
 @pytest.fixture(scope="module")
 def threshold(tiny_run, texts):
     """A threshold at which the tiny run's texts leave at more than one exit."""
-    torch.set_num_threads(1)
-    predictor = Predictor(tiny_run, threshold=1.0)
     confidence = sorted(p["confidence"] for p in Predictor(tiny_run, threshold=0.0)(texts))
     for t in (confidence[len(confidence) // 2], confidence[len(confidence) // 4], 0.55, 0.51):
         predictor = Predictor(tiny_run, threshold=t)
@@ -74,8 +47,8 @@ def test_concurrent_requests_get_the_answers_of_predict_one_text_at_a_time(tiny_
     expected = [single([t])[0] for t in texts]
     assert len({e["exit_layer"] for e in expected}) > 1
     requests = [texts[i:i + 2] for i in range(0, len(texts), 2)]  # 20 requests
-    server = Server(tiny_run, "--threshold", threshold, "--batching", batching, "--max-batch", 8,
-                    "--max-wait-ms", 50)
+    server = Server(tiny_run, "--threshold", str(threshold), "--batching", batching, "--max-batch", "8",
+                    "--max-wait-ms", "50")
     try:
         async def send_all():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -103,7 +76,7 @@ def test_concurrent_requests_get_the_answers_of_predict_one_text_at_a_time(tiny_
 
 
 def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_keeps_answering(tiny_run):
-    server = Server(tiny_run, "--max-texts", 4, "--max-chars", 50)
+    server = Server(tiny_run, "--max-texts", "4", "--max-chars", "50")
     bad = [
         (b"{not json", 400, "body"),
         (b'{"texts": ["caf\xe9"]}', 400, "body"),  # not UTF-8
@@ -140,11 +113,14 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_keeps_answering(
 
 def test_sigterm_finishes_the_requests_in_flight(tiny_run, texts):
     # One text per model run, so the request is still running when the signal comes.
-    server = Server(tiny_run, "--max-batch", 1, "--max-wait-ms", 0, "--max-texts", 256)
+    server = Server(tiny_run, "--max-batch", "1", "--max-wait-ms", "0", "--max-texts", "256")
     answer = {}
 
     def send():
-        answer["response"] = httpx.post(f"{server.url}/predict", json={"texts": (texts * 7)[:256]}, timeout=60)
+        try:
+            answer["response"] = httpx.post(f"{server.url}/predict", json={"texts": (texts * 7)[:256]}, timeout=120)
+        except Exception as e:
+            answer["response"] = e
 
     sender = threading.Thread(target=send)
     sender.start()
@@ -155,4 +131,44 @@ def test_sigterm_finishes_the_requests_in_flight(tiny_run, texts):
     sender.join(60)
     assert server.process.wait(timeout=60) == 0
     response = answer["response"]
+    assert isinstance(response, httpx.Response), repr(response)
     assert response.status_code == 200 and len(response.json()["predictions"]) == 256
+
+
+def test_predict_on_ray_writes_the_local_jsonl_row_by_row(tiny_run, tmp_path):
+    import json
+
+    data = tmp_path / "in.jsonl"
+    texts = load_task("mr").test.texts[:600]
+    rows = [json.dumps({"text": t}) for t in texts]
+    rows[5], rows[9] = '{"text": broken', '{"text": "  "}'
+    data.write_text("\n".join(rows) + "\n")
+    outputs = {}
+    for engine in ("local", "ray"):
+        outputs[engine] = tmp_path / f"{engine}.jsonl"
+        process = cli_process("predict", tiny_run, "--input", data, "--output", outputs[engine], "--threshold", 0.5,
+                              "--engine", engine, *([] if engine == "local" else ["--ray-actors", 2]))
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        assert "wrote 598 predictions" in out and "in.jsonl:6: not valid JSON" in err and "in.jsonl:10:" in err
+    local = outputs["local"].read_text().splitlines()
+    assert len(local) == 598 and outputs["ray"].read_text().splitlines() == local
+
+
+def test_bench_serve_drives_real_servers_and_compares_each_with_threshold_1(tiny_run, tmp_path, capsys):
+    """A smoke run of the load test (its numbers are a benchmark's, not a test's: only their shape is checked)."""
+    import json
+
+    from conftest import run_cli
+
+    status, out, err = run_cli(["bench", "--serve", "--quick", "--run", tiny_run, "--seconds", 0.5, "--clients", 4,
+                                "--json", tmp_path / "serve.json"], capsys)
+    assert status == 0, err
+    results = json.loads((tmp_path / "serve.json").read_text())
+    configs = results["configs"]
+    assert [(c["threshold"] == 1.0, c["batching"]) for c in configs][:2] == [(True, "request"), (True, "segment")]
+    assert len(configs) == 4 and all(c["saturated"]["texts_per_second"] > 0 for c in configs)
+    offered = {round(c["loads"][0]["offered_texts_per_second"], 6) for c in configs}
+    assert len(offered) == 1  # every server gets the same offered load
+    assert all(c["throughput_vs_threshold_1"] == 1.0 for c in configs if c["threshold"] == 1.0)
+    assert "| threshold | ideal speedup | batching | saturated texts/s |" in out

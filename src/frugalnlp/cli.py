@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 
 from frugalnlp.errors import FrugalError
 
@@ -177,27 +178,53 @@ def cmd_analyze_gradients(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from frugalnlp.bench import format_bench, run_bench
     from frugalnlp.rundir import write_json
 
     if args.json:  # refuse before minutes of timing
         from frugalnlp.rundir import check_output_file
 
         check_output_file(args.json, args.overwrite, flag="--json")
-    results = run_bench(run=args.run, cascade_run=args.cascade_run, quick=args.quick,
-                        progress=lambda msg: print(msg, file=sys.stderr))
-    print(format_bench(results))
+    progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.serve:
+        try:
+            from frugalnlp.loadtest import QUICK_LOAD, LoadSettings, format_serve_bench, run_serve_bench
+            from frugalnlp.training import check_positive
+        except ImportError as e:
+            raise FrugalError(f"bench --serve needs the 'serve' extra ({e.name} is missing): "
+                              "pip install -e '.[serve]' (make install has it)") from None
+        base = QUICK_LOAD if args.quick else LoadSettings()
+        settings = replace(base, **{k: v for k, v in (("clients", args.clients), ("seconds", args.seconds),
+                                                       ("texts_per_request", args.texts_per_request),
+                                                       ("repeats", args.repeats)) if v is not None})
+        for flag, value in (("--clients", settings.clients), ("--texts-per-request", settings.texts_per_request),
+                            ("--repeats", settings.repeats)):
+            if value < 1:
+                raise FrugalError(f"{flag} {value} must be at least 1")
+        check_positive(settings.seconds, "--seconds")
+        results = run_serve_bench(run=args.run, settings=settings, progress=progress)
+        print(format_serve_bench(results))
+    else:
+        from frugalnlp.bench import format_bench, run_bench
+
+        results = run_bench(run=args.run, cascade_run=args.cascade_run, quick=args.quick, progress=progress)
+        print(format_bench(results))
     if args.json:
         write_json(args.json, results)
         print(f"wrote {args.json}")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from frugalnlp.predict import Predictor, predict_file
+    from frugalnlp.predict import ENGINES, Predictor, predict_file
+    from frugalnlp.training import check_positive
     from frugalnlp.rundir import check_output_file
     from frugalnlp.tasks import Columns
 
     check_output_file(args.output, args.overwrite)  # before minutes of loading and choosing
+    if args.engine not in ENGINES:
+        raise FrugalError(f"unknown --engine '{args.engine}'; choose one of {', '.join(ENGINES)}")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise FrugalError(f"--ray-actors {args.ray_actors} must be at least 1")
+    check_positive(args.ray_cpus_per_actor, "--ray-cpus-per-actor")
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
     threshold = 0.9 if args.threshold is None else args.threshold
@@ -209,7 +236,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
               f"{point['speedup_layers']:.2f}x", file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
-                                progress=True)
+                                progress=True, engine=args.engine, ray_actors=args.ray_actors,
+                                ray_cpus_per_actor=args.ray_cpus_per_actor)
     for line, problem in bad:
         print(f"frugalnlp: warning: {args.input}:{line}: {problem}; row skipped", file=sys.stderr)
     print(f"wrote {written} predictions to {args.output}; {len(bad)} bad row(s) skipped")
@@ -224,6 +252,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           "(make install has it)") from None
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=args.batching,
+                             length_bucket=args.length_bucket,
                              max_texts=args.max_texts, max_chars=args.max_chars)
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
@@ -380,6 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="a joint/sweet run to time (default: train a small one)")
     p.add_argument("--cascade-run", default=None, help="a multi-model run to time (default: train a small one)")
     p.add_argument("--quick", action="store_true", help="fewer examples, batch sizes 1 and 32 (under a minute)")
+    p.add_argument("--serve", action="store_true",
+                   help="load-test `frugalnlp serve` instead: throughput and p50/p99 latency per threshold and batching")
+    p.add_argument("--clients", type=int, default=None, help="--serve: closed-loop clients at saturation (32)")
+    p.add_argument("--seconds", type=float, default=None, help="--serve: seconds per measurement (10)")
+    p.add_argument("--texts-per-request", type=int, default=None, help="--serve: texts in each request (4)")
+    p.add_argument("--repeats", type=int, default=None, help="--serve: rounds over every configuration (3)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
@@ -393,6 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--engine", default="local",
+                   help="local, or ray: Ray Data actors over chunks of rows (RAY_ADDRESS names a cluster)")
+    p.add_argument("--ray-actors", type=int, default=None, help="actors, each loading the model once "
+                   "(default: the cluster's CPUs / --ray-cpus-per-actor)")
+    p.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
     p.add_argument("--strict", action="store_true", help="exit 2 when any row was bad")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
@@ -409,6 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "request: each micro-batch runs to the end alone")
     p.add_argument("--max-batch", type=int, default=64, help="texts per micro-batch and per segment run")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    p.add_argument("--length-bucket", type=int, default=16,
+                   help="a run's rows go through the model sorted by length, this many at a time (less padding)")
     p.add_argument("--max-texts", type=int, default=256, help="texts per request")
     p.add_argument("--max-chars", type=int, default=20_000, help="characters per text")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")

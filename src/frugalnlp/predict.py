@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -34,6 +36,8 @@ class Predictor:
             raise FrugalError(f"--batch-size {batch_size} must be at least 1")
         make_policy(policy, threshold, 2)
         trained = load_run(run, trust_pickle=trust_pickle)
+        # What another process needs to rebuild this predictor (Ray actors), with the threshold as chosen.
+        self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
         self.model, self.tokenizer = trained.model, trained.tokenizer
         self.operating_point = None
         if target_speedup is not None or max_drop is not None:
@@ -42,6 +46,7 @@ class Predictor:
             self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy)
             threshold = self.operating_point["threshold"]
         self.threshold = threshold
+        self.args["threshold"] = threshold
         self.policy = make_policy(policy, threshold, self.model.num_exits)
         self.max_length = trained.spec.max_length
         self.batch_size = batch_size
@@ -70,15 +75,26 @@ class Predictor:
         return results
 
 
+ENGINES = ("local", "ray")
+
+
 def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: str | os.PathLike,
-                 columns: Columns, overwrite: bool = False, chunk: int = 256,
-                 progress: bool = False) -> tuple[int, list[tuple[int, str]]]:
+                 columns: Columns, overwrite: bool = False, chunk: int = 256, progress: bool = False,
+                 engine: str = "local", ray_actors: int | None = None, ray_cpus_per_actor: float = 1.0,
+                 ray_window: int = 200) -> tuple[int, list[tuple[int, str]]]:
     """Predict every good row of a CSV/TSV/JSONL file into ``output`` (JSONL, published atomically).
 
     Rows are streamed ``chunk`` at a time, so memory stays flat however large the file. Bad rows
     (malformed JSON or CSV, missing or empty text, invalid Unicode) are skipped and returned as
     (line, problem). Returns (rows written, bad rows).
+
+    ``engine="ray"`` sends the chunks to Ray Data (`map_batches` over actors that each load the model
+    once; ``RAY_ADDRESS`` names a cluster, else a local one starts): ``ray_window`` chunks at a time,
+    ``ray_actors`` actors of ``ray_cpus_per_actor`` CPUs (default: as many as the cluster's CPUs allow).
+    Each actor predicts whole chunks, so the output is the local engine's, line for line.
     """
+    if engine not in ENGINES:
+        raise FrugalError(f"unknown --engine '{engine}'; choose one of {', '.join(ENGINES)}")
     output = check_output_file(output, overwrite)
     bad: list[tuple[int, str]] = []
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -86,16 +102,68 @@ def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: st
     try:
         with open(tmp, "w", encoding="utf-8") as f, \
                 tqdm(total=_count_lines(input_path), unit="line", desc="predict", disable=not progress) as bar:
-            for part in _chunks(_good_rows(input_path, columns, bad, bar), chunk):
-                lines, texts, pairs = [n for n, _, _ in part], [t for _, t, _ in part], [p for _, _, p in part]
-                for number, result in zip(lines, predictor(texts, None if pairs[0] is None else pairs)):
-                    f.write(json.dumps({"line": number, **result}) + "\n")
-                    written += 1
+            chunks = _chunks(_good_rows(input_path, columns, bad, bar), chunk)
+            if engine == "ray":
+                lines = _ray_lines(predictor, chunks, ray_actors, ray_cpus_per_actor, ray_window)
+            else:
+                lines = (_predict_chunk(predictor, part) for part in chunks)
+            for text in lines:
+                f.write(text)
+                written += text.count("\n")
         os.replace(tmp, output)
     finally:
         tmp.unlink(missing_ok=True)
     bad.sort()
     return written, bad
+
+
+def _predict_chunk(predictor: Predictor, part: list[tuple[int, str, str | None]]) -> str:
+    """The JSONL lines of one chunk of (line number, text, pair) rows."""
+    texts, pairs = [t for _, t, _ in part], [p for _, _, p in part]
+    results = predictor(texts, None if pairs[0] is None else pairs)
+    return "".join(json.dumps({"line": number, **result}) + "\n" for (number, _, _), result in zip(part, results))
+
+
+class _RayChunkPredictor:
+    """A Ray Data actor: loads the model once, then turns chunks of rows into their JSONL lines."""
+
+    def __init__(self, args: dict) -> None:
+        self.predictor = Predictor(**args)
+
+    def __call__(self, batch: dict) -> dict:
+        return {"jsonl": [_predict_chunk(self.predictor, json.loads(part)) for part in batch["rows"]]}
+
+
+def _ray_lines(predictor: Predictor, chunks: Iterator[list], actors: int | None, cpus_per_actor: float,
+               window: int) -> Iterator[str]:
+    try:
+        import ray
+    except ImportError:
+        raise FrugalError("--engine ray needs the 'ray' extra: pip install -e '.[ray]' (make install has it)") from None
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its plans and timings would bury our bar
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # output lines in input order
+        context.enable_progress_bars = False  # the file's own bar counts lines
+        if actors is None:
+            actors = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_actor))
+        while True:
+            # Chunks travel as JSON strings: one Arrow cell each, whatever their texts hold.
+            rows = [{"rows": json.dumps(part)} for part in itertools.islice(chunks, window)]
+            if not rows:
+                return
+            data = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                _RayChunkPredictor, fn_constructor_kwargs={"args": predictor.args}, batch_size=1,
+                concurrency=actors, num_cpus=cpus_per_actor, batch_format="numpy", max_restarts=0)
+            for batch in data.iter_batches(batch_size=None, batch_format="numpy"):
+                yield from (str(text) for text in batch["jsonl"])
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _good_rows(input_path: str | os.PathLike, columns: Columns, bad: list[tuple[int, str]],

@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from frugalnlp.backbones.base import used_length
 from frugalnlp.errors import FrugalError
 from frugalnlp.predict import Predictor
 
@@ -46,6 +47,7 @@ class ServeSettings:
 
     max_batch: int = 64  # texts per micro-batch (and per segment run)
     max_wait_ms: float = 5.0  # how long the oldest waiting text may wait for a batch to fill
+    length_bucket: int = 16  # a run's rows go through the model sorted by length, this many at a time
     batching: str = "segment"  # or "request"
     max_texts: int = 256  # per request
     max_chars: int = 20_000  # per text
@@ -54,7 +56,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
             raise FrugalError(f"unknown --batching '{self.batching}'; choose one of {', '.join(BATCHING)}")
-        for name in ("max_batch", "max_texts", "max_chars", "max_queue"):
+        for name in ("max_batch", "length_bucket", "max_texts", "max_chars", "max_queue"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise FrugalError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be a whole number >= 1")
         if not 0 <= self.max_wait_ms < float("inf"):
@@ -201,7 +203,7 @@ class ModelWorker:
                 group = self._subset(group, keep)
             groups.append(group)
             room -= len(group.owners)
-        return (lambda: self._advance(e, self._merge(groups))), [owner for g in groups for owner in g.owners]
+        return (lambda: self._advance_buckets(e, self._merge(groups))), [owner for g in groups for owner in g.owners]
 
     def _subset(self, group: Group, rows: torch.Tensor) -> Group:
         return Group(self.model.keep_rows(group.state, rows),
@@ -216,6 +218,11 @@ class ModelWorker:
                      None if states[0] is None else torch.cat(states),
                      [owner for g in groups for owner in g.owners], min(g.since for g in groups))
 
+    def _buckets(self, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Rows [n] sorted by length, in runs of ``length_bucket``: a padded batch costs its longest row."""
+        order = torch.argsort(attention_mask.sum(1), stable=True)
+        return list(order.split(self.settings.length_bucket))
+
     def _start(self, rows: list[tuple[Job, int]]) -> None:
         """Tokenise a micro-batch and run it: to the end (request batching) or one segment (segment)."""
         jobs = [job for job, _ in rows]
@@ -224,14 +231,26 @@ class ModelWorker:
         p = self.predictor
         batch = p.tokenizer(texts, pairs, truncation=True, max_length=p.max_length, padding=True,
                             return_tensors="pt")
-        ids, mask, types = batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-        if self.settings.batching == "request":
-            self.metrics.batch_rows.labels(str(self.model.exit_layers[-1])).observe(len(rows))
-            pred = self.model.predict(ids, mask, types, policy=self.policy)
-            self._deliver(rows, pred.logits, pred.exit_index)
+        tensors = [batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")]
+        for bucket in self._buckets(batch["attention_mask"]):
+            length = used_length(batch["attention_mask"][bucket])
+            ids, mask, types = (None if t is None else t[bucket, :length] for t in tensors)
+            owners = [rows[i] for i in bucket.tolist()]
+            if self.settings.batching == "request":
+                self.metrics.batch_rows.labels(str(self.model.exit_layers[-1])).observe(len(owners))
+                pred = self.model.predict(ids, mask, types, policy=self.policy)
+                self._deliver(owners, pred.logits, pred.exit_index)
+            else:
+                state, policy_state = self.model.start(ids, mask, types), self.policy.start(len(owners), ids.device)
+                self._advance(0, Group(state, policy_state, owners, time.perf_counter()))
+
+    def _advance_buckets(self, e: int, group: Group) -> None:
+        buckets = self._buckets(group.state.attention_mask)
+        if len(buckets) == 1:
+            self._advance(e, group)
             return
-        state = self.model.start(ids, mask, types)
-        self._advance(0, Group(state, self.policy.start(len(rows), ids.device), rows, time.perf_counter()))
+        for bucket in buckets:
+            self._advance(e, self._subset(group, bucket))
 
     def _advance(self, e: int, group: Group) -> None:
         """Run segment ``e`` on a group; rows that leave are answered, the others queue at exit e+1."""
