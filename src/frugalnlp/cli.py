@@ -195,9 +195,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
         base = QUICK_LOAD if args.quick else LoadSettings()
         settings = replace(base, **{k: v for k, v in (("clients", args.clients), ("seconds", args.seconds),
                                                        ("texts_per_request", args.texts_per_request),
-                                                       ("repeats", args.repeats)) if v is not None})
+                                                       ("repeats", args.repeats),
+                                                       ("length_bucket", args.length_bucket)) if v is not None})
         for flag, value in (("--clients", settings.clients), ("--texts-per-request", settings.texts_per_request),
-                            ("--repeats", settings.repeats)):
+                            ("--repeats", settings.repeats), ("--length-bucket", settings.length_bucket)):
             if value < 1:
                 raise FrugalError(f"{flag} {value} must be at least 1")
         check_positive(settings.seconds, "--seconds")
@@ -415,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=None, help="--serve: seconds per measurement (10)")
     p.add_argument("--texts-per-request", type=int, default=None, help="--serve: texts in each request (4)")
     p.add_argument("--repeats", type=int, default=None, help="--serve: rounds over every configuration (3)")
+    p.add_argument("--length-bucket", type=int, default=None, help="--serve: the servers' --length-bucket (16)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_bench)
