@@ -91,12 +91,33 @@ def test_papa_refuses_non_constants_and_other_families(tmp_path, capsys):
     (tmp_path / "c").mkdir()
     status, _, err = run_cli(["papa", "run", "--constants", tmp_path / "c", "--output", tmp_path / "x"], capsys)
     assert status == 2 and "papa constants" in err
+    from transformers import DebertaV2Config, DebertaV2Model
+
+    DebertaV2Model(DebertaV2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)) \
+        .save_pretrained(tmp_path / "deberta")
+    status, _, err = run_cli(["papa", "constants", "--model", tmp_path / "deberta", "--output", tmp_path / "y"], capsys)
+    assert status == 2 and "no constant-head attention" in err and "mpnet" in err
+
+
+def test_mpnet_sweep_end_to_end(tiny_dir, tmp_path, capsys):
+    """MPNet goes through the same commands as BERT: constants, ranking, runs with constant heads, FLOPs."""
+    import shutil
+
     from transformers import MPNetConfig, MPNetModel
 
+    torch.manual_seed(0)
+    path = tmp_path / "mpnet"
     MPNetModel(MPNetConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, intermediate_size=64)) \
-        .save_pretrained(tmp_path / "mpnet")
-    status, _, err = run_cli(["papa", "constants", "--model", tmp_path / "mpnet", "--output", tmp_path / "y"], capsys)
-    assert status == 2 and "BERT-family" in err
+        .save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(tiny_dir / name, path / name)
+    status, out, err = run_cli(["papa", "sweep", "--model", path, "--max-length", 16, "--heads", "0,half,all",
+                                "--seeds", "0", "--constants-train-size", 80, *COMMON, "--output", tmp_path / "sweep"], capsys)
+    assert status == 0, err
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [r["heads"] for r in summary["rows"]] == [0, 4, 8]
+    flops = [r["encoder_flops_share"] for r in summary["rows"]]
+    assert flops[0] == 1 and flops[0] > flops[1] > flops[2]
 
 
 def test_constants_and_runs_from_user_files(tiny_dir, tmp_path, capsys):

@@ -44,7 +44,7 @@ QUICK = BenchSettings(batch_sizes=(1, 32), examples=64, repeats=3, targets=(2.0,
                       train_size=64)
 
 
-def _median_times(configs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def median_times(configs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
     """Median seconds of each configuration, interleaved across repeats, after one warm-up pass each."""
     for run in configs.values():
         run()
@@ -101,7 +101,7 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
                      "model": model.config.backbone_config.get("_name_or_path", ""),
                      "exit_layers": model.config.exit_layers, "batch_sizes": {}}
 
-    tokenize_times = _median_times({"tokenize": lambda: encode_texts(tokenizer, split.texts, split.pairs,
+    tokenize_times = median_times({"tokenize": lambda: encode_texts(tokenizer, split.texts, split.pairs,
                                                                       settings.max_length)}, settings.repeats)
     results["tokenize_seconds"] = tokenize_times["tokenize"]
     data = encode_split(split, tokenizer, settings.max_length)
@@ -138,7 +138,7 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
             configs[f"early-exit@{t:g}"] = over_batches(lambda b, t=t: model.predict(**b, threshold=t))
         for t in cascade_thresholds:
             configs[f"cascade@{t:g}"] = over_batches(lambda b, t=t: cascade.predict(**b, threshold=t))
-        times = _median_times(configs, settings.repeats)
+        times = median_times(configs, settings.repeats)
         row = {"plain_seconds": times["plain"], "machinery_seconds": times["early-exit@1.0"],
                "machinery_overhead": times["early-exit@1.0"] / times["plain"] - 1.0,
                "early_exit": [], "cascade": []}

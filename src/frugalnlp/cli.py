@@ -185,6 +185,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         check_output_file(args.json, args.overwrite, flag="--json")
     progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    if args.serve and args.papa:
+        raise FrugalError("bench: give --serve or --papa, not both")
     if args.serve:
         try:
             from frugalnlp.loadtest import QUICK_LOAD, LoadSettings, format_serve_bench, run_serve_bench
@@ -204,6 +206,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
         check_positive(settings.seconds, "--seconds")
         results = run_serve_bench(run=args.run, settings=settings, progress=progress)
         print(format_serve_bench(results))
+    elif args.papa:
+        from frugalnlp.papa.bench import QUICK_PAPA, PapaBenchSettings, format_papa_bench, run_papa_bench
+
+        settings = replace(QUICK_PAPA if args.quick else PapaBenchSettings(), model=args.model or "minilm")
+        ranking = None
+        if args.ranking:
+            from frugalnlp.papa.experiment import load_ranking
+
+            ranking = load_ranking(args.ranking)
+        results = run_papa_bench(settings, ranking=ranking, progress=progress)
+        print(format_papa_bench(results))
     else:
         from frugalnlp.bench import format_bench, run_bench
 
@@ -412,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer examples, batch sizes 1 and 32 (under a minute)")
     p.add_argument("--serve", action="store_true",
                    help="load-test `frugalnlp serve` instead: throughput and p50/p99 latency per threshold and batching")
+    p.add_argument("--papa", action="store_true",
+                   help="time PAPA instead: plain HF (sdpa, eager) vs 0, half and all heads constant, lengths 64-256")
+    p.add_argument("--model", default=None, help="--papa: the encoder (default minilm)")
+    p.add_argument("--ranking", default=None, help="--papa: a `papa rank` output choosing the constant heads "
+                                                      "(default: spread evenly over the layers)")
     p.add_argument("--clients", type=int, default=None, help="--serve: closed-loop clients at saturation (32)")
     p.add_argument("--seconds", type=float, default=None, help="--serve: seconds per measurement (10)")
     p.add_argument("--texts-per-request", type=int, default=None, help="--serve: texts in each request (4)")

@@ -12,10 +12,19 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
+
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:
+    # torch counts the CUDA kernels of scaled_dot_product_attention but not the CPU one, so on CPU an
+    # sdpa model's scores and weighted sums (Q K^T and P V) would cost nothing.
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def count_flops(fn) -> int:

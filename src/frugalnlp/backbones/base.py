@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from frugalnlp.errors import FrugalError
+
 
 def used_length(attention_mask: torch.Tensor) -> int:
     """Columns up to the last real token of any row of a [batch, seq] mask: the rest is padding to cut."""
@@ -82,6 +84,8 @@ class Backbone:
     """Adapter over one HF encoder. Subclasses implement the family-specific parts."""
 
     families: tuple[str, ...] = ()  # config.model_type values this adapter runs
+    constant_heads: bool = False  # whether `use_constant_heads` is implemented (PAPA)
+    query_key: tuple[str, str] = ("query", "key")  # attribute names of the self-attention's Q and K projections
 
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
@@ -164,6 +168,15 @@ class Backbone:
         # The config object may be shared with other models built from it: change a copy.
         self.model.config = copy.deepcopy(self.config)
         self.model.config.num_hidden_layers = num_layers
+
+    def self_attention(self, index: int) -> nn.Module:
+        """Layer ``index``'s self-attention module: the one with the query/key/value projections (PAPA)."""
+        return self.layers[index].attention.self
+
+    def use_constant_heads(self) -> None:
+        """Make every layer's attention read its self-attention module's ``papa`` (`ConstantHeads`) through
+        `frugalnlp.papa.attention.constant_head_attention`: constant heads there, the rest real."""
+        raise FrugalError(f"PAPA's constant heads are not available for {self.config.model_type} models")
 
     def strip_pooler(self) -> None:
         """Remove the family's own pooler: every exit head has its own, and unused weights break DDP."""

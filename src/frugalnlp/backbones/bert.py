@@ -12,6 +12,7 @@ from frugalnlp.backbones.base import Backbone, State
 
 class BertBackbone(Backbone):
     families = ("bert", "roberta", "xlm-roberta", "electra")
+    constant_heads = True
 
     @property
     def max_length(self) -> int:
@@ -34,3 +35,9 @@ class BertBackbone(Backbone):
 
     def layer(self, index: int, state: State) -> State:
         return replace(state, hidden=self.layers[index](state.hidden, state.layer_mask))
+
+    def use_constant_heads(self) -> None:
+        # Imported here: frugalnlp.papa imports the backbones. Importing it registers the attention function.
+        from frugalnlp.papa.attention import ATTENTION
+
+        self.model.set_attn_implementation(ATTENTION)

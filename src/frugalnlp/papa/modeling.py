@@ -1,100 +1,27 @@
 """PAPA models: chosen attention heads use a constant matrix instead of softmax(QK^T).
 
-Works on any BERT-family encoder (BERT, RoBERTa, XLM-RoBERTa, ELECTRA) through
-`transformers.AttentionInterface`: the model runs with ``attn_implementation="frugalnlp_papa"``, and
-each self-attention module gets a `ConstantHeads` child holding its constant matrices (and, for
-ranking, one gate per head). Constant heads lose their query and key rows, so they cost nothing to
-score. `PapaModel` wraps the encoder with a `Probe` classifier and saves everything (constant heads,
-matrices, layout) with ``save_pretrained``.
+Works on every family whose backbone adapter routes attention through `frugalnlp.papa.attention`
+(`Backbone.use_constant_heads`: BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MPNet). Each self-attention module
+gets a `ConstantHeads` child holding its constant matrices (and, for ranking, one gate per head).
+Constant heads lose their query and key rows, so they cost nothing to score. `PapaModel` wraps the
+encoder with a `Probe` classifier and saves everything (constant heads, matrices, layout) with
+``save_pretrained``.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import (AttentionInterface, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel)
-from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.models.bert.modeling_bert import eager_attention_forward
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
-from frugalnlp.backbones import backbone_for
-from frugalnlp.backbones.bert import BertBackbone
+from frugalnlp.backbones import ADAPTERS, backbone_for
+from frugalnlp.papa.attention import ConstantHeads, drop_query_key
 from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
 
-ATTENTION = "frugalnlp_papa"
 SETTINGS = ("probe", "finetune")
-
-
-class ConstantHeads(nn.Module):
-    """PAPA state of one self-attention layer.
-
-    ``heads`` hold a constant matrix each (``constant``: [len(heads), n, n]). Without gates they replace
-    the real attention (and have no query/key rows); with ``gated`` every head of the layer has a constant
-    and mixes sigmoid(gate) * real + (1 - sigmoid(gate)) * constant, gates starting at 0 (an even mix).
-    """
-
-    def __init__(self, num_heads: int, length: int, heads: list[int], gated: bool = False) -> None:
-        super().__init__()
-        self.heads = sorted(heads)
-        self.live = [h for h in range(num_heads) if h not in self.heads] if not gated else list(range(num_heads))
-        self.register_buffer("constant", torch.zeros(len(self.heads), length, length))
-        self.gates = nn.Parameter(torch.zeros(num_heads)) if gated else None
-
-
-class NoHeads(nn.Module):
-    """Query/key projection of a layer whose heads are all constant: one zero head, never read."""
-
-    def __init__(self, head_size: int) -> None:
-        super().__init__()
-        self.head_size = head_size
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden.new_zeros(*hidden.shape[:-1], self.head_size)
-
-
-def papa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                   attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention with constant heads. query/key: [batch, live heads, seq, head size] (constant heads have
-    no rows), value: [batch, heads, seq, head size], attention_mask: additive [batch, 1, seq, seq] or None.
-    Returns ([batch, seq, heads, head size], probabilities [batch, heads, seq, seq])."""
-    papa: ConstantHeads | None = getattr(module, "papa", None)
-    if papa is None:
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
-    batch, num_heads, seq, _ = value.shape
-    if attention_mask is None:
-        keys = value.new_ones(batch, 1, seq, seq, dtype=torch.bool)
-    else:
-        keys = (attention_mask > torch.finfo(attention_mask.dtype).min / 2).expand(batch, 1, seq, seq)
-    # Constant rows over real keys only, renormalised; a row with no mass there attends uniformly.
-    constant = papa.constant[:, :seq, :seq].to(value.dtype) * keys
-    total = constant.sum(-1, keepdim=True)
-    uniform = keys / keys.sum(-1, keepdim=True).clamp_min(1)
-    constant = torch.where(total > 0, constant / total.clamp_min(torch.finfo(value.dtype).tiny), uniform)
-
-    live = len(papa.live)
-    real = None
-    if live:
-        scores = torch.matmul(query[:, :live], key[:, :live].transpose(2, 3)) * (scaling or query.size(-1) ** -0.5)
-        if attention_mask is not None:
-            scores = scores + attention_mask
-        real = nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)  # real heads only
-    if papa.gates is not None:
-        gate = papa.gates.sigmoid().to(value.dtype)[None, :, None, None]
-        probs = gate * real + (1 - gate) * constant
-    else:
-        probs = value.new_empty(batch, num_heads, seq, seq)
-        probs[:, papa.heads] = constant
-        if live:
-            probs[:, papa.live] = real
-    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return out, probs
-
-
-AttentionInterface.register(ATTENTION, papa_attention)
-AttentionMaskInterface.register(ATTENTION, eager_mask)
 
 
 class Probe(nn.Module):
@@ -171,13 +98,12 @@ class PapaModel(PreTrainedModel):
             raise FrugalError(f"PAPA setting {config.setting!r} is not one of {', '.join(SETTINGS)}")
         check_family(backbone.config.model_type if backbone is not None else config.backbone_config.get("model_type"))
         if backbone is None:
-            backbone_config = AutoConfig.for_model(**config.backbone_config)
-            backbone = AutoModel.from_config(backbone_config, attn_implementation=ATTENTION)
-        else:
-            backbone.set_attn_implementation(ATTENTION)
-        backbone_for(backbone).strip_pooler()  # the probe reads every layer; a pooler would be dead weight
+            backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone_config))
+        adapter = backbone_for(backbone)
+        adapter.use_constant_heads()
+        adapter.strip_pooler()  # the probe reads every layer; a pooler would be dead weight
         self.backbone = backbone
-        layers = backbone_for(backbone).layers
+        layers = adapter.layers
         num_heads = backbone.config.num_attention_heads
         for l, h in config.constant_heads:
             if not (0 <= l < len(layers) and 0 <= h < num_heads):
@@ -188,9 +114,10 @@ class PapaModel(PreTrainedModel):
         self.post_init()
         # After post_init: transformers initialises modules it has not loaded, and the live query/key rows
         # copied here from the pretrained projections must stay as they are.
-        for index, layer in enumerate(layers):
+        for index in range(len(layers)):
             heads = list(range(num_heads)) if config.gated else [h for l, h in config.constant_heads if l == index]
-            _inject(layer.attention.self, ConstantHeads(num_heads, config.length, heads, config.gated))
+            drop_query_key(adapter.self_attention(index), ConstantHeads(num_heads, config.length, heads, config.gated),
+                           adapter.query_key)
         self._freeze()  # after the injection, so that new gates are trainable in the probe setting
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -247,7 +174,8 @@ class PapaModel(PreTrainedModel):
 
     def constant_modules(self) -> list[nn.Module]:
         """Each layer's self-attention module (the one holding ``papa``)."""
-        return [layer.attention.self for layer in backbone_for(self.backbone).layers]
+        adapter = backbone_for(self.backbone)
+        return [adapter.self_attention(index) for index in range(adapter.num_layers)]
 
     def set_constant_attention(self, constant_attention: torch.Tensor) -> None:
         """Load each layer's constant matrices from a [layers, heads, n, n] tensor."""
@@ -282,6 +210,8 @@ class PapaModel(PreTrainedModel):
             position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device)
                             + self.config.position_offset).expand_as(input_ids)
         encoder_grad = self.training and (self.config.setting == "finetune" or self.config.gated)
+        for module in self.constant_modules():
+            module.papa.return_probabilities = output_attentions
         with torch.set_grad_enabled(encoder_grad or (torch.is_grad_enabled() and not self.training)):
             encoded = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                     position_ids=position_ids, output_hidden_states=True,
@@ -292,32 +222,14 @@ class PapaModel(PreTrainedModel):
 
 
 def check_family(model_type: str | None) -> None:
-    """FrugalError unless PAPA can run on this model type (its attention goes through AttentionInterface)."""
-    if model_type not in BertBackbone.families:
-        raise FrugalError(f"PAPA needs a BERT-family encoder ({', '.join(BertBackbone.families)}); "
-                          f"{model_type} does not route attention through AttentionInterface")
+    """FrugalError unless PAPA can run on this model type (its adapter routes attention through constant heads)."""
+    families = [family for adapter in ADAPTERS if adapter.constant_heads for family in adapter.families]
+    if model_type not in families:
+        raise FrugalError(f"PAPA runs on {', '.join(families)} encoders; {model_type}'s backbone adapter has no "
+                          "constant-head attention")
 
 
 def layout_position_offset(encoder: PreTrainedModel) -> int:
     """Position id of slot 0: RoBERTa-style embeddings count from ``padding_idx + 1``."""
     padding_idx = getattr(encoder.embeddings, "padding_idx", None)
     return padding_idx + 1 if padding_idx is not None else 0
-
-
-def _inject(attention: nn.Module, papa: ConstantHeads) -> None:
-    """Attach ``papa`` to a self-attention module; replaced heads lose their query and key rows."""
-    attention.papa = papa
-    if papa.gates is not None or not papa.heads:
-        return
-    size = attention.attention_head_size
-    rows = torch.cat([torch.arange(h * size, (h + 1) * size) for h in papa.live]) if papa.live else None
-    for name in ("query", "key"):
-        full: nn.Linear = getattr(attention, name)
-        if rows is None:
-            setattr(attention, name, NoHeads(size))
-            continue
-        live = nn.Linear(full.in_features, len(rows), device=full.weight.device, dtype=full.weight.dtype)
-        with torch.no_grad():
-            live.weight.copy_(full.weight[rows])
-            live.bias.copy_(full.bias[rows])
-        setattr(attention, name, live)
