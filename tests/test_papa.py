@@ -233,3 +233,31 @@ def test_probe_handles_a_batch_of_one_and_trains_only_probe_and_gates(tokenizer)
     gates = [m.papa.gates for m in papa.constant_modules()]
     assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gates)
     assert papa.gate_logits().shape == (3, 4)
+
+
+@pytest.mark.slow
+def test_real_mpnet_constant_heads_with_an_inputs_own_attention_reproduce_it():
+    """all-mpnet-base-v2 (`make mpnet`): the real checkpoint through the same check as the tiny configs."""
+    from transformers import AutoModel
+
+    from frugalnlp.assets import resolve_model
+    from frugalnlp.papa.modeling import layout_position_offset
+
+    try:
+        path = resolve_model("mpnet")
+    except FrugalError as e:
+        pytest.skip(str(e))
+    encoder = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    offset = layout_position_offset(encoder)
+    features = encode_fixed_layout(load_tokenizer(path), TEXTS[2:3], None, 32, offset)
+    batch = {k: torch.tensor(v) for k, v in features.items()}
+    with torch.no_grad():
+        reference = encoder(**batch, output_attentions=True, output_hidden_states=True)
+    own = torch.stack([a[0] for a in reference.attentions])  # [12, 12, 32, 32]
+    real = batch["attention_mask"][0].bool()
+    for chosen in ([[l, h] for l in range(12) for h in range(12)], [[l, h] for l in range(12) for h in range(0, 12, 2)]):
+        papa = PapaModel.from_encoder(AutoModel.from_pretrained(path), own, constant_heads=chosen).eval()
+        with torch.no_grad():
+            out = papa.backbone(**batch, output_hidden_states=True)
+        for ours, theirs in zip(out.hidden_states, reference.hidden_states):
+            assert torch.allclose(ours[0, real], theirs[0, real], atol=1e-4)

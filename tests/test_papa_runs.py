@@ -132,3 +132,21 @@ def test_constants_and_runs_from_user_files(tiny_dir, tmp_path, capsys):
                                 "--output", tmp_path / "run"], capsys)
     assert status == 0, err
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test"]["examples"] == 8
+
+
+def test_bench_papa_times_every_configuration_and_predicts_from_flops(tiny_dir, tmp_path, capsys):
+    status, out, err = run_cli(["bench", "--papa", "--quick", "--model", tiny_dir, "--json", tmp_path / "b.json"],
+                               capsys)
+    assert status == 0, err
+    results = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["length"], r["batch"]) for r in results["rows"]] == [(32, 1), (32, 8)]
+    for row in results["rows"]:
+        c = {c["name"]: c for c in row["configurations"]}
+        assert list(c) == ["HF sdpa", "HF eager", "PAPA 0 constant", "PAPA 8 constant", "PAPA 16 constant"]
+        # CPU sdpa is counted like eager attention, and PAPA with no constant head is the plain model
+        flops = [c[name]["flops"] for name in ("HF sdpa", "HF eager", "PAPA 0 constant")]
+        assert max(flops) / min(flops) < 1.01, flops
+        predicted = [c[f"PAPA {n} constant"]["predicted_speedup"] for n in (0, 8, 16)]
+        assert predicted[0] == 1 < predicted[1] < predicted[2]
+        assert all(x["ms"] > 0 and x["measured_speedup"] > 0 for x in c.values())
+    assert "| 32 | 8 | PAPA 16 constant |" in out

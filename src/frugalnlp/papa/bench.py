@@ -36,10 +36,10 @@ class PapaBenchSettings:
 QUICK_PAPA = PapaBenchSettings(lengths=(32,), batch_sizes=(1, 8), repeats=2, calls=1)
 
 
-def _spread_heads(count: int, layers: int, heads: int) -> list[list[int]]:
-    """``count`` heads spread evenly over the layers (a ranking's choice costs the same per head)."""
-    order = [[layer, head] for head in range(heads) for layer in range(layers)]
-    return order[:count]
+def _spread_heads(layers: int, heads: int) -> list[list[int]]:
+    """Every head, ordered so that any prefix spreads evenly over the layers (head 0 of each layer, then
+    head 1, ...): without a ranking, what a count of constant heads costs does not depend on which."""
+    return [[layer, head] for head in range(heads) for layer in range(layers)]
 
 
 def run_papa_bench(settings: PapaBenchSettings | None = None, ranking: list[list[int]] | None = None,
@@ -52,19 +52,19 @@ def run_papa_bench(settings: PapaBenchSettings | None = None, ranking: list[list
     settings = settings or PapaBenchSettings()
     path = resolve_model(settings.model)
     verify_checkpoint(path)
-    sdpa = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    check_family(sdpa.config.model_type)
-    if max(settings.lengths) > backbone_for(sdpa).max_length:
+    plain = AutoModel.from_pretrained(path).eval()  # the family's default attention (sdpa where it has one)
+    check_family(plain.config.model_type)
+    if max(settings.lengths) > backbone_for(plain).max_length:
         raise FrugalError(f"length {max(settings.lengths)} is longer than {settings.model}'s "
-                          f"{backbone_for(sdpa).max_length} positions")
-    layers, num_heads = sdpa.config.num_hidden_layers, sdpa.config.num_attention_heads
+                          f"{backbone_for(plain).max_length} positions")
+    layers, num_heads = plain.config.num_hidden_layers, plain.config.num_attention_heads
     counts = resolve_heads(",".join(settings.heads), layers, num_heads)
-    order = ranking or _spread_heads(layers * num_heads, layers, num_heads)
+    order = ranking or _spread_heads(layers, num_heads)
     # Constant matrices: any row-stochastic values cost the same; softmax of noise is one.
     length = max(settings.lengths)
     constant = torch.randn(layers, num_heads, length, length, generator=torch.Generator().manual_seed(0)).softmax(-1)
-    models: dict[str, Callable] = {"HF sdpa": sdpa}
-    if sdpa.config.model_type != "mpnet":  # MPNet has a single attention implementation: eager
+    models: dict[str, Callable] = {f"HF {plain.config._attn_implementation}": plain}
+    if plain.config._attn_implementation != "eager":
         models["HF eager"] = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
     for count in counts:
         papa = PapaModel.from_encoder(AutoModel.from_pretrained(path), constant,

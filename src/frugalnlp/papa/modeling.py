@@ -17,9 +17,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import ADAPTERS, backbone_for
-from frugalnlp.papa.attention import ConstantHeads, drop_query_key
 from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
+from frugalnlp.papa.attention import ConstantHeads, drop_query_key
 
 SETTINGS = ("probe", "finetune")
 
