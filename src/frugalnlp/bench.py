@@ -102,7 +102,7 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
                      "exit_layers": model.config.exit_layers, "batch_sizes": {}}
 
     tokenize_times = median_times({"tokenize": lambda: encode_texts(tokenizer, split.texts, split.pairs,
-                                                                      settings.max_length)}, settings.repeats)
+                                                                     settings.max_length)}, settings.repeats)
     results["tokenize_seconds"] = tokenize_times["tokenize"]
     data = encode_split(split, tokenizer, settings.max_length)
     lengths = data.lengths()

@@ -96,7 +96,7 @@ def constant_head_attention(papa: ConstantHeads, query: torch.Tensor, key: torch
         bias = score_bias if papa.gates is not None else score_bias[:, papa.live]
         live_mask = bias if attention_mask is None else attention_mask + bias
     if papa.return_probabilities:
-        return _with_probabilities(papa, query, value, key, live_mask, keys, constant, scaling, dropout, training)
+        return _with_probabilities(papa, query, key, value, live_mask, keys, constant, scaling, dropout, training)
 
     def real(heads: list[int]) -> torch.Tensor:  # [batch, seq, len(heads), head size]
         out = F.scaled_dot_product_attention(query, key, _heads(value, heads), attn_mask=live_mask,
@@ -159,7 +159,7 @@ def _constant_output(constant: torch.Tensor, value: torch.Tensor, keys: torch.Te
     return out.permute(2, 1, 0, 3)
 
 
-def _with_probabilities(papa: ConstantHeads, query: torch.Tensor, value: torch.Tensor, key: torch.Tensor,
+def _with_probabilities(papa: ConstantHeads, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         live_mask: torch.Tensor | None, keys: torch.Tensor, constant: torch.Tensor, scaling: float,
                         dropout: float, training: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The same attention with every head's [seq, seq] probabilities built explicitly (``output_attentions``)."""
