@@ -84,7 +84,6 @@ class Backbone:
     """Adapter over one HF encoder. Subclasses implement the family-specific parts."""
 
     families: tuple[str, ...] = ()  # config.model_type values this adapter runs
-    constant_heads: bool = False  # whether `use_constant_heads` is implemented (PAPA)
     query_key: tuple[str, str] = ("query", "key")  # attribute names of the self-attention's Q and K projections
 
     def __init__(self, model: PreTrainedModel) -> None:

@@ -12,7 +12,6 @@ from frugalnlp.backbones.base import Backbone, State
 
 class BertBackbone(Backbone):
     families = ("bert", "roberta", "xlm-roberta", "electra")
-    constant_heads = True
 
     @property
     def max_length(self) -> int:

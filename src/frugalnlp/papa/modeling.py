@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
-from frugalnlp.backbones import ADAPTERS, backbone_for
+from frugalnlp.backbones import ADAPTERS, Backbone, backbone_for
 from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
 from frugalnlp.papa.attention import ConstantHeads, drop_query_key
@@ -223,7 +223,8 @@ class PapaModel(PreTrainedModel):
 
 def check_family(model_type: str | None) -> None:
     """FrugalError unless PAPA can run on this model type (its adapter routes attention through constant heads)."""
-    families = [family for adapter in ADAPTERS if adapter.constant_heads for family in adapter.families]
+    families = [family for adapter in ADAPTERS if adapter.use_constant_heads is not Backbone.use_constant_heads
+                for family in adapter.families]
     if model_type not in families:
         raise FrugalError(f"PAPA runs on {', '.join(families)} encoders; {model_type}'s backbone adapter has no "
                           "constant-head attention")
