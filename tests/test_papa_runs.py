@@ -61,6 +61,7 @@ def test_sweep_table_and_files(constants, tmp_path, capsys):
     flops = [r["encoder_flops_share"] for r in summary["rows"]]
     assert flops[0] == 1 and flops[0] > flops[1] > flops[2]  # constant heads really skip their query/key work
     assert (tmp_path / "sweep" / "sweep.png").exists() and (tmp_path / "sweep" / "ranking" / "ranking.json").exists()
+    assert not list((tmp_path / "sweep").rglob("*.states"))  # the probes' stored encoder states are scratch
 
 
 def test_resolve_heads():
@@ -150,3 +151,37 @@ def test_bench_papa_times_every_configuration_and_predicts_from_flops(tiny_dir, 
         assert predicted[0] == 1 < predicted[1] < predicted[2]
         assert all(x["ms"] > 0 and x["measured_speedup"] > 0 for x in c.values())
     assert "| 32 | 8 | PAPA 16 constant |" in out
+
+
+def test_probes_on_precomputed_states_train_and_score_as_with_the_encoder(constants, tmp_path):
+    """The sweep's shortcut: a probe trained on the frozen encoder's stored states is the probe trained through
+    the encoder (same seed, same data order), and one store serves every seed's training subset."""
+    from dataclasses import replace
+
+    from frugalnlp.papa.experiment import PapaSpec, frozen_states, rank_heads, run_papa
+
+    rank = rank_heads(PapaSpec(output=str(tmp_path / "rank"), constants=constants, train_size=48, epochs=1))
+    spec = PapaSpec(output=str(tmp_path / "live"), constants=constants, ranking=str(rank), heads=5, train_size=48,
+                    epochs=2, seed=1)
+    live = json.loads((run_papa(spec) / "metrics.json").read_text())
+    states = frozen_states(spec, [0, 1], tmp_path / "states", dtype=torch.float32)
+    assert 48 < len(states["train"].row) <= 96 and states["train"].states.shape[1:] == (5, 20, 32)  # 4 layers + embeddings
+    stored = json.loads((run_papa(replace(spec, output=str(tmp_path / "stored")), states=states) / "metrics.json").read_text())
+    for split in ("dev", "test"):
+        assert stored[split] == live[split]
+    assert stored["training"]["train_loss"] == pytest.approx(live["training"]["train_loss"], abs=1e-5)
+    probes = [PapaModel.from_pretrained(tmp_path / name / "model").probe.state_dict() for name in ("live", "stored")]
+    for name, weight in probes[0].items():
+        torch.testing.assert_close(probes[1][name], weight, atol=1e-5, rtol=1e-5)
+
+    half = frozen_states(spec, [0], tmp_path / "half")  # float16, the sweep's default: close to the encoder's
+    example = half["dev"].states[0].float()
+    torch.testing.assert_close(example, states["dev"].states[states["dev"].row[next(iter(half["dev"].row))]],
+                               atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="other constant heads"):
+        run_papa(replace(spec, output=str(tmp_path / "other"), heads=3), states=states)
+    finetune = PapaModel.from_pretrained(tmp_path / "live" / "model")
+    finetune.config.setting = "finetune"
+    with pytest.raises(FrugalError, match="frozen encoder"):
+        finetune(input_ids=torch.ones(1, 20, dtype=torch.long), attention_mask=torch.ones(1, 20, dtype=torch.long),
+                 hidden_states=states["dev"].states[:1])

@@ -7,9 +7,10 @@ every part of one experiment agrees. Each step writes its own directory atomical
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +22,11 @@ from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokeniz
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import scores
 from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
+from frugalnlp.papa.frozen_states import FrozenStates
 from frugalnlp.papa.modeling import SETTINGS, PapaModel, check_family, layout_position_offset
 from frugalnlp.report import command_line, new_figure, save_figure
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.tasks import Columns, TaskData, load_task, with_train_size
+from frugalnlp.tasks import Columns, Split, TaskData, load_task, with_train_size
 from frugalnlp.training import check_max_length, check_positive, fit, remove_checkpoints
 
 DEFAULT_LR = {"probe": 1e-3, "finetune": 5e-5}
@@ -120,8 +122,9 @@ class _Experiment:
         model_path = resolve_model(metadata["model"])
         return cls(constant, metadata, task, model_path, load_tokenizer(model_path))
 
-    def encode(self, split: str) -> EncodedSplit:
-        return encode_split(self.task.split(split), self.tokenizer, self.metadata["length"], fixed_layout=True,
+    def encode(self, split: str | Split) -> EncodedSplit:
+        split = self.task.split(split) if isinstance(split, str) else split
+        return encode_split(split, self.tokenizer, self.metadata["length"], fixed_layout=True,
                             position_offset=self.metadata["position_offset"])
 
     def model(self, spec: PapaSpec, constant_heads: list[list[int]], gated: bool = False) -> PapaModel:
@@ -131,17 +134,24 @@ class _Experiment:
                                       position_offset=self.metadata["position_offset"],
                                       id2label=dict(enumerate(self.task.label_names)))
 
-    def train(self, model: PapaModel, spec: PapaSpec, run: RunDir, resume: bool) -> dict:
+    def train(self, model: PapaModel, spec: PapaSpec, run: RunDir, resume: bool,
+              states: FrozenStates | None = None) -> dict:
+        """Fit with the HF Trainer; with ``states`` the probe reads the frozen encoder's precomputed states."""
         optimizer = torch.optim.AdamW(model.parameter_groups(spec.lr, spec.gate_lr), weight_decay=0.0)
-        return fit(model, self.encode("train"), default_data_collator, spec, run.path / "checkpoints", resume,
-                   optimizer=optimizer)
+        data = self.encode("train")
+        if states is not None:
+            data = states.dataset(data, self.task.train.ids)
+        return fit(model, data, default_data_collator, spec, run.path / "checkpoints", resume, optimizer=optimizer)
 
-    def evaluate(self, model: PapaModel, split: str, batch_size: int) -> dict:
+    def evaluate(self, model: PapaModel, split: str, batch_size: int, states: FrozenStates | None = None) -> dict:
         data = self.encode(split)
+        ids = self.task.split(split).ids
         logits = torch.empty(len(data), self.task.num_labels)
         model.eval()
         with torch.inference_mode():
             for index, batch in batches(data, self.tokenizer, batch_size, model.device):
+                if states is not None:
+                    batch["hidden_states"] = states.states[states.rows([ids[i] for i in index])].to(model.device)
                 logits[torch.as_tensor(index)] = model(**batch).logits.float().cpu()
         return {"examples": len(data), **scores(logits.argmax(-1), data.labels, self.task.num_labels)}
 
@@ -181,8 +191,13 @@ def load_ranking(path: str | Path) -> list[list[int]]:
     return ranking["order"]
 
 
-def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False) -> Path:
-    """Train and score a model whose first ``spec.heads`` ranked heads are constant; returns the run directory."""
+def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False,
+             states: dict[str, FrozenStates] | None = None) -> Path:
+    """Train and score a model whose first ``spec.heads`` ranked heads are constant; returns the run directory.
+
+    ``states`` (probe setting): the frozen encoder's hidden states per split (train, dev, test), from
+    `frozen_states`; the probe then trains and is scored on them without running the encoder.
+    """
     run = RunDir(spec.output, overwrite=overwrite, resume=resume)
     experiment = _Experiment.load(spec)
     total = experiment.metadata["layers"] * experiment.metadata["heads"]
@@ -192,10 +207,14 @@ def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False) -> P
         raise FrugalError("--heads > 0 needs --ranking (from `frugalnlp papa rank`)")
     constant_heads = load_ranking(spec.ranking)[:spec.heads] if spec.heads else []
     model = experiment.model(spec, constant_heads)
+    states = states or {}
+    if any(s.constant_heads != model.config.constant_heads for s in states.values()):
+        raise ValueError("the precomputed states are for other constant heads than this run's")
     run.open()
     started = time.perf_counter()
-    training = experiment.train(model, spec, run, resume)
-    metrics = {split: experiment.evaluate(model, split, spec.eval_batch_size) for split in ("dev", "test")}
+    training = experiment.train(model, spec, run, resume, states.get("train"))
+    metrics = {split: experiment.evaluate(model, split, spec.eval_batch_size, states.get(split))
+               for split in ("dev", "test")}
     metrics.update(heads=spec.heads, total_heads=total, constant_heads=constant_heads, training=training,
                    train_examples=len(experiment.task.train), seconds=time.perf_counter() - started)
     model.save_pretrained(run.path / "model")
@@ -205,6 +224,25 @@ def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False) -> P
     write_json(run.path / "metrics.json", metrics)
     remove_checkpoints(run.path)
     return run.commit()
+
+
+def frozen_states(spec: PapaSpec, seeds: list[int], directory: Path,
+                  dtype: torch.dtype = torch.float16) -> dict[str, FrozenStates]:
+    """The frozen encoder's hidden states (first ``spec.heads`` ranked heads constant) on every example that
+    the runs of ``spec`` with ``seeds`` train or are scored on: the union of the seeds' training subsets, dev
+    and test. Scratch memory maps under ``directory``."""
+    experiment = _Experiment.load(replace(spec, train_size=None))
+    pool = experiment.task
+    position = {example: i for i, example in enumerate(pool.train.ids)}
+    needed = dict.fromkeys(example for seed in seeds
+                           for example in with_train_size(pool, spec.train_size, seed).train.ids)
+    splits = {"train": pool.train.take([position[example] for example in needed]), "dev": pool.dev, "test": pool.test}
+    constant_heads = load_ranking(spec.ranking)[:spec.heads] if spec.heads else []
+    model = experiment.model(spec, constant_heads)
+    return {name: FrozenStates.compute(model, experiment.encode(split), split.ids, experiment.tokenizer,
+                                       directory / f"{name}.states", batch_size=spec.eval_batch_size, dtype=dtype,
+                                       desc=f"{spec.heads} constant heads: {name} states")
+            for name, split in splits.items()}
 
 
 def resolve_heads(text: str, layers: int, heads: int) -> list[int]:
@@ -271,13 +309,18 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
             rank_heads(rank_spec, resume=Path(ranking + ".partial").exists())
     results: dict[int, list[dict]] = {n: [] for n in counts}
     for n in counts:
-        for seed in seeds:
-            path = out.path / f"heads-{n}" / f"seed-{seed}"
-            if not (path / "metrics.json").exists():
-                print(f"== {n} constant heads, seed {seed}", file=sys.stderr)
-                run_papa(spec(path, heads=n, seed=seed, ranking=ranking),
-                         resume=path.with_name(path.name + ".partial").exists())
-            results[n].append(json.loads((path / "metrics.json").read_text()))
+        paths = {seed: out.path / f"heads-{n}" / f"seed-{seed}" for seed in seeds}
+        missing = [seed for seed, path in paths.items() if not (path / "metrics.json").exists()]
+        scratch = out.path / f"heads-{n}" / "states"
+        # The frozen encoder's states are computed once for every seed's probe (the probe setting only).
+        states = frozen_states(spec(scratch, heads=n, ranking=ranking), seeds, scratch) \
+            if missing and setting == "probe" else None
+        for seed in missing:
+            print(f"== {n} constant heads, seed {seed}", file=sys.stderr)
+            run_papa(spec(paths[seed], heads=n, seed=seed, ranking=ranking),
+                     resume=paths[seed].with_name(paths[seed].name + ".partial").exists(), states=states)
+        shutil.rmtree(scratch, ignore_errors=True)
+        results[n] = [json.loads((paths[seed] / "metrics.json").read_text()) for seed in seeds]
 
     base = float(np.mean([m["test"]["accuracy"] for m in results[counts[0]]])) if counts[0] == 0 else None
     flops = {n: PapaModel.from_pretrained(out.path / f"heads-{n}" / f"seed-{seeds[0]}" / "model").encoder_flops()

@@ -201,11 +201,11 @@ class PapaModel(PreTrainedModel):
         ids = torch.ones(1, self.config.length, dtype=torch.long, device=self.device)
         return count_flops(lambda: self.backbone(input_ids=ids, attention_mask=torch.ones_like(ids)))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                output_attentions: bool = False) -> SequenceClassifierOutput:
-        """input_ids, attention_mask, token_type_ids, position_ids: [batch, seq] in the fixed layout (seq <= n);
-        labels: [batch] or None. Returns logits [batch, num_labels] (and the loss with labels)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, output_attentions: bool = False
+               ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The encoder's part of `forward`: inputs [batch, seq] in the fixed layout -> hidden states
+        [batch, layers + 1, seq, hidden] (embeddings first) and, if asked, the attentions."""
         if position_ids is None:
             position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device)
                             + self.config.position_offset).expand_as(input_ids)
@@ -216,10 +216,27 @@ class PapaModel(PreTrainedModel):
             encoded = self.backbone(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                     position_ids=position_ids, output_hidden_states=True,
                                     output_attentions=output_attentions)
-        logits = self.probe(torch.stack(encoded.hidden_states, 1), attention_mask)
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits, attentions=encoded.attentions)
+        return torch.stack(encoded.hidden_states, 1), encoded.attentions
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                output_attentions: bool = False, hidden_states: torch.Tensor | None = None) -> SequenceClassifierOutput:
+        """input_ids, attention_mask, token_type_ids, position_ids: [batch, seq] in the fixed layout (seq <= n);
+        labels: [batch] or None. Returns logits [batch, num_labels] (and the loss with labels).
+
+        hidden_states: [batch, layers + 1, seq, hidden], what `encode` returns for these inputs (e.g. from
+        `frugalnlp.papa.frozen_states`); given, the encoder is skipped. Only a frozen encoder (probe setting,
+        no gates) may be skipped: its states never change.
+        """
+        attentions = None
+        if hidden_states is None:
+            hidden_states, attentions = self.encode(input_ids, attention_mask, token_type_ids, position_ids,
+                                                    output_attentions)
+        elif self.config.setting != "probe" or self.config.gated:
+            raise FrugalError("precomputed hidden states need a frozen encoder (probe setting, no gates)")
+        logits = self.probe(hidden_states.to(self.probe.dense.weight.dtype), attention_mask)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits, attentions=attentions)
 
 def check_family(model_type: str | None) -> None:
     """FrugalError unless PAPA can run on this model type (its adapter routes attention through constant heads)."""
