@@ -185,3 +185,36 @@ def test_probes_on_precomputed_states_train_and_score_as_with_the_encoder(consta
     with pytest.raises(FrugalError, match="frozen encoder"):
         finetune(input_ids=torch.ones(1, 20, dtype=torch.long), attention_mask=torch.ones(1, 20, dtype=torch.long),
                  hidden_states=states["dev"].states[:1])
+
+
+def test_compare_puts_models_side_by_side_and_says_whether_the_better_lost_more(tmp_path, capsys):
+    def sweep(model, accuracies, f1=(0.6, 0.5, 0.4)):
+        rows = [{"heads": h, "share": share, "accuracy_mean": a, "accuracy_std": 0.01, "macro_f1_mean": f, "macro_f1_std": 0.01}
+                for h, share, a, f in zip((0, 6, 12), (0, 0.5, 1.0), accuracies, f1)]
+        path = tmp_path / model
+        path.mkdir()
+        (path / "sweep.json").write_text(json.dumps({"kind": "frugalnlp-papa-sweep", "task": "mr", "model": model,
+                                                     "setting": "probe", "length": 16, "train_size": 48,
+                                                     "seeds": [0, 1], "rows": rows}))
+        return path
+
+    small, large = sweep("small", (0.80, 0.76, 0.72)), sweep("large", (0.90, 0.90, 0.72))
+    status, out, err = run_cli(["papa", "compare", small, large, "--output", tmp_path / "cmp"], capsys)
+    assert status == 0, err
+    assert "| mr | probe | small | 0.800 ± 0.010 | 0.600 | 5.0% | 10.0% | 16.7% | 33.3% |" in out
+    assert "| mr | probe | large | 0.900 ± 0.010 | 0.600 | 0.0% | 20.0% |" in out
+    assert "the better model, large, lost more with all heads constant: **yes**" in out
+    comparison = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert comparison["verdicts"] == [{"task": "mr", "setting": "probe", "best_model": "large",
+                                       "most_drop_model": "large", "better_lost_more": True}]
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+    robust = sweep("robust", (0.95, 0.95, 0.94))
+    status, out, err = run_cli(["papa", "compare", small, large, robust, "--output", tmp_path / "cmp2"], capsys)
+    assert status == 0 and "**no (large lost more)**" in out
+
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "frugalnlp-papa-ranking"}))
+    status, _, err = run_cli(["papa", "compare", tmp_path / "other.json", "--output", tmp_path / "cmp3"], capsys)
+    assert status == 2 and "not a `frugalnlp papa sweep` summary" in err and not (tmp_path / "cmp3").exists()
+    status, _, err = run_cli(["papa", "compare", small, "--output", tmp_path / "cmp"], capsys)
+    assert status == 2 and "already exists" in err

@@ -335,6 +335,13 @@ def cmd_papa_sweep(args: argparse.Namespace) -> None:
           resume=args.resume, source=_papa_source(args))
 
 
+def cmd_papa_compare(args: argparse.Namespace) -> None:
+    from frugalnlp.papa.experiment import compare_sweeps
+
+    compare_sweeps(args.sweeps, args.output, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
+
+
 def _add_papa_parser(sub) -> None:
     papa = sub.add_parser("papa", help="PAPA: constant attention, head ranking, probing and fine-tuning")
     steps = papa.add_subparsers(dest="papa_command", required=True)
@@ -382,6 +389,13 @@ def _add_papa_parser(sub) -> None:
     p.add_argument("--constants-train-size", type=int, default=None, help="examples to average attention over")
     recipe(p)
     p.set_defaults(func=cmd_papa_sweep)
+
+    p = steps.add_parser("compare", help="sweeps of several models side by side: baselines, relative drops, "
+                                         "and whether the better model lost more")
+    p.add_argument("sweeps", nargs="+", help="outputs of `frugalnlp papa sweep`")
+    p.add_argument("--output", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_papa_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:

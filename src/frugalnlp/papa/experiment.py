@@ -337,7 +337,7 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
                      "dev_accuracy_per_seed": [m["dev"]["accuracy"] for m in runs],
                      "relative_drop": None if base is None else (base - mean) / base,
                      "encoder_flops": flops[n], "encoder_flops_share": flops[n] / flops[counts[0]]})
-    summary = {"task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
+    summary = {"kind": "frugalnlp-papa-sweep", "task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
                "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
                "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata, "ranking": ranking, "rows": rows,
                "seconds": time.perf_counter() - started, "command": command_line()}
@@ -367,6 +367,108 @@ def format_sweep(summary: dict) -> str:
         lines.append(f"| {row['heads']} | {100 * row['share']:.0f}% | {spread(row, 'accuracy')} | {drop} | "
                      f"{spread(row, 'macro_f1')} | {row['encoder_flops_share']:.3f} |")
     return "\n".join(lines)
+
+
+def load_sweep(path: str | Path) -> dict:
+    """A sweep's summary (``sweep.json``) from its directory or the file itself."""
+    path = Path(path)
+    path = path / "sweep.json" if path.is_dir() else path
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FrugalError(f"cannot read a sweep summary at {path}: {error}") from None
+    # Summaries written before they carried a kind are recognised by their rows.
+    if summary.get("kind", "frugalnlp-papa-sweep") != "frugalnlp-papa-sweep" or "rows" not in summary:
+        raise FrugalError(f"{path} is not a `frugalnlp papa sweep` summary")
+    return summary
+
+
+def compare_sweeps(paths: list[str], output: str, overwrite: bool = False) -> dict:
+    """Models side by side (the paper's third finding: do better models lose more from constant attention?).
+
+    For each sweep: the all-real baseline and the relative drop with half and with all heads constant (of
+    test accuracy and of macro-F1). For each task and setting with several models: whether the model with
+    the best baseline lost the most with all heads constant. Writes ``compare.json``, ``compare.md`` and
+    ``compare.png`` (relative drops per task and model); returns the summary.
+    """
+    run = RunDir(output, overwrite=overwrite)
+    if not paths:
+        raise FrugalError("give at least one sweep directory")
+    rows = []
+    for path in paths:
+        summary = load_sweep(path)
+        by_share = {row["share"]: row for row in summary["rows"]}
+        if 0 not in by_share:
+            raise FrugalError(f"{path}: the sweep has no run with 0 constant heads to compare against")
+        base = by_share[0]
+
+        def drop(share: float, name: str) -> float | None:
+            row = by_share.get(share)
+            return None if row is None else (base[f"{name}_mean"] - row[f"{name}_mean"]) / base[f"{name}_mean"]
+
+        rows.append({"task": summary["task"], "model": summary["model"], "setting": summary["setting"],
+                     "length": summary["length"], "train_size": summary["train_size"], "seeds": summary["seeds"],
+                     "accuracy": base["accuracy_mean"], "accuracy_std": base["accuracy_std"],
+                     "macro_f1": base["macro_f1_mean"],
+                     "accuracy_drop_half": drop(0.5, "accuracy"), "accuracy_drop_all": drop(1.0, "accuracy"),
+                     "macro_f1_drop_half": drop(0.5, "macro_f1"), "macro_f1_drop_all": drop(1.0, "macro_f1"),
+                     "sweep": str(Path(path))})
+    verdicts = []
+    for task, setting in dict.fromkeys((r["task"], r["setting"]) for r in rows):
+        group = [r for r in rows if (r["task"], r["setting"]) == (task, setting) and r["accuracy_drop_all"] is not None]
+        if len({r["model"] for r in group}) < 2:
+            continue
+        best = max(group, key=lambda r: r["accuracy"])
+        most = max(group, key=lambda r: r["accuracy_drop_all"])
+        verdicts.append({"task": task, "setting": setting, "best_model": best["model"],
+                         "most_drop_model": most["model"], "better_lost_more": best is most})
+    comparison = {"kind": "frugalnlp-papa-comparison", "rows": rows, "verdicts": verdicts, "command": command_line()}
+    table = format_comparison(comparison)
+    print(table)
+    run.open()
+    write_json(run.path / "compare.json", comparison)
+    write_bytes(run.path / "compare.md", f"# PAPA: models side by side\n\n{table}\n\n![drops](compare.png)\n".encode())
+    _plot_comparison(rows, run.path / "compare.png")
+    run.commit()
+    return comparison
+
+
+def format_comparison(comparison: dict) -> str:
+    """Markdown: one row per sweep (baseline, relative drops), then one line per task on the third finding."""
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{100 * value:.1f}%"
+
+    lines = ["| task | setting | model | all-real test accuracy | macro-F1 | relative drop, half | relative drop, all "
+             "| macro-F1 drop, half | macro-F1 drop, all |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in comparison["rows"]:
+        spread = f" ± {r['accuracy_std']:.3f}" if len(r["seeds"]) > 1 else ""
+        lines.append(f"| {r['task']} | {r['setting']} | {r['model']} | {r['accuracy']:.3f}{spread} | {r['macro_f1']:.3f} | "
+                     f"{pct(r['accuracy_drop_half'])} | {pct(r['accuracy_drop_all'])} | {pct(r['macro_f1_drop_half'])} | "
+                     f"{pct(r['macro_f1_drop_all'])} |")
+    for v in comparison["verdicts"]:
+        answer = "yes" if v["better_lost_more"] else f"no ({v['most_drop_model']} lost more)"
+        lines.append(f"\n- {v['task']} ({v['setting']}): the better model, {v['best_model']}, lost more with all heads "
+                     f"constant: **{answer}**")
+    return "\n".join(lines)
+
+
+def _plot_comparison(rows: list[dict], path: Path) -> None:
+    tasks = list(dict.fromkeys(f"{r['task']} ({r['setting']})" for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = new_figure(ncols=2, figsize=(4 + 1.2 * len(tasks) * len(models), 3.8), sharey=True)
+    width = 0.8 / len(models)
+    for ax, key, title in zip(axes, ("accuracy_drop_half", "accuracy_drop_all"), ("half the heads", "all heads")):
+        for m, model in enumerate(models):
+            values = {f"{r['task']} ({r['setting']})": r[key] for r in rows if r["model"] == model}
+            x = [t + m * width for t, task in enumerate(tasks) if values.get(task) is not None]
+            ax.bar(x, [100 * values[task] for task in tasks if values.get(task) is not None], width, label=model)
+        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=8)
+        ax.set_title(f"{title} constant", fontsize=9)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("relative drop of test accuracy (%)")
+    axes[1].legend(fontsize=8)
+    save_figure(fig, path)
 
 
 def _plot_sweep(summary: dict, path: Path) -> None:
