@@ -61,6 +61,7 @@ def test_sweep_table_and_files(constants, tmp_path, capsys):
     flops = [r["encoder_flops_share"] for r in summary["rows"]]
     assert flops[0] == 1 and flops[0] > flops[1] > flops[2]  # constant heads really skip their query/key work
     assert (tmp_path / "sweep" / "sweep.png").exists() and (tmp_path / "sweep" / "ranking" / "ranking.json").exists()
+    assert summary["ranking"] == str(tmp_path / "sweep" / "ranking")  # where it is now, not the .partial
     assert not list((tmp_path / "sweep").rglob("*.states"))  # the probes' stored encoder states are scratch
 
 

@@ -339,7 +339,9 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
                      "encoder_flops": flops[n], "encoder_flops_share": flops[n] / flops[counts[0]]})
     summary = {"kind": "frugalnlp-papa-sweep", "task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
                "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
-               "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata, "ranking": ranking, "rows": rows,
+               "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata,
+               # where the ranking will be once the sweep is published, not its .partial directory
+               "ranking": ranking and ranking.replace(str(out.path), str(out.final)), "rows": rows,
                "seconds": time.perf_counter() - started, "command": command_line()}
     table = format_sweep(summary)
     print(table)
