@@ -207,12 +207,16 @@ def test_compare_puts_models_side_by_side_and_says_whether_the_better_lost_more(
     assert "the better model, large, lost more with all heads constant: **yes**" in out
     comparison = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert comparison["verdicts"] == [{"task": "mr", "setting": "probe", "best_model": "large",
-                                       "most_drop_model": "large", "better_lost_more": True}]
+                                       "most_drop_model": "large", "better_lost_more": True, "baselines_differ": True}]
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
 
     robust = sweep("robust", (0.95, 0.95, 0.94))
     status, out, err = run_cli(["papa", "compare", small, large, robust, "--output", tmp_path / "cmp2"], capsys)
     assert status == 0 and "**no (large lost more)**" in out
+    tied = sweep("tied", (0.905, 0.90, 0.85))  # 0.005 apart, inside 0.01 + 0.01 of seed spread
+    status, out, err = run_cli(["papa", "compare", large, tied, "--output", tmp_path / "cmp4"], capsys)
+    assert status == 0 and "the better model, tied, lost more with all heads constant: **no (large lost more)** (but the " \
+        "baselines are within their seeds' spread" in out
 
     (tmp_path / "other.json").write_text(json.dumps({"kind": "frugalnlp-papa-ranking"}))
     status, _, err = run_cli(["papa", "compare", tmp_path / "other.json", "--output", tmp_path / "cmp3"], capsys)

@@ -422,8 +422,12 @@ def compare_sweeps(paths: list[str], output: str, overwrite: bool = False) -> di
             continue
         best = max(group, key=lambda r: r["accuracy"])
         most = max(group, key=lambda r: r["accuracy_drop_all"])
+        # "Better" only means something when the baselines differ by more than their seeds' spread.
+        clear = all(best["accuracy"] - r["accuracy"] > best["accuracy_std"] + r["accuracy_std"]
+                    for r in group if r is not best)
         verdicts.append({"task": task, "setting": setting, "best_model": best["model"],
-                         "most_drop_model": most["model"], "better_lost_more": best is most})
+                         "most_drop_model": most["model"], "better_lost_more": best is most,
+                         "baselines_differ": clear})
     comparison = {"kind": "frugalnlp-papa-comparison", "rows": rows, "verdicts": verdicts, "command": command_line()}
     table = format_comparison(comparison)
     print(table)
@@ -449,8 +453,9 @@ def format_comparison(comparison: dict) -> str:
                      f"{pct(r['macro_f1_drop_all'])} |")
     for v in comparison["verdicts"]:
         answer = "yes" if v["better_lost_more"] else f"no ({v['most_drop_model']} lost more)"
+        caveat = "" if v["baselines_differ"] else " (but the baselines are within their seeds' spread: no model is clearly better)"
         lines.append(f"\n- {v['task']} ({v['setting']}): the better model, {v['best_model']}, lost more with all heads "
-                     f"constant: **{answer}**")
+                     f"constant: **{answer}**{caveat}")
     return "\n".join(lines)
 
 
