@@ -223,3 +223,12 @@ def test_compare_puts_models_side_by_side_and_says_whether_the_better_lost_more(
     assert status == 2 and "not a `frugalnlp papa sweep` summary" in err and not (tmp_path / "cmp3").exists()
     status, _, err = run_cli(["papa", "compare", small, "--output", tmp_path / "cmp"], capsys)
     assert status == 2 and "already exists" in err
+
+
+def test_all_heads_constant_needs_no_ranking(constants, tmp_path, capsys):
+    status, out, err = run_cli(["papa", "sweep", "--constants", constants, "--heads", "0,all", *COMMON,
+                                "--output", tmp_path / "sweep"], capsys)
+    assert status == 0, err
+    assert not (tmp_path / "sweep" / "ranking").exists()  # every head is constant, whatever their order
+    model = PapaModel.from_pretrained(tmp_path / "sweep" / "heads-16" / "seed-0" / "model")
+    assert model.config.constant_heads == [[l, h] for l in range(4) for h in range(4)]

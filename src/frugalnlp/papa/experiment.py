@@ -127,6 +127,17 @@ class _Experiment:
         return encode_split(split, self.tokenizer, self.metadata["length"], fixed_layout=True,
                             position_offset=self.metadata["position_offset"])
 
+    def constant_heads(self, spec: PapaSpec) -> list[list[int]]:
+        """The first ``spec.heads`` heads of the ranking; every head (no ranking needed) when that is all of them."""
+        layers, heads = self.metadata["layers"], self.metadata["heads"]
+        if not 0 <= spec.heads <= layers * heads:
+            raise FrugalError(f"--heads {spec.heads} is out of range: the model has {layers * heads} heads")
+        if spec.heads == layers * heads:
+            return [[l, h] for l in range(layers) for h in range(heads)]
+        if spec.heads and spec.ranking is None:
+            raise FrugalError("--heads between 0 and all needs --ranking (from `frugalnlp papa rank`)")
+        return load_ranking(spec.ranking)[:spec.heads] if spec.heads else []
+
     def model(self, spec: PapaSpec, constant_heads: list[list[int]], gated: bool = False) -> PapaModel:
         set_seed(spec.seed)  # the probe is initialised randomly
         return PapaModel.from_encoder(self.model_path, self.constant, constant_heads=constant_heads, gated=gated,
@@ -201,11 +212,7 @@ def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False,
     run = RunDir(spec.output, overwrite=overwrite, resume=resume)
     experiment = _Experiment.load(spec)
     total = experiment.metadata["layers"] * experiment.metadata["heads"]
-    if not 0 <= spec.heads <= total:
-        raise FrugalError(f"--heads {spec.heads} is out of range: the model has {total} heads")
-    if spec.heads and spec.ranking is None:
-        raise FrugalError("--heads > 0 needs --ranking (from `frugalnlp papa rank`)")
-    constant_heads = load_ranking(spec.ranking)[:spec.heads] if spec.heads else []
+    constant_heads = experiment.constant_heads(spec)
     model = experiment.model(spec, constant_heads)
     states = states or {}
     if any(s.constant_heads != model.config.constant_heads for s in states.values()):
@@ -237,8 +244,7 @@ def frozen_states(spec: PapaSpec, seeds: list[int], directory: Path,
     needed = dict.fromkeys(example for seed in seeds
                            for example in with_train_size(pool, spec.train_size, seed).train.ids)
     splits = {"train": pool.train.take([position[example] for example in needed]), "dev": pool.dev, "test": pool.test}
-    constant_heads = load_ranking(spec.ranking)[:spec.heads] if spec.heads else []
-    model = experiment.model(spec, constant_heads)
+    model = experiment.model(spec, experiment.constant_heads(spec))
     return {name: FrozenStates.compute(model, experiment.encode(split), split.ids, experiment.tokenizer,
                                        directory / f"{name}.states", batch_size=spec.eval_batch_size, dtype=dtype,
                                        desc=f"{spec.heads} constant heads: {name} states")
@@ -302,7 +308,7 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
                       train_size=train_size)
         return PapaSpec(output=str(path), **{**recipe, **kwargs})
 
-    if ranking is None and any(counts):
+    if ranking is None and any(0 < n < metadata["layers"] * metadata["heads"] for n in counts):
         ranking = str(out.path / "ranking")
         if not Path(ranking).exists():  # gates are learnt in the probe setting, with the first seed
             rank_spec = spec(Path(ranking), seed=seeds[0], setting="probe", lr=lr if setting == "probe" else None)
