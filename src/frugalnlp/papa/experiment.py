@@ -162,7 +162,7 @@ class _Experiment:
         with torch.inference_mode():
             for index, batch in batches(data, self.tokenizer, batch_size, model.device):
                 if states is not None:
-                    batch["hidden_states"] = states.states[states.rows([ids[i] for i in index])].to(model.device)
+                    batch["hidden_states"] = states.states_of([ids[i] for i in index]).to(model.device)
                 logits[torch.as_tensor(index)] = model(**batch).logits.float().cpu()
         return {"examples": len(data), **scores(logits.argmax(-1), data.labels, self.task.num_labels)}
 

@@ -55,6 +55,10 @@ class FrozenStates:
         """Row of each example id."""
         return [self.row[example] for example in ids]
 
+    def states_of(self, ids: list[str]) -> torch.Tensor:
+        """The stored states of these examples: [len(ids), layers + 1, n, hidden]."""
+        return self.states[self.rows(ids)]
+
     def dataset(self, data: EncodedSplit, ids: list[str]) -> StatesDataset:
         """``data`` (example ``i`` has id ``ids[i]``) with each item's hidden states under ``hidden_states``."""
         return StatesDataset(data, self.states, self.rows(ids))
