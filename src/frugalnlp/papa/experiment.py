@@ -6,6 +6,7 @@ every part of one experiment agrees. Each step writes its own directory atomical
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import sys
@@ -325,6 +326,11 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
             print(f"== {n} constant heads, seed {seed}", file=sys.stderr)
             run_papa(spec(paths[seed], heads=n, seed=seed, ranking=ranking),
                      resume=paths[seed].with_name(paths[seed].name + ".partial").exists(), states=states)
+        # Unmap the store before the next one is built: a mapping keeps a deleted file's pages and disk
+        # space alive, and the Trainer's reference cycles hold the training set (and its store) until collected.
+        # Holding two stores at once got an MPNet BoolQ sweep killed for memory.
+        del states
+        gc.collect()
         shutil.rmtree(scratch, ignore_errors=True)
         results[n] = [json.loads((paths[seed] / "metrics.json").read_text()) for seed in seeds]
 
