@@ -238,6 +238,7 @@ class PapaModel(PreTrainedModel):
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits, attentions=attentions)
 
+
 def check_family(model_type: str | None) -> None:
     """FrugalError unless PAPA can run on this model type (its adapter routes attention through constant heads)."""
     families = [family for adapter in ADAPTERS if adapter.use_constant_heads is not Backbone.use_constant_heads
