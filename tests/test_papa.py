@@ -132,8 +132,11 @@ def test_mpnet_constant_heads_save_reload_without_query_key_keeping_the_position
     assert again.config.constant_heads == heads and again.config.position_offset == 2
     with torch.no_grad():
         for batch in batches:
-            assert torch.equal(papa(**batch).logits, again(**batch).logits)
+            # Same weights and buffers bit for bit (below); on some CPUs the reloaded model's layers still
+            # differ in the last bit (1e-7), so the logits are held to float32 rounding, not bit equality.
+            torch.testing.assert_close(papa(**batch).logits, again(**batch).logits, rtol=0, atol=1e-6)
     state = again.state_dict()
+    assert all(torch.equal(value, papa.state_dict()[name]) for name, value in state.items())
     size = SIZE["hidden_size"] // SIZE["num_attention_heads"]
     assert state["backbone.encoder.layer.0.attention.attn.q.weight"].shape == (2 * size, SIZE["hidden_size"])
     assert state["backbone.encoder.layer.0.attention.attn.k.weight"].shape == (2 * size, SIZE["hidden_size"])
