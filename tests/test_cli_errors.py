@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import socket
 
 import pytest
 
@@ -124,6 +126,17 @@ def _bad_inputs(tmp_path, tiny_run, tiny_dir):
     tiny = ["--model", tiny_dir, "--train-size", "48", "--epochs", "1", "--max-length", "24"]
     out = tmp_path / "out"
     predict = ["predict", tiny_run, "--input", rows]
+    # The second round of bad input (issue 22).
+    wrong_column = _csv(tmp_path, "review.csv", b"review\ngood film\n")
+    wrong_key = _csv(tmp_path, "review.jsonl", b'{"review": "good film"}\n{"review": "dull"}\n')
+    with_bad_rows = _csv(tmp_path, "some-bad.csv", b"text\ngood one\n,\nfine\n")
+    tab_separated = _csv(tmp_path, "tabs.csv", b"text\tlabel\n" + b"good, really\tpos\nbad\tneg\n" * 10)
+    numeric_text = _csv(tmp_path, "numbers.jsonl", b'{"text": 42, "label": "a"}\n' + b'{"text": "x", "label": "b"}\n' * 20)
+    bad_index_run = tmp_path / "bad-index-run"
+    if not bad_index_run.exists():
+        shutil.copytree(tiny_run, bad_index_run)
+        (bad_index_run / "model" / "model.safetensors.index.json").write_text('{"weight_map": {"a": ["x"]}}')
+    imbalanced = _csv(tmp_path, "imbalanced.csv", b"text,label\n" + b"good,pos\n" * 90 + b"bad,neg\n" * 10)
     return [
         (TRAIN + ["--train-file", single, "--output", out], ["single label"], out),
         (TRAIN + ["--train-file", extra, "--output", out], ["extra.csv:22:", "more field(s) than the header"], out),
@@ -159,6 +172,30 @@ def _bad_inputs(tmp_path, tiny_run, tiny_dir):
         (["evaluate", tiny_run, "--policy", "magic", "--output", out], ["unknown exit policy 'magic'"], out),
         (["analyze-gradients", tiny_run, "--batches", "0", "--output", out], ["--batches 0"], out),
         (["train", *tiny, "--method", "sweet", "--exit-layers", "1,2,9", "--output", out], ["out of range"], out),
+        (["predict", tiny_run, "--input", wrong_column, "--output", out],
+         ["no column 'text' in the header", "columns: review", "--text-column"], out),
+        (["predict", tiny_run, "--input", wrong_key, "--output", out],
+         ["no row has column 'text'", "columns: review", "--text-column"], out),
+        (["predict", tiny_run, "--input", with_bad_rows, "--output", existing, "--strict", "--overwrite"],
+         ["some-bad.csv:3:", "--strict wrote nothing"], existing),
+        (["predict", tiny_run, "--input", with_bad_rows, "--output", out, "--strict"], ["some-bad.csv:3:"], out),
+        (["predict", tiny_run, "--input", existing, "--output", existing, "--overwrite"],
+         ["is the --input file"], existing),
+        (["predict", tiny_run, "--input", rows, "--output", out, "--max-drop", "-1"], ["--max-drop -1"], out),
+        (["predict", tmp_path / "no-run", "--input", rows, "--output", out, "--target-speedup", "0.5"],
+         ["--target-speedup 0.5", "at least 1"], out),  # refused before the run is even looked for
+        (["evaluate", tmp_path / "no-run", "--max-drop", "-1", "--output", out], ["--max-drop -1"], out),
+        (["serve", tmp_path / "no-run", "--port", "0", "--target-speedup", "0.5"], ["--target-speedup 0.5"], out),
+        (["predict", bad_index_run, "--input", rows, "--output", out], ["model.safetensors.index.json"], out),
+        (TRAIN + ["--model", tiny_run / "model", "--output", out], ["frugalnlp model", "not an encoder"], out),
+        (TRAIN + ["--model", tiny_run, "--output", out], ["not a model directory", "model/"], out),
+        (TRAIN + ["--seed", "-1", "--output", out], ["--seed -1", "out of range"], out),
+        (["demo", "--seeds", "0,-2", "--output", out], ["--seeds -2"], out),
+        (TRAIN + ["--train-file", tab_separated, "--output", out], ["looks like a TSV file", ".tsv"], out),
+        (TRAIN + ["--train-file", numeric_text, "--output", out], ["numbers.jsonl:1:", "JSON number (42)"], out),
+        (TRAIN + ["--train-size", "1", "--output", out], ["--train-size 1", "two labels"], out),
+        (TRAIN + ["--train-file", imbalanced, "--train-size", "2", "--output", out],
+         ["--train-size 2", "single label", "at least"], out),
     ]
 
 
@@ -184,3 +221,28 @@ def test_every_bad_input_exits_2_in_one_line_and_changes_nothing(tmp_path, tiny_
         assert _state(path) == before, args
         assert not partial.exists(), args
         assert not list(path.parent.glob(".*.tmp-*")), args
+
+
+def test_serve_on_a_port_in_use_exits_2_in_one_line_before_saying_it_serves(tiny_run, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        status, out, err = run_cli(["serve", tiny_run, "--port", port], capsys)
+    assert_clean_error(status, err, f"--port {port} is already in use")
+    assert "serving" not in out
+
+
+def test_a_second_writer_of_a_live_run_is_told_who_writes_it(tmp_path, capsys):
+    """Not "interrupted": the first writer is alive (here: this process holds the lock)."""
+    from frugalnlp.rundir import RunDir
+
+    live = RunDir(tmp_path / "run")
+    live.open()
+    try:
+        status, _, err = run_cli(TRAIN + ["--output", tmp_path / "run"], capsys)
+        assert_clean_error(status, err, f"being written by another process (pid {os.getpid()})")
+        assert "interrupted" not in err
+    finally:
+        live.abandon_if_empty()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()

@@ -129,3 +129,77 @@ def test_numeric_label_spellings_are_one_class(tmp_path):
     rows = [json.dumps({"text": f"t{i}", "label": [1, 1.0, "1", 0, "0.0", 0][i % 6]}) for i in range(60)]
     (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
     assert load_files(str(tmp_path / "d.jsonl")).label_names == ["0", "1"]
+
+
+def _predicted_lines(path: Path) -> list[int]:
+    return [json.loads(line)["line"] for line in path.read_text().splitlines()]
+
+
+def test_an_unclosed_quote_is_one_bad_row_and_the_rows_it_swallowed_are_predicted(tiny_run, tmp_path, capsys):
+    data = tmp_path / "q.csv"
+    data.write_text('text\ngood one\n\n"unclosed quote here\nlast good\nanother good\n')
+    status, out, err = run_cli(["predict", tiny_run, "--input", data, "--output", tmp_path / "p.jsonl"], capsys)
+    assert status == 0, err
+    assert _predicted_lines(tmp_path / "p.jsonl") == [2, 5, 6]
+    assert "q.csv:4: unreadable row (a quoted field is never closed" in err and "1 bad row(s)" in out
+    # Past the csv module's size bound, the same: the swallowed lines are read again.
+    data.write_text('text\n"opens ' + "word " * 30_000 + '\nafter\n')
+    status, out, err = run_cli(["predict", tiny_run, "--input", data, "--output", tmp_path / "b.jsonl"], capsys)
+    assert status == 0, err
+    assert _predicted_lines(tmp_path / "b.jsonl") == [3] and "q.csv:2: unreadable row" in err
+
+
+def test_csv_line_numbers_are_the_files_own_after_blank_lines(tiny_run, tmp_path, capsys):
+    data = tmp_path / "b.csv"
+    data.write_text("text\ngood one\n\n\nfifth line\n\nseventh, with a comma,x\n")
+    status, out, err = run_cli(["predict", tiny_run, "--input", data, "--output", tmp_path / "p.jsonl"], capsys)
+    assert status == 0, err
+    assert _predicted_lines(tmp_path / "p.jsonl") == [2, 5]
+    assert "b.csv:7: 2 more field(s) than the header" in err
+
+
+def test_jsonl_text_that_is_not_a_string_is_a_bad_row(tiny_run, tmp_path, capsys):
+    data = tmp_path / "n.jsonl"
+    data.write_text('{"text": 42}\n{"text": "a fine film"}\n{"text": ["a", "list"]}\n{"text": true}\n')
+    status, out, err = run_cli(["predict", tiny_run, "--input", data, "--output", tmp_path / "p.jsonl"], capsys)
+    assert status == 0, err
+    assert _predicted_lines(tmp_path / "p.jsonl") == [2]
+    assert "n.jsonl:1: column 'text' holds a JSON number (42)" in err
+    assert "n.jsonl:3: column 'text' holds a JSON list" in err and "n.jsonl:4: column 'text' holds a JSON boolean" in err
+
+
+def test_label_spellings_that_differ_by_surrounding_white_space_are_one_class(tmp_path):
+    from frugalnlp.tasks import load_files
+
+    (tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i},{['positive', 'positive ', ' negative'][i % 3]}\n"
+                                                           for i in range(60)))
+    assert load_files(str(tmp_path / "d.csv")).label_names == ["negative", "positive"]
+
+
+def test_resume_passes_over_a_checkpoint_whose_weights_are_cut_short(tiny_dir, tmp_path, capsys):
+    """trainer_state.json intact, model.safetensors truncated: resume from the checkpoint before it."""
+    from transformers import TrainerCallback
+
+    from frugalnlp.training import RunSpec, train_run
+
+    class StopAfter(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= 4:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "o"
+    spec = dict(output=str(out), task="mr", model=str(tiny_dir), train_size=64, epochs=2, max_length=24,
+                save_steps=2)
+    try:
+        train_run(RunSpec(**spec), callbacks=[StopAfter()])
+        raise AssertionError("the callback should have stopped training")
+    except KeyboardInterrupt:
+        pass
+    checkpoints = next((tmp_path / "o.partial" / "checkpoints").iterdir())
+    (newest,) = checkpoints.glob("checkpoint-*")  # the Trainer keeps one
+    assert newest.name == "checkpoint-4" and (newest / "trainer_state.json").exists()
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    status, _, err = run_cli(tiny_train(tiny_dir, out, "--save-steps", 2, "--resume"), capsys)
+    assert status == 0, err  # no checkpoint before it: training starts again
+    assert json.loads((out / "metrics.json").read_text())["training"][0]["steps"] == 8

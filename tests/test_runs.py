@@ -111,9 +111,10 @@ def test_predict_cli_reports_bad_rows_and_predictor(tiny_dir, tmp_path, capsys):
     warnings = [line for line in err.splitlines() if "warning" in line]
     assert len(warnings) == 2 and "in.jsonl:2: not valid JSON" in warnings[0] and "in.jsonl:4:" in warnings[1]
     assert "2 bad row(s)" in out
-    status, _, _ = run_cli(["predict", run, "--input", data, "--output", tmp_path / "strict.jsonl", "--strict"],
-                           capsys)
-    assert status == 2 and (tmp_path / "strict.jsonl").exists()
+    status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "strict.jsonl", "--strict"],
+                             capsys)
+    assert status == 2 and "in.jsonl:2: not valid JSON" in err
+    assert not (tmp_path / "strict.jsonl").exists()  # exit 2 leaves the output as it was
 
     predictor = Predictor(run, threshold=1.0)
     results = predictor(["a fine film", "dull and long"])

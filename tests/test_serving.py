@@ -2,8 +2,10 @@
 
 import asyncio
 import signal
+import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -172,3 +174,112 @@ def test_bench_serve_drives_real_servers_and_compares_each_with_threshold_1(tiny
     assert len(offered) == 1  # every server gets the same offered load
     assert all(c["throughput_vs_threshold_1"] == 1.0 for c in configs if c["threshold"] == 1.0)
     assert "| threshold | ideal speedup | batching | saturated texts/s |" in out
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _raw(port: int, head: bytes, body: bytes = b"") -> socket.socket:
+    """A connection that has sent ``head`` (request line and headers) and the first bytes of a body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    _send(sock, head + b"\r\n\r\n" + body)
+    return sock
+
+
+def _send(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):  # the server has answered and closed: it read no further
+        pass
+
+
+def _answer(sock: socket.socket) -> bytes:
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:  # the server closed before reading what we sent: its answer came first
+        pass
+    return data
+
+
+def _post_head(length: int | None) -> bytes:
+    size = b"" if length is None else b"\r\nContent-Length: " + str(length).encode()
+    return b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json" + size
+
+
+def test_a_huge_declared_body_is_refused_before_it_is_read(tiny_run):
+    server = Server(tiny_run, "--max-body-bytes", "100000")
+    try:
+        before = _rss_kib(server.process.pid)
+        socks = [_raw(server.port, _post_head(50 * 2**20), b'{"texts": ["') for _ in range(4)]
+        for s in socks:  # the rest of the body keeps coming while the server answers
+            _send(s, b"x" * 2**20)
+        answers = [_answer(s) for s in socks]
+        after = _rss_kib(server.process.pid)
+        for s in socks:
+            s.close()
+        assert all(a.startswith(b"HTTP/1.1 413") and b'"field":"body"' in a for a in answers), answers
+        assert after - before < 8 * 1024, (before, after)  # KiB: it never held the 4 x 1 MiB it was sent
+        # Without Content-Length (chunked), the body is cut off once it passes the limit.
+        chunks = (b"x" * 10_000 for _ in range(100))
+        response = httpx.post(f"{server.url}/predict", content=chunks, timeout=30)
+        assert response.status_code == 413 and response.json()["field"] == "body"
+        assert httpx.post(f"{server.url}/predict", json={"texts": ["fine"]}).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_idle_and_stalled_connections_are_closed_within_their_timeouts(tiny_run):
+    server = Server(tiny_run, "--idle-timeout", "1", "--body-timeout", "1")
+    try:
+        start = time.monotonic()
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(50)]
+        stalled = [_raw(server.port, _post_head(100), b'{"texts": ') for _ in range(10)]
+        slow_headers = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        slow_headers.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        assert all(_answer(s) == b"" for s in idle + [slow_headers])  # closed without a word
+        answers = [_answer(s) for s in stalled]
+        elapsed = time.monotonic() - start
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), answers[0]
+        assert elapsed < 6, elapsed  # 1 s time-outs, with room for a busy machine
+        with httpx.Client(base_url=server.url) as client:  # a keep-alive connection, left idle
+            assert client.post("/predict", json={"texts": ["fine"]}).status_code == 200
+        for s in idle + stalled + [slow_headers]:
+            s.close()
+        metrics = server.metrics()
+        assert metrics[("frugalnlp_requests_total", (("code", "408"),))] == 10
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_499_not_a_server_error(tiny_run):
+    server = Server(tiny_run)
+    try:
+        sock = _raw(server.port, _post_head(1000), b'{"texts": ["a')
+        time.sleep(0.3)
+        sock.close()
+        deadline = time.monotonic() + 10
+        while ("frugalnlp_requests_total", (("code", "499"),)) not in server.metrics() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        metrics = server.metrics()
+        assert metrics[("frugalnlp_requests_total", (("code", "499"),))] == 1
+        assert not any(name == "frugalnlp_requests_total" and labels[0][1].startswith("5") for name, labels in metrics)
+    finally:
+        assert server.stop() == 0
+
+
+def test_every_error_has_the_documented_shape(tiny_run):
+    """{"error": ..., "field": ...}, FastAPI's own 404 and 405 too; the README shows the same."""
+    server = Server(tiny_run)
+    try:
+        for response in (httpx.get(f"{server.url}/nope"), httpx.get(f"{server.url}/predict"),
+                         httpx.post(f"{server.url}/predict", content=b"{")):
+            assert response.status_code in (400, 404, 405)
+            assert set(response.json()) == {"error", "field"} and response.json()["error"]
+    finally:
+        assert server.stop() == 0
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert '{"error": ..., "field": ...}' in readme and '{"detail"' not in readme

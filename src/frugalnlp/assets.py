@@ -122,12 +122,28 @@ def resolve_model(name: str) -> str:
         if not path.is_dir() or not (path / "config.json").exists():
             raise FrugalError(f"'{name}' is not a model directory (no config.json); give a model directory, "
                               f"an alias ({', '.join(MODEL_ALIASES)}) or a hub name")
+        _check_encoder_config(name, path / "config.json")
         return str(path)
     if _in_hub_cache(name):
         return name
     require_hub(f"model '{name}' (not an alias nor a local directory)",
                 f"use an embedded model: {', '.join(f'{k} = {v}' for k, v in MODEL_ALIASES.items())}, or a local directory")
     return name
+
+
+def _check_encoder_config(name: str, config: Path) -> None:
+    """FrugalError unless ``config`` describes a plain encoder (not a frugalnlp model or a run's own config)."""
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise FrugalError(f"'{name}': its config.json cannot be read as a model config; give a model directory, "
+                          f"an alias ({', '.join(MODEL_ALIASES)}) or a hub name") from None
+    if model_type in BUILD_HINTS:
+        raise FrugalError(f"'{name}' is a frugalnlp model ('{model_type}'), not an encoder to build on; give the "
+                          f"encoder it was trained from (an alias such as minilm, or its directory)")
+    if not isinstance(model_type, str):
+        raise FrugalError(f"'{name}' is not a model directory (its config.json names no model_type; a run's "
+                          "directory holds its model under model/); give an encoder directory or an alias")
 
 
 def _in_hub_cache(name: str) -> bool:
@@ -164,10 +180,13 @@ def unsafe_weight_files(folder: Path) -> list[str]:
     unsafe = set()
     for index in folder.glob("*.index.json"):
         try:
-            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
         except (ValueError, AttributeError):
-            unsafe.add(index.name)  # an index that cannot be read cannot be vouched for
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            unsafe.add(index.name)  # an index that cannot be read as tensor -> file names cannot be vouched for
             continue
+        shards = set(weight_map.values())
         if not index.name.endswith(".safetensors.index.json"):
             unsafe.add(index.name)  # transformers reads such an index with torch.load's loader
         unsafe |= {shard for shard in shards if not is_safetensors(folder / shard)}

@@ -227,13 +227,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
         print(f"wrote {args.json}")
 
 
-def cmd_predict(args: argparse.Namespace) -> int:
-    from frugalnlp.predict import ENGINES, Predictor, predict_file
+def cmd_predict(args: argparse.Namespace) -> None:
+    from frugalnlp.predict import ENGINES, Predictor, check_prediction_paths, predict_file
     from frugalnlp.training import check_positive
-    from frugalnlp.rundir import check_output_file
     from frugalnlp.tasks import Columns
 
-    check_output_file(args.output, args.overwrite)  # before minutes of loading and choosing
+    check_prediction_paths(args.input, args.output, args.overwrite)  # before minutes of loading and choosing
     if args.engine not in ENGINES:
         raise FrugalError(f"unknown --engine '{args.engine}'; choose one of {', '.join(ENGINES)}")
     if args.ray_actors is not None and args.ray_actors < 1:
@@ -251,11 +250,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
                                 progress=True, engine=args.engine, ray_actors=args.ray_actors,
-                                ray_cpus_per_actor=args.ray_cpus_per_actor)
+                                ray_cpus_per_actor=args.ray_cpus_per_actor, strict=args.strict)
     for line, problem in bad:
         print(f"frugalnlp: warning: {args.input}:{line}: {problem}; row skipped", file=sys.stderr)
     print(f"wrote {written} predictions to {args.output}; {len(bad)} bad row(s) skipped")
-    return 2 if bad and args.strict else 0
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -266,8 +264,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           "(make install has it)") from None
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=args.batching,
-                             length_bucket=args.length_bucket,
-                             max_texts=args.max_texts, max_chars=args.max_chars)
+                             length_bucket=args.length_bucket, max_texts=args.max_texts, max_chars=args.max_chars,
+                             max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
+                             idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
     serve(args.run, host=args.host, port=args.port, settings=settings,
@@ -467,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-actors", type=int, default=None, help="actors, each loading the model once "
                    "(default: the cluster's CPUs / --ray-cpus-per-actor)")
     p.add_argument("--ray-cpus-per-actor", type=float, default=1.0)
-    p.add_argument("--strict", action="store_true", help="exit 2 when any row was bad")
+    p.add_argument("--strict", action="store_true", help="exit 2 at the first bad row, writing nothing")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
     p.set_defaults(func=cmd_predict)
@@ -487,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run's rows go through the model sorted by length, this many at a time (less padding)")
     p.add_argument("--max-texts", type=int, default=256, help="texts per request")
     p.add_argument("--max-chars", type=int, default=20_000, help="characters per text")
+    p.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
+                   help="request body size, refused on Content-Length before reading (default 16 MiB)")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds for a request body to arrive (else 408)")
+    p.add_argument("--idle-timeout", type=float, default=5.0,
+                   help="seconds a connection may wait without a complete request's headers before it is closed")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections at once; past it, 503")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
     p.set_defaults(func=cmd_serve)
 

@@ -28,7 +28,7 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import accuracy_at_speedup, table_speedups
 from frugalnlp.report import command_line, evaluate_run, format_comparison, plot_curves
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.training import RunSpec, check_spec, load_spec_task, train_run
+from frugalnlp.training import RunSpec, check_seed, check_spec, load_spec_task, train_run
 
 DEMO_METHODS = ("joint", "sweet", "multi-model")
 STATIC = "multi-model"  # the variant whose members are the static frontier
@@ -90,6 +90,8 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
     started = time.perf_counter()
     if not seeds:
         raise FrugalError("--seeds is empty; give e.g. --seeds 0,1,2")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     base = replace(base or RunSpec(output=""), task=task, model=model, train_size=train_size, epochs=epochs,
                    max_length=max_length, exit_layers=exit_layers)
     variants = list(dict.fromkeys([*methods, STATIC]))  # the static frontier is always trained

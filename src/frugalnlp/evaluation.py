@@ -7,6 +7,8 @@ and a 21-point curve costs one pass over the data.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -203,6 +205,16 @@ def table_speedups(exit_layers: list[int], base: tuple[float, ...] = (1.5, 2.0, 
 OPERATING_GRID = np.linspace(0.0, 1.0, 401).round(6).tolist()  # thresholds tried when choosing one on dev
 
 
+def check_operating_target(target_speedup: float | None, max_drop: float | None) -> None:
+    """FrugalError unless exactly one of the two is given and in range (checked before any dev logits)."""
+    if (target_speedup is None) == (max_drop is None):
+        raise FrugalError("give exactly one of --target-speedup and --max-drop")
+    if target_speedup is not None and not (isinstance(target_speedup, (int, float)) and 1.0 <= target_speedup < math.inf):
+        raise FrugalError(f"--target-speedup {target_speedup!r} must be at least 1 (e.g. 2 for half the layers)")
+    if max_drop is not None and not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
+        raise FrugalError(f"--max-drop {max_drop!r} is outside [0, 1] (an accuracy drop, e.g. 0.01)")
+
+
 def choose_threshold(dev_curve: list[dict], target_speedup: float | None = None,
                      max_drop: float | None = None) -> dict:
     """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more, or the fastest
@@ -210,18 +222,13 @@ def choose_threshold(dev_curve: list[dict], target_speedup: float | None = None,
 
     Returns that point (its ``threshold`` is what to use on test or in production).
     """
-    if (target_speedup is None) == (max_drop is None):
-        raise FrugalError("give exactly one of --target-speedup and --max-drop")
+    check_operating_target(target_speedup, max_drop)
     if target_speedup is not None:
-        if not (isinstance(target_speedup, (int, float)) and target_speedup >= 1.0):
-            raise FrugalError(f"--target-speedup {target_speedup!r} must be at least 1 (e.g. 2 for half the layers)")
         reachable = [p for p in dev_curve if p["speedup_layers"] >= target_speedup - 1e-9]
         if not reachable:
             fastest = max(p["speedup_layers"] for p in dev_curve)
             raise FrugalError(f"no threshold reaches a {target_speedup:g}x speedup on dev (at most {fastest:.2f}x)")
         return max(reachable, key=lambda p: (p["accuracy"], p["speedup_layers"]))
-    if not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
-        raise FrugalError(f"--max-drop {max_drop!r} is outside [0, 1] (an accuracy drop, e.g. 0.01)")
     reference = next(p["accuracy"] for p in dev_curve if p["threshold"] >= 1.0)
     allowed = [p for p in dev_curve if p["accuracy"] >= reference - max_drop - 1e-12]
     return max(allowed, key=lambda p: (p["speedup_layers"], p["accuracy"]))

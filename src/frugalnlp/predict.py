@@ -7,12 +7,14 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
+from frugalnlp.evaluation import check_operating_target
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import check_output_file
 from frugalnlp.tasks import Columns, iter_rows, row_example
@@ -32,9 +34,7 @@ class Predictor:
                  max_drop: float | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
         (see `frugalnlp.evaluation.choose_threshold`); the choice is kept in ``self.operating_point``."""
-        if batch_size < 1:
-            raise FrugalError(f"--batch-size {batch_size} must be at least 1")
-        make_policy(policy, threshold, 2)
+        self.check_args(threshold, policy, batch_size, target_speedup, max_drop)
         trained = load_run(run, trust_pickle=trust_pickle)
         # What another process needs to rebuild this predictor (Ray actors), with the threshold as chosen.
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
@@ -53,6 +53,16 @@ class Predictor:
         self.is_pair = bool(trained.config["task"]["pair"])
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.exit_layers = self.model.exit_layers
+
+    @staticmethod
+    def check_args(threshold: float = 0.9, policy: str = "confidence", batch_size: int = 32,
+                   target_speedup: float | None = None, max_drop: float | None = None) -> None:
+        """FrugalError for settings out of range, before the run loads and its dev split is scored."""
+        if batch_size < 1:
+            raise FrugalError(f"--batch-size {batch_size} must be at least 1")
+        make_policy(policy, threshold, 2)
+        if target_speedup is not None or max_drop is not None:
+            check_operating_target(target_speedup, max_drop)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:
@@ -78,15 +88,25 @@ class Predictor:
 ENGINES = ("local", "ray")
 
 
+def check_prediction_paths(input_path: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The output file, refused when it cannot be written or is the input itself (links resolved)."""
+    output = check_output_file(output, overwrite)
+    if output.exists() and Path(input_path).exists() and os.path.samefile(input_path, output):
+        raise FrugalError(f"--output {output} is the --input file; write the predictions to another file")
+    return output
+
+
 def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: str | os.PathLike,
                  columns: Columns, overwrite: bool = False, chunk: int = 256, progress: bool = False,
                  engine: str = "local", ray_actors: int | None = None, ray_cpus_per_actor: float = 1.0,
-                 ray_window: int = 200) -> tuple[int, list[tuple[int, str]]]:
+                 ray_window: int = 200, strict: bool = False) -> tuple[int, list[tuple[int, str]]]:
     """Predict every good row of a CSV/TSV/JSONL file into ``output`` (JSONL, published atomically).
 
     Rows are streamed ``chunk`` at a time, so memory stays flat however large the file. Bad rows
     (malformed JSON or CSV, missing or empty text, invalid Unicode) are skipped and returned as
-    (line, problem). Returns (rows written, bad rows).
+    (line, problem); with ``strict`` the first one raises FrugalError and ``output`` is left as it was.
+    A CSV/TSV header without the text column, or a JSONL file none of whose rows has it, raises too.
+    Returns (rows written, bad rows).
 
     ``engine="ray"`` sends the chunks to Ray Data (`map_batches` over actors that each load the model
     once; ``RAY_ADDRESS`` names a cluster, else a local one starts): ``ray_window`` chunks at a time,
@@ -95,14 +115,17 @@ def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: st
     """
     if engine not in ENGINES:
         raise FrugalError(f"unknown --engine '{engine}'; choose one of {', '.join(ENGINES)}")
-    output = check_output_file(output, overwrite)
+    output = check_prediction_paths(input_path, output, overwrite)
     bad: list[tuple[int, str]] = []
+    rows = iter_rows(input_path, bad=bad, required=[c for c in (columns.text, columns.text_pair) if c])
+    rows = itertools.chain(list(itertools.islice(rows, 1)), rows)  # a CSV header is checked before any writing
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     written = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as f, \
-                tqdm(total=_count_lines(input_path), unit="line", desc="predict", disable=not progress) as bar:
-            chunks = _chunks(_good_rows(input_path, columns, bad, bar), chunk)
+        # delay: a file that fails or finishes within a second gets no bar above its one line.
+        with open(tmp, "w", encoding="utf-8") as f, tqdm(total=_count_lines(input_path), unit="line", desc="predict",
+                                                         disable=not progress, delay=1.0) as bar:
+            chunks = _chunks(_good_rows(input_path, rows, columns, bad, bar, strict), chunk)
             if engine == "ray":
                 lines = _ray_lines(predictor, chunks, ray_actors, ray_cpus_per_actor, ray_window)
             else:
@@ -166,18 +189,37 @@ def _ray_lines(predictor: Predictor, chunks: Iterator[list], actors: int | None,
             ray.shutdown()
 
 
-def _good_rows(input_path: str | os.PathLike, columns: Columns, bad: list[tuple[int, str]],
-               bar) -> Iterator[tuple[int, str, str | None]]:
-    last = 0
-    for number, row in iter_rows(input_path, bad=bad):
+def _good_rows(input_path: str | os.PathLike, rows: Iterator[tuple[int, dict]], columns: Columns,
+               bad: list[tuple[int, str]], bar, strict: bool = False) -> Iterator[tuple[int, str, str | None]]:
+    """(line, text, pair) of the good ``rows`` of `iter_rows` (which appends the unreadable ones to ``bad``)."""
+    last = count = without_column = 0
+    seen: dict[str, None] = {}  # columns of the rows that lack the text column, in order
+    required = [c for c in (columns.text, columns.text_pair) if c]
+
+    def refuse_if_strict() -> None:
+        if strict and bad:
+            line, problem = min(bad)
+            raise FrugalError(f"{input_path}:{line}: {problem}; --strict wrote nothing (the output is as it was)")
+
+    for number, row in rows:
+        refuse_if_strict()
         bar.update(number - last)
         last = number
+        count += 1
+        if any(c not in row for c in required):
+            without_column += 1
+            seen.update(dict.fromkeys(map(str, row)))
         try:
             text, pair, _ = row_example(input_path, number, row, columns, need_label=False)
         except FrugalError as e:
             bad.append((number, str(e).split(": ", 1)[-1]))
+            refuse_if_strict()
             continue
         yield number, text, pair
+    refuse_if_strict()
+    if count and without_column == count:  # JSONL has no header: a wrong column shows as every row lacking it
+        raise FrugalError(f"{input_path}: no row has column {', '.join(map(repr, required))} "
+                          f"(columns: {', '.join(seen)}); set --text-column (and --text-pair-column)")
 
 
 def _count_lines(path: str | os.PathLike) -> int | None:

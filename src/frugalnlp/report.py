@@ -15,8 +15,8 @@ import torch
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import (OPERATING_GRID, Oracle, choose_threshold, collect_exit_logits, compare, exit_scores,
-                                  speed_accuracy_curve, table_speedups)
+from frugalnlp.evaluation import (OPERATING_GRID, Oracle, check_operating_target, choose_threshold, collect_exit_logits,
+                                  compare, exit_scores, speed_accuracy_curve, table_speedups)
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.training import TrainedRun, load_run, load_run_config, load_spec_task
 
@@ -37,6 +37,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     if thresholds < 2:
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
     make_policy(policy, 0.5, 2)  # an unknown policy fails now, not after the forward passes
+    if target_speedup is not None or max_drop is not None:
+        check_operating_target(target_speedup, max_drop)
     out = RunDir(output or Path(run) / f"eval-{split}-{policy}", overwrite=overwrite)
     trained = load_run(run)
     spec, model = trained.spec, trained.model

@@ -83,10 +83,12 @@ class RunDir:
         if resume:
             if not self.path.is_dir():
                 raise FrugalError(f"nothing to resume: {self.path} does not exist; start the run without --resume")
-        elif self.path.exists():
-            if not overwrite:
-                raise FrugalError(f"{self.path} holds an interrupted run; pass --resume to continue it, "
-                                  "or --overwrite to discard it")
+        elif self.path.exists() and not overwrite:
+            if self._held():
+                raise FrugalError(f"{self.final} is being written by another process ({self._holder()}); "
+                                  "wait for it to finish or choose another --output")
+            raise FrugalError(f"{self.path} holds an interrupted run; pass --resume to continue it, "
+                              "or --overwrite to discard it")
         self.resume = resume
         self._lock: int | None = None
 
@@ -130,6 +132,20 @@ class RunDir:
             raise FrugalError(f"{self.final} is being written by another process ({self._holder()}); "
                               "wait for it to finish or choose another --output")
         self._lock = fd
+
+    def _held(self) -> bool:
+        """Whether a live process holds the lock on ``.partial`` (tried without taking it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # closing releases the lock if this call took it
 
     def _release(self) -> None:
         if self._lock is not None:

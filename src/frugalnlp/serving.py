@@ -13,13 +13,20 @@ concurrent requests into micro-batches (``max_batch`` texts, or whatever arrived
   they finish requests.
 
 A row decides on its own logits alone, so both give the answers of `predict` one text at a time.
+
+A hostile or broken client costs little: a body over ``max_body_bytes`` is refused on its
+``Content-Length`` before it is read (and cut off while streaming when it has none), a body must
+arrive within ``body_timeout_s``, a connection whose next request's headers have not all come within
+``idle_timeout_s`` is closed, and past ``max_connections`` open connections requests get 503.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import signal
+import socket
 import threading
 import time
 from collections import deque
@@ -32,6 +39,8 @@ import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalnlp.backbones.base import used_length
@@ -52,23 +61,38 @@ class ServeSettings:
     max_texts: int = 256  # per request
     max_chars: int = 20_000  # per text
     max_queue: int = 8192  # texts waiting before new requests get 503
+    max_body_bytes: int = 16 * 2**20  # per request body, checked on Content-Length before reading
+    body_timeout_s: float = 10.0  # a request body must have arrived in full by then (else 408)
+    idle_timeout_s: float = 5.0  # a connection without a request's complete headers for this long is closed
+    max_connections: int = 512  # open connections (and requests) at once; past it, requests get 503
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
             raise FrugalError(f"unknown --batching '{self.batching}'; choose one of {', '.join(BATCHING)}")
-        for name in ("max_batch", "length_bucket", "max_texts", "max_chars", "max_queue"):
+        for name in ("max_batch", "length_bucket", "max_texts", "max_chars", "max_queue", "max_body_bytes",
+                     "max_connections"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise FrugalError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be a whole number >= 1")
         if not 0 <= self.max_wait_ms < float("inf"):
             raise FrugalError(f"--max-wait-ms {self.max_wait_ms!r} must be a finite number >= 0")
+        for name in ("body_timeout_s", "idle_timeout_s"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise FrugalError(f"--{name[:-2].replace('_', '-')} {getattr(self, name)!r} must be a positive "
+                                  "number of seconds")
 
 
 class RequestError(Exception):
-    """A bad request: answered with ``status`` and a JSON message naming ``field``."""
+    """A bad request: answered with ``status`` and ``{"error": message, "field": field}``.
 
-    def __init__(self, status: int, field: str, message: str) -> None:
+    ``close``: the connection is closed after the answer (its body was not read to the end).
+    """
+
+    def __init__(self, status: int, field: str | None, message: str, close: bool = False) -> None:
         super().__init__(message)
-        self.status, self.field, self.message = status, field, message
+        self.status, self.field, self.message, self.close = status, field, message, close
+
+
+CLIENT_CLOSED = 499  # the client went away before its request was read: counted apart from server errors
 
 
 class Metrics:
@@ -316,6 +340,34 @@ def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> No
         future.set_result(result)
 
 
+async def read_body(request: Request, settings: ServeSettings) -> bytes:
+    """The request's body, refused (413) past ``max_body_bytes`` before it is read when ``Content-Length``
+    says so, and while it streams otherwise; 408 when it has not arrived within ``body_timeout_s``.
+
+    Raises `RequestError`, or starlette's ClientDisconnect when the client goes away mid-body.
+    """
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError(400, "body", f"Content-Length {declared[:20]!r} is not a number of bytes", close=True)
+        if int(declared) > limit:
+            raise RequestError(413, "body", f"the body has {int(declared)} bytes; at most {limit} per request",
+                               close=True)
+    body = bytearray()
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise RequestError(413, "body", f"the body is over {limit} bytes; at most {limit} per request",
+                                       close=True)
+    except TimeoutError:
+        raise RequestError(408, "body", f"the body did not arrive within {settings.body_timeout_s:g} s",
+                           close=True) from None
+    return bytes(body)
+
+
 def parse_request(body: bytes, is_pair: bool, settings: ServeSettings) -> tuple[list[str], list[str] | None]:
     """Validate a /predict body: ``{"texts": [...]}`` (and ``"text_pairs"`` for pair models).
 
@@ -385,11 +437,18 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
     app = FastAPI(title="frugalnlp", lifespan=lifespan)
     app.state.worker = worker
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> Response:
+        """FastAPI's own errors (unknown path, wrong method) in the one error shape."""
+        return JSONResponse({"error": str(error.detail), "field": None}, status_code=error.status_code,
+                            headers=error.headers)
+
     @app.post("/predict")
     async def predict(request: Request) -> Response:
         start = time.perf_counter()
+        headers = None
         try:
-            texts, pairs = parse_request(await request.body(), predictor.is_pair, settings)
+            texts, pairs = parse_request(await read_body(request, settings), predictor.is_pair, settings)
             loop = asyncio.get_running_loop()
             job = Job(texts, pairs, loop, loop.create_future())
             worker.submit(job)
@@ -397,11 +456,14 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
             status, content = 200, {"predictions": results}
         except RequestError as e:
             status, content = e.status, {"error": e.message, "field": e.field}
+            headers = {"connection": "close"} if e.close else None
+        except ClientDisconnect:  # nobody is left to answer: the client's doing, not a server error
+            status, content = CLIENT_CLOSED, {"error": "the client closed the connection mid-request", "field": None}
         except Exception as e:  # the model failed: say so, keep serving
             status, content = 500, {"error": f"prediction failed: {type(e).__name__}: {e}", "field": None}
         metrics.requests.labels(str(status)).inc()
         metrics.latency.observe(time.perf_counter() - start)
-        return JSONResponse(content, status_code=status)
+        return JSONResponse(content, status_code=status, headers=headers)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -416,16 +478,80 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
     return app
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), or FrugalError naming the port when it is taken."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise FrugalError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does; a live listener still blocks it
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise FrugalError(f"--port {port} is already in use on {host}; stop what listens there or choose "
+                              "another --port") from None
+        raise FrugalError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
+
+
+def guarded_protocol(idle_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol, closing a connection whose next request's headers have not all come within
+    ``idle_timeout_s``: new connections that send nothing and slow headers, which uvicorn's own keep-alive
+    time-out (armed only after a response) never closes."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # uvicorn without its [standard] extra
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
+
+    class GuardedProtocol(Base):
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._arm_idle_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_idle_timer()
+
+        def _arm_idle_timer(self) -> None:
+            self.loop.call_later(idle_timeout_s, self._close_if_idle, self.cycle)
+
+        def _close_if_idle(self, cycle) -> None:
+            # A new request (headers complete) replaces the cycle; one still being answered is not idle.
+            idle = self.cycle is cycle and (cycle is None or cycle.response_complete)
+            if idle and not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedProtocol
+
+
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          **predictor_args) -> None:
-    """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first)."""
+          threshold: float = 0.9, policy: str = "confidence", trust_pickle: bool = False,
+          target_speedup: float | None = None, max_drop: float | None = None) -> None:
+    """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first).
+
+    The operating point is ``threshold``, or one chosen on dev (``target_speedup``, ``max_drop``; see `Predictor`).
+    """
     settings = settings or ServeSettings()
-    predictor = Predictor(run, batch_size=settings.max_batch, **predictor_args)
+    operating = dict(threshold=threshold, policy=policy, target_speedup=target_speedup, max_drop=max_drop)
+    Predictor.check_args(batch_size=settings.max_batch, **operating)
+    sock = bind_socket(host, port)  # a taken port fails before the model loads and dev is scored
+    try:
+        predictor = Predictor(run, batch_size=settings.max_batch, trust_pickle=trust_pickle, **operating)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(predictor, settings, run_name=str(run))
+    port = sock.getsockname()[1]
     print(f"serving {run} on http://{host}:{port} (threshold {predictor.threshold:g}, "
           f"{settings.batching} batching, max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms)",
           flush=True)
     # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, stop the worker) and then re-raises
     # it to the handler it found: a no-op one makes that graceful stop exit 0 rather than die by the signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    config = uvicorn.Config(app, log_level="warning", access_log=False, http=guarded_protocol(settings.idle_timeout_s),
+                            timeout_keep_alive=settings.idle_timeout_s, limit_concurrency=settings.max_connections)
+    uvicorn.Server(config).run(sockets=[sock])

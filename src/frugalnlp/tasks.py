@@ -95,20 +95,32 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int =
     return [np.sort(np.concatenate(p)) for p in parts]
 
 
+def _stratified_counts(counts: np.ndarray, size: int) -> np.ndarray:
+    """How many examples of each class a stratified subset of ``size`` takes (largest remainders round up)."""
+    quota = counts * size / counts.sum()
+    take = np.floor(quota).astype(int)
+    for i in np.argsort(-(quota - take), kind="stable")[: size - take.sum()]:
+        take[i] += 1
+    return take
+
+
 def stratified_subset(split: Split, size: int, seed: int) -> Split:
-    """A shuffled, stratified subset of ``size`` examples (the low-resource setting)."""
+    """A shuffled, stratified subset of ``size`` examples (the low-resource setting).
+
+    Refuses a size whose subset would hold a single class: a classifier needs two.
+    """
     if size > len(split):
         raise FrugalError(f"--train-size {size} is larger than the training split ({len(split)} examples); "
                           f"use at most {len(split)}")
-    if size < 1:
-        raise FrugalError("--train-size must be at least 1")
-    rng = np.random.default_rng(seed)
+    if size < 2:
+        raise FrugalError(f"--train-size {size} is too small: a classifier needs examples of at least two labels")
     classes, counts = np.unique(split.labels, return_counts=True)
-    quota = counts * size / len(split)
-    take = np.floor(quota).astype(int)
-    # Largest remainders get the examples that rounding down left over.
-    for i in np.argsort(-(quota - take), kind="stable")[: size - take.sum()]:
-        take[i] += 1
+    take = _stratified_counts(counts, size)
+    if (take > 0).sum() < 2 <= len(classes):
+        smallest = next(n for n in range(size + 1, len(split) + 1) if (_stratified_counts(counts, n) > 0).sum() >= 2)
+        raise FrugalError(f"--train-size {size} would draw examples of a single label (the labels are imbalanced); "
+                          f"use at least {smallest}")
+    rng = np.random.default_rng(seed)
     chosen = np.concatenate([rng.choice(np.flatnonzero(split.labels == c), k, replace=False)
                              for c, k in zip(classes, take)])
     return split.take(rng.permutation(chosen))
@@ -135,14 +147,14 @@ def _label_order(labels: Sequence[str]) -> list[str]:
 
 
 def canonical_label(label: str) -> str:
-    """One spelling per numeric label: ``1``, ``1.0`` and ``"1"`` are the same class; text labels stay as they are."""
+    """One spelling per label: surrounding white space is dropped, and ``1``, ``1.0`` and ``"1"`` are one class."""
     text = label.strip()
     try:
         number = float(text)
     except ValueError:
-        return label
+        return text
     if not np.isfinite(number):
-        return label
+        return text
     return str(int(number)) if number == int(number) else repr(number)
 
 
@@ -270,24 +282,32 @@ class Columns:
     text_pair: str | None = None
 
 
-def read_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None) -> list[tuple[int, dict]]:
+def read_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None,
+              required: Sequence[str] = ()) -> list[tuple[int, dict]]:
     """Rows of a CSV, TSV or JSONL file as ``(line_number, row)``; strict UTF-8 (see `iter_rows`).
 
     Raises FrugalError for a file with no rows.
     """
-    rows = list(iter_rows(path, bad=bad))
+    rows = list(iter_rows(path, bad=bad, required=required))
     if not rows and not bad:
         raise FrugalError(f"{path}: no rows after the header" if Path(path).suffix.lower() in (".csv", ".tsv")
                           else f"{path}: the file is empty")
     return rows
 
 
-def iter_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None) -> Iterator[tuple[int, dict]]:
+COLUMN_FLAGS = "set --text-column/--text-pair-column/--label-column"
+
+
+def iter_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None,
+              required: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
     """Stream the rows of a CSV, TSV or JSONL file as ``(line_number, row)``; strict UTF-8.
 
-    Raises FrugalError naming the file and line for a missing or empty file, bad encoding or a bad row.
-    With a ``bad`` list, malformed rows (bad JSON, extra CSV fields, unreadable CSV rows) are appended to
-    it as ``(line_number, problem)`` and skipped instead (prediction reports them and goes on).
+    Line numbers are the file's own (1-based, blank lines counted). Raises FrugalError naming the
+    file and line for a missing or empty file, bad encoding or a bad row, and for a CSV/TSV header
+    without one of the ``required`` columns. With a ``bad`` list, malformed rows (bad JSON, extra CSV
+    fields, a quote never closed, a field over the csv module's size limit) are appended to it as
+    ``(line_number, problem)`` and skipped instead (prediction reports them and goes on): after a
+    row that cannot be parsed, reading starts again on the line after its first.
     """
     path = Path(path)
     if not path.is_file():
@@ -298,25 +318,13 @@ def iter_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None)
     if path.stat().st_size == 0:
         raise FrugalError(f"{path}: the file is empty")
 
-    consumed = [0]  # lines read so far: where the next CSV row starts, even after an unreadable one
-
-    def lines() -> Iterator[str]:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                consumed[0] = number
-                try:
-                    yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
-                except UnicodeDecodeError as e:
-                    raise FrugalError(f"{path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x}); "
-                                      "re-save the file as UTF-8")
-
     def report(number: int, problem: str) -> None:
         if bad is None:
             raise FrugalError(f"{path}:{number}: {problem}")
         bad.append((number, problem))
 
     if suffix in (".jsonl", ".json"):
-        for number, line in enumerate(lines(), start=1):
+        for number, line in _Lines(path).read(0, 1):
             if not line.strip():
                 continue
             try:
@@ -329,21 +337,85 @@ def iter_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None)
             else:
                 report(number, "each line must be a JSON object")
         return
-    reader = csv.DictReader(lines(), delimiter="\t" if suffix == ".tsv" else ",")
+    yield from _csv_rows(path, "\t" if suffix == ".tsv" else ",", report, required)
+
+
+class _Lines:
+    """A file's lines, decoded as strict UTF-8, from any line on; remembers where the current row began."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.row_start: int | None = None  # first non-blank line read since `row_start` was reset
+        self.after_row_start = 0  # byte offset of the line after it
+
+    def read(self, offset: int, first: int) -> Iterator[tuple[int, str]]:
+        """(line number, text) from byte ``offset``, which starts line ``first``."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            for number, raw in enumerate(f, start=first):
+                offset += len(raw)
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise FrugalError(f"{self.path}:{number}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                                      "re-save the file as UTF-8")
+                if self.row_start is None and line.strip("\r\n"):
+                    self.row_start, self.after_row_start = number, offset
+                yield number, line
+
+    def texts(self, offset: int, first: int) -> Iterator[str]:
+        return (line for _, line in self.read(offset, first))
+
+
+def _csv_problem(error: csv.Error) -> str:
+    message = str(error)
+    if "unexpected end of data" in message:
+        return "unreadable row (a quoted field is never closed: it runs to the end of the file); close the quote"
+    if "field larger than field limit" in message:
+        return f"unreadable row ({message}); often a quote that is never closed: close it, or shorten the field"
+    return f"unreadable row ({message})"
+
+
+def _csv_rows(path: Path, delimiter: str, report: Callable[[int, str], None],
+              required: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    lines = _Lines(path)
+    reader = csv.reader(lines.texts(0, 1), delimiter=delimiter, strict=True)
+    header: list[str] = []
+    try:
+        while not header:  # blank lines before the header
+            header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise FrugalError(f"{path}:{lines.row_start or 1}: the header cannot be read: {_csv_problem(e)}")
+    if delimiter == "," and len(header) == 1 and "\t" in header[0]:
+        raise FrugalError(f"{path}: the header holds tabs and no commas: this looks like a TSV file; "
+                          "rename it to .tsv")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise FrugalError(f"{path}: no column {', '.join(map(repr, missing))} in the header "
+                          f"(columns: {', '.join(header)}); {COLUMN_FLAGS}")
     while True:
-        start = max(consumed[0], 1) + 1  # the header is read with the first row
+        lines.row_start = None
         try:
-            row = next(reader)
+            fields = next(reader)
         except StopIteration:
             return
-        except csv.Error as e:  # e.g. a field over the csv module's size limit (an unclosed quote, often)
-            report(start, f"unreadable row ({e})")
+        except csv.Error as e:
+            if lines.row_start is None:  # nothing of the row was read: nowhere to start again from
+                raise FrugalError(f"{path}: {_csv_problem(e)}")
+            start = lines.row_start
+            report(start, _csv_problem(e))
+            # Whatever the broken row swallowed is read again as rows of its own.
+            reader = csv.reader(lines.texts(lines.after_row_start, start + 1), delimiter=delimiter, strict=True)
             continue
-        if None in row:  # more fields than the header: an unquoted delimiter inside a text
-            report(start, f"{len(row[None])} more field(s) than the header's {len(reader.fieldnames)}; "
-                          "quote fields that contain the delimiter")
-        else:
-            yield start, row
+        if not fields:  # a blank line
+            continue
+        if len(fields) > len(header):  # an unquoted delimiter inside a text
+            report(lines.row_start, f"{len(fields) - len(header)} more field(s) than the header's {len(header)}; "
+                                    "quote fields that contain the delimiter")
+            continue
+        yield lines.row_start, {name: fields[i] if i < len(fields) else None for i, name in enumerate(header)}
 
 
 def row_example(path: str | os.PathLike, number: int, row: dict, columns: Columns,
@@ -353,10 +425,14 @@ def row_example(path: str | os.PathLike, number: int, row: dict, columns: Column
     missing = [c for c in names if c not in row]
     if missing:
         raise FrugalError(f"{path}:{number}: no column {', '.join(map(repr, missing))} "
-                          f"(columns: {', '.join(map(str, row))}); set --text-column/--text-pair-column/--label-column")
+                          f"(columns: {', '.join(map(str, row))}); {COLUMN_FLAGS}")
     values = []
     for column in names:
         value = row[column]
+        if column != columns.label and value is not None and not isinstance(value, str):
+            kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), "value")
+            raise FrugalError(f"{path}:{number}: column '{column}' holds a JSON {kind} ({json.dumps(value)[:40]}), "
+                              "not a string; quote the text")
         value = "" if value is None else str(value)
         if not value.strip():
             raise FrugalError(f"{path}:{number}: column '{column}' is empty; fill or remove the row")
@@ -374,7 +450,8 @@ def row_example(path: str | os.PathLike, number: int, row: dict, columns: Column
 
 def _file_pool(path: str | os.PathLike, columns: Columns) -> _Pool:
     pool = _Pool(pairs=[] if columns.text_pair else None)
-    for number, row in read_rows(path):
+    required = [c for c in (columns.text, columns.text_pair, columns.label) if c]
+    for number, row in read_rows(path, required=required):
         text, pair, label = row_example(path, number, row, columns)
         pool.ids.append(f"{Path(path).name}:{number}")
         pool.texts.append(text)

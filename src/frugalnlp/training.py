@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 from accelerate import PartialState
+from safetensors import SafetensorError, safe_open
 from transformers import (DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback,
                           TrainingArguments, set_seed)
 
@@ -109,14 +110,18 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest Trainer checkpoint that was fully written; removes those a kill cut short.
 
     The Trainer writes ``trainer_state.json`` last and deletes the previous checkpoint only after it,
-    so a process killed while saving leaves the previous, complete one to resume from.
+    so a process killed while saving leaves the previous, complete one to resume from. A checkpoint
+    whose weights are cut short (a full disk, a copy that broke off) is passed over the same way.
     """
     complete = []
     for folder in checkpoint_dir.glob("checkpoint-*"):
         try:
             json.loads((folder / "trainer_state.json").read_text())
+            for weights in folder.glob("*.safetensors"):
+                with safe_open(weights, "pt"):  # reads the header and checks the file covers every tensor
+                    pass
             complete.append(folder)
-        except (OSError, ValueError):
+        except (OSError, ValueError, SafetensorError):
             shutil.rmtree(folder, ignore_errors=True)
     return max(complete, key=lambda f: int(f.name.rsplit("-", 1)[-1]), default=None)
 
@@ -140,8 +145,15 @@ def check_positive(value: float | None, flag: str) -> None:
         raise FrugalError(f"{flag} {value!r} must be a positive finite number")
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """FrugalError unless ``seed`` is one that NumPy, torch and the Trainer all take (0 .. 2**32 - 1)."""
+    if not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise FrugalError(f"{flag} {seed!r} is out of range: a seed is a whole number from 0 to {2**32 - 1}")
+
+
 def check_spec(spec: RunSpec) -> None:
     """FrugalError naming the flag for any setting out of range, before anything is created."""
+    check_seed(spec.seed)
     if spec.method not in METHODS:
         raise FrugalError(f"unknown method '{spec.method}'; choose one of {', '.join(METHODS)}")
     if spec.pooling not in ("first", "mean"):

@@ -28,7 +28,7 @@ from frugalnlp.papa.modeling import SETTINGS, PapaModel, check_family, layout_po
 from frugalnlp.report import command_line, new_figure, save_figure
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.tasks import Columns, Split, TaskData, load_task, with_train_size
-from frugalnlp.training import check_max_length, check_positive, fit, remove_checkpoints
+from frugalnlp.training import check_max_length, check_positive, check_seed, fit, remove_checkpoints
 
 DEFAULT_LR = {"probe": 1e-3, "finetune": 5e-5}
 
@@ -103,6 +103,7 @@ class PapaSpec:
         self.lr = self.lr if self.lr is not None else DEFAULT_LR[self.setting]
         for name in ("epochs", "lr", "gate_lr", "batch_size", "save_steps"):
             check_positive(getattr(self, name), f"--{name.replace('_', '-')}")
+        check_seed(self.seed)
 
 
 @dataclass
@@ -286,6 +287,8 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
     out = RunDir(output, overwrite=overwrite, resume=resume)
     if not seeds:
         raise FrugalError("--seeds: give at least one seed")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     PapaSpec(output="", constants="", setting=setting, epochs=epochs, lr=lr, gate_lr=gate_lr)  # fail before any work
     # Everything that can be checked without the constants is checked before the output is created.
     if constants is None:
