@@ -7,6 +7,8 @@ aliases, instead of hanging in retries.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import importlib.util
 import io
@@ -155,6 +157,28 @@ def _in_hub_cache(name: str) -> bool:
         return isinstance(try_to_load_from_cache(name, "config.json"), str)
     except Exception:  # a name that is not a valid repo id is simply not cached
         return False
+
+
+def weights_sha256(folder: str | os.PathLike) -> str | None:
+    """sha256 over a model directory's safetensors files (names and bytes, in name order); None when it has none.
+
+    What a run built on an encoder records to refuse, later, an encoder whose weights have changed.
+    """
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    if not files:
+        return None
+    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=16)
+def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:  # keyed on (path, size, mtime): a change rehashes
+    digest = hashlib.sha256()
+    for name, _, _ in files:
+        digest.update(Path(name).name.encode() + b"\0")
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")

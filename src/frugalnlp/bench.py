@@ -19,13 +19,16 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
+from frugalnlp.defaults import DEMO_MAX_LENGTH
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.encoding import encode_split, encode_texts
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
+from frugalnlp.methods import early_exit_methods
+from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
-from frugalnlp.training import RECIPE_METHODS, RunSpec, load_run, load_run_config, train_run
+from frugalnlp.training import train_run
 
 
 @dataclass
@@ -35,7 +38,7 @@ class BenchSettings:
     repeats: int = 5
     targets: tuple[float, ...] = (1.5, 2.0, 3.0)  # ideal speedups the early-exit thresholds aim at
     cascade_targets: tuple[float, ...] = (1.0, 1.5, 2.0)
-    max_length: int = 64
+    max_length: int = DEMO_MAX_LENGTH  # the published runs' length
     task: str = "mr"
     train_size: int = 320  # of the small runs trained when none is given
 
@@ -78,7 +81,7 @@ def run_bench(run: str | None = None, cascade_run: str | None = None, quick: boo
               settings: BenchSettings | None = None, progress: Callable[[str], None] = print) -> dict:
     """Time plain vs early exit vs cascade; returns the JSON-ready results."""
     settings = settings or (QUICK if quick else BenchSettings())
-    for given, methods, flag in ((run, RECIPE_METHODS, "--run"), (cascade_run, ("multi-model",), "--cascade-run")):
+    for given, methods, flag in ((run, early_exit_methods(), "--run"), (cascade_run, ("multi-model",), "--cascade-run")):
         if given is not None and load_run_config(given)["spec"]["method"] not in methods:  # before minutes of work
             raise FrugalError(f"{flag} {given} is not a {' or '.join(methods)} run")
     with tempfile.TemporaryDirectory(prefix="frugalnlp-bench-") as tmp:

@@ -6,9 +6,11 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 
-from frugalnlp.errors import FrugalError
+from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, MAX_LENGTH, PAPA_LENGTH, THRESHOLD
+from frugalnlp.early_exit.config import ExitRecipe
+from frugalnlp.errors import FrugalError, check_positive
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
     _add_task_args(p)
     p.add_argument("--model", default="minilm", help="alias (minilm, mpnet), local directory or hub name")
     if one_run:
-        p.add_argument("--method", default="plain", help="plain, joint, sweet, two-stage or multi-model")
+        from frugalnlp.methods import METHODS
+
+        p.add_argument("--method", default="plain", help=", ".join(METHODS))
     p.add_argument("--exit-layers", type=_int_list, default=None, help="1-based, e.g. 1,2,4,6 (ends at the last layer)")
     if one_run:
         p.add_argument("--num-layers", type=int, default=None,
@@ -59,7 +63,7 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=MAX_LENGTH)
     p.add_argument("--train-size", type=int, default=None, help="stratified subset of N training examples")
     if one_run:
         p.add_argument("--seed", type=int, default=0)
@@ -69,7 +73,8 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
 def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
     g = p.add_mutually_exclusive_group()
     if threshold:
-        g.add_argument("--threshold", type=float, default=None, help="confidence needed to leave early (default 0.9)")
+        g.add_argument("--threshold", type=float, default=None,
+                       help=f"confidence needed to leave early (default {THRESHOLD})")
     g.add_argument("--target-speedup", type=float, default=None,
                    help="choose the threshold on dev: best dev accuracy at this speedup (layers) or more")
     g.add_argument("--max-drop", type=float, default=None,
@@ -77,24 +82,21 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("exit recipe (joint, sweet, two-stage)")
-    g.add_argument("--boundary-grad", type=float, default=None,
-                   help="A in [0, 1]: gradient kept across each exit boundary (joint 1, sweet 0)")
-    g.add_argument("--distill", default=None, help="self: early exits learn from the model's own last exit")
+    from frugalnlp.methods import METHODS
+
+    takers = ", ".join(name for name, method in METHODS.items() if method.recipe_fields)
+    g = p.add_argument_group(f"exit recipe ({takers})")
+    for f in fields(ExitRecipe):
+        g.add_argument(ExitRecipe.flag(f.name), type=f.metadata["type"], default=f.default, help=f.metadata["help"])
     g.add_argument("--teacher", default=None, help="a finished run whose last exit the exits learn from")
-    g.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the KL term (CE gets 1 - alpha)")
-    g.add_argument("--distill-temperature", type=float, default=2.0)
-    g.add_argument("--exit-weights", default="uniform", help="uniform or depth (loss weight proportional to the layer)")
 
 
-def _recipe(args: argparse.Namespace) -> dict:
-    return dict(boundary_grad=args.boundary_grad, distill=args.distill, teacher=args.teacher,
-                distill_alpha=args.distill_alpha, distill_temperature=args.distill_temperature,
-                exit_weights=args.exit_weights)
+def _recipe(args: argparse.Namespace) -> ExitRecipe:
+    return ExitRecipe(**{f.name: getattr(args, f.name) for f in fields(ExitRecipe)})
 
 
 def _spec(args: argparse.Namespace, output: str):
-    from frugalnlp.training import RunSpec
+    from frugalnlp.run import RunSpec
 
     task = args.task if args.task or args.train_file else "mr"
     one_run = {k: getattr(args, k) for k in ("method", "seed", "save_steps", "num_layers") if hasattr(args, k)}
@@ -102,7 +104,7 @@ def _spec(args: argparse.Namespace, output: str):
                    pooling=args.pooling, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    max_length=args.max_length, train_size=args.train_size,
                    train_file=args.train_file, dev_file=args.dev_file, test_file=args.test_file,
-                   columns=_columns(args), **one_run, **_recipe(args))
+                   columns=_columns(args), recipe=_recipe(args), teacher=args.teacher, **one_run)
 
 
 def _columns(args: argparse.Namespace):
@@ -146,7 +148,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from frugalnlp.report import evaluate_run, format_comparison
+    from frugalnlp.evaluation import evaluate_run
+    from frugalnlp.report import format_comparison
 
     path, result = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
                                 output=args.output, overwrite=args.overwrite, static=args.static,
@@ -190,7 +193,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.serve:
         try:
             from frugalnlp.loadtest import QUICK_LOAD, LoadSettings, format_serve_bench, run_serve_bench
-            from frugalnlp.training import check_positive
         except ImportError as e:
             raise FrugalError(f"bench --serve needs the 'serve' extra ({e.name} is missing): "
                               "pip install -e '.[serve]' (make install has it)") from None
@@ -229,7 +231,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from frugalnlp.predict import ENGINES, Predictor, check_prediction_paths, predict_file
-    from frugalnlp.training import check_positive
     from frugalnlp.tasks import Columns
 
     check_prediction_paths(args.input, args.output, args.overwrite)  # before minutes of loading and choosing
@@ -240,7 +241,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     check_positive(args.ray_cpus_per_actor, "--ray-cpus-per-actor")
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
-    threshold = 0.9 if args.threshold is None else args.threshold
+    threshold = THRESHOLD if args.threshold is None else args.threshold
     predictor = Predictor(args.run, threshold=threshold, policy=args.policy, batch_size=args.batch_size,
                           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
     if predictor.operating_point:
@@ -270,18 +271,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
     serve(args.run, host=args.host, port=args.port, settings=settings,
-          threshold=0.9 if args.threshold is None else args.threshold, policy=args.policy,
+          threshold=THRESHOLD if args.threshold is None else args.threshold, policy=args.policy,
           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from frugalnlp.demo import run_demo
+    from frugalnlp.demo import DemoSpec, run_demo
 
-    base = _spec(args, output="")
-    run_demo(task=args.task or (None if args.train_file else "mr"), model=args.model, seeds=args.seeds,
-             output=args.output, train_size=args.train_size, epochs=args.epochs, max_length=args.max_length,
-             exit_layers=args.exit_layers, overwrite=args.overwrite, resume=args.resume, methods=args.methods,
-             base=base)
+    run_demo(DemoSpec(output=args.output, base=_spec(args, output=""), methods=args.methods, seeds=args.seeds),
+             overwrite=args.overwrite, resume=args.resume)
 
 
 def cmd_papa_constants(args: argparse.Namespace) -> None:
@@ -326,12 +324,13 @@ def cmd_papa_run(args: argparse.Namespace) -> None:
 
 
 def cmd_papa_sweep(args: argparse.Namespace) -> None:
-    from frugalnlp.papa.experiment import sweep
+    from frugalnlp.papa.experiment import SweepSpec, sweep
 
-    sweep(None, args.model, args.max_length, args.heads, args.seeds, args.output, setting=args.setting,
-          train_size=args.train_size, epochs=args.epochs, lr=args.lr, gate_lr=args.gate_lr, constants=args.constants,
-          ranking=args.ranking, constants_train_size=args.constants_train_size, overwrite=args.overwrite,
-          resume=args.resume, source=_papa_source(args))
+    spec = SweepSpec(output=args.output, source=_papa_source(args), model=args.model, max_length=args.max_length,
+                     heads=args.heads, seeds=args.seeds, setting=args.setting, train_size=args.train_size,
+                     epochs=args.epochs, lr=args.lr, gate_lr=args.gate_lr, constants=args.constants,
+                     ranking=args.ranking, constants_train_size=args.constants_train_size)
+    sweep(spec, overwrite=args.overwrite, resume=args.resume)
 
 
 def cmd_papa_compare(args: argparse.Namespace) -> None:
@@ -357,7 +356,7 @@ def _add_papa_parser(sub) -> None:
     p = steps.add_parser("constants", help="average attention over the training split, in the fixed layout")
     _add_task_args(p)
     p.add_argument("--model", default="minilm")
-    p.add_argument("--max-length", type=int, default=64, help="n: the layout length (pairs: second text at n/2)")
+    p.add_argument("--max-length", type=int, default=PAPA_LENGTH, help="n: the layout length (pairs: second text at n/2)")
     p.add_argument("--train-size", type=int, default=None, help="average over a stratified subset of N examples")
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -379,7 +378,7 @@ def _add_papa_parser(sub) -> None:
     p = steps.add_parser("sweep", help="constants, ranking and a run per number of constant heads; table and plot")
     _add_task_args(p)
     p.add_argument("--model", default="minilm")
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=PAPA_LENGTH)
     p.add_argument("--heads", default="0,half,all-but-few,all", help="integers, half, all, all-but-few, all-but-K")
     p.add_argument("--seeds", type=_int_list, default=[0])
     p.add_argument("--setting", default="probe", help="probe (encoder frozen) or finetune (all trains)")
@@ -497,11 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="adaptive methods and recipes against the static frontier and the oracle")
     _add_train_args(p, one_run=False)
-    p.add_argument("--methods", type=_str_list, default=["joint", "sweet", "multi-model"],
+    p.add_argument("--methods", type=_str_list, default=list(DEMO_METHODS),
                    help="variants METHOD[:key=value...], e.g. joint,sweet,two-stage,joint:boundary-grad=0.5:distill=self "
                         "(multi-model is always trained: its members are the static frontier)")
     p.add_argument("--seeds", type=_int_list, default=[0])
-    p.set_defaults(train_size=2000, max_length=64)
+    p.set_defaults(train_size=DEMO_TRAIN_SIZE, max_length=DEMO_MAX_LENGTH)
     p.add_argument("--output", default="demo")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo, skipping finished runs")

@@ -16,30 +16,50 @@ import json
 import re
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 from transformers import AutoConfig
 
 from frugalnlp.assets import resolve_model
+from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE
+from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
-from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import accuracy_at_speedup, table_speedups
-from frugalnlp.report import command_line, evaluate_run, format_comparison, plot_curves
+from frugalnlp.errors import FrugalError, check_seed
+from frugalnlp.evaluation import accuracy_at_speedup, evaluate_run, evaluation_dir, table_speedups
+from frugalnlp.methods import METHODS
+from frugalnlp.report import command_line, format_comparison, plot_curves
+from frugalnlp.run import RunSpec, load_spec_task
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.training import RunSpec, check_seed, check_spec, load_spec_task, train_run
+from frugalnlp.training import check_spec, train_run
 
-DEMO_METHODS = ("joint", "sweet", "multi-model")
 STATIC = "multi-model"  # the variant whose members are the static frontier
 SPEEDUPS = (1.5, 2.0, 3.0)
-RECIPE_KEYS = {"boundary-grad": float, "distill": str, "distill-alpha": float, "distill-temperature": float,
-               "exit-weights": str}
+RECIPE_KEYS = {ExitRecipe.flag(f.name)[2:]: f for f in fields(ExitRecipe)}  # boundary-grad -> its field
+
+
+@dataclass
+class DemoSpec:
+    """One `frugalnlp demo`: every variant (``METHOD[:key=value...]``) trained with every seed on ``base``'s
+    data, model and recipe, beside the static frontier and the oracle."""
+
+    output: str = "demo"
+    base: RunSpec = field(default_factory=lambda: RunSpec(output="", train_size=DEMO_TRAIN_SIZE,
+                                                           max_length=DEMO_MAX_LENGTH))
+    methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0])
 
 
 def parse_variant(variant: str, base: RunSpec) -> RunSpec:
-    """``METHOD[:key=value...]`` -> the run spec of that variant (``base`` gives everything else)."""
-    method, *options = variant.split(":")
+    """``METHOD[:key=value...]`` -> the run spec of that variant (``base`` gives everything else).
+
+    Recipe fields the method does not take are left at their defaults, whatever the demo-wide ``base`` says.
+    """
+    name, *options = variant.split(":")
+    if name not in METHODS:
+        raise FrugalError(f"demo variant '{variant}': unknown method '{name}'; choose one of {', '.join(METHODS)}")
+    method = METHODS[name]
     values: dict = {}
     for option in options:
         key, sep, value = option.partition("=")
@@ -47,19 +67,22 @@ def parse_variant(variant: str, base: RunSpec) -> RunSpec:
             raise FrugalError(f"demo variant '{variant}': '{option}' is not KEY=VALUE with KEY one of "
                               f"{', '.join(RECIPE_KEYS)}")
         try:
-            values[key.replace("-", "_")] = RECIPE_KEYS[key](value)
+            values[RECIPE_KEYS[key].name] = RECIPE_KEYS[key].metadata["type"](value)
         except ValueError:
             raise FrugalError(f"demo variant '{variant}': {key} needs a number, not '{value}'")
-    if values and method not in ("joint", "sweet", "two-stage"):
-        raise FrugalError(f"demo variant '{variant}': recipe options need joint, sweet or two-stage")
-    if method == "two-stage" and "boundary_grad" not in values:
-        values["boundary_grad"] = None  # a demo-wide --boundary-grad is meant for joint/sweet
-    spec = replace(base, method=method, **values)
-    if method not in ("joint", "sweet", "two-stage"):
-        return replace(spec, boundary_grad=None, distill=None, teacher=None, exit_weights="uniform")
-    if spec.teacher and spec.distill is None:
-        spec = replace(spec, distill="teacher")
-    return spec
+    refused = [ExitRecipe.flag(k)[2:] for k in values if k not in method.recipe_fields]
+    if refused and not method.recipe_fields:
+        *most, last = [n for n, m in METHODS.items() if m.recipe_fields]
+        raise FrugalError(f"demo variant '{variant}': recipe options need {', '.join(most)} or {last}")
+    if refused:
+        raise FrugalError(f"demo variant '{variant}': {name} takes no {', '.join(refused)}")
+    defaults = ExitRecipe()
+    recipe = replace(base.recipe, **{f: getattr(defaults, f) for f in asdict(defaults) if f not in method.recipe_fields},
+                     **values)
+    teacher = base.teacher if "distill" in method.recipe_fields else None
+    if teacher and recipe.distill is None:
+        recipe = replace(recipe, distill="teacher")
+    return replace(base, method=name, recipe=recipe, teacher=teacher)
 
 
 def _run_name(variant: str) -> str:
@@ -78,86 +101,91 @@ def _fmt(ms: list[float] | None, seeds: int) -> str:
     return f"{ms[0]:.3f}" + (f" ± {ms[1]:.3f}" if seeds > 1 else "")
 
 
-def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = (0,), output: str = "demo",
-             train_size: int | None = 2000, epochs: float = 2.0, max_length: int = 64,
-             exit_layers: list[int] | None = None, overwrite: bool = False, resume: bool = False,
-             methods: list[str] = DEMO_METHODS, base: RunSpec | None = None) -> dict:
-    """Train and evaluate every variant for every seed; print and write the comparison.
+@dataclass
+class _Variant:
+    """What every seed's run of one variant gave: test exits, curves and comparisons (dev and test)."""
 
-    ``base`` carries the data flags and the demo-wide recipe (any RunSpec field); the named arguments
-    override its task, model, sizes and exit layers.
-    """
+    spec: RunSpec
+    exits: list[list[float]] = field(default_factory=list)
+    curves: list[list[dict]] = field(default_factory=list)
+    comparisons: list[list[dict]] = field(default_factory=list)
+    dev_comparisons: list[list[dict]] = field(default_factory=list)
+    last_vs_plain: list[float] = field(default_factory=list)
+    dev_last_vs_plain: list[float] = field(default_factory=list)
+
+    def add(self, metrics: dict, plain: dict, evaluation: dict) -> None:
+        self.exits.append([e["accuracy"] for e in metrics["test"]["exits"]])
+        self.curves.append(evaluation["points"])
+        self.comparisons.append(evaluation["comparison"])
+        self.dev_comparisons.append(evaluation["dev_comparison"])
+        self.last_vs_plain.append(100 * (metrics["test"]["accuracy"] - plain["test"]["accuracy"]))
+        self.dev_last_vs_plain.append(100 * (metrics["dev"]["accuracy"] - plain["dev"]["accuracy"]))
+
+    def summary(self) -> dict:
+        exits = np.array(self.exits)
+        recipe = {"method": self.spec.method, **asdict(self.spec.recipe)}
+        return {
+            "spec": recipe,
+            "exit_accuracy_mean": exits.mean(0).tolist(), "exit_accuracy_std": exits.std(0).tolist(),
+            "exit_accuracy_per_seed": exits.tolist(),
+            "last_exit_vs_plain_points": _mean_std(self.last_vs_plain),
+            "accuracy_at_speedup": {str(s): _mean_std([accuracy_at_speedup(c, s) for c in self.curves])
+                                    for s in SPEEDUPS},
+            "comparison": _mean_comparison(self.comparisons),
+            "comparison_per_seed": self.comparisons,
+            "dev_comparison": _mean_comparison(self.dev_comparisons),
+            "dev_last_exit_vs_plain_points": _mean_std(self.dev_last_vs_plain),
+            "mean_curve": _mean_curve(self.curves),
+        }
+
+
+def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> dict:
+    """Train and evaluate every variant for every seed; print and write the comparison (``results.json``,
+    ``report.md``, ``curves.png``); returns the summary."""
     started = time.perf_counter()
+    base, seeds = spec.base, spec.seeds
     if not seeds:
         raise FrugalError("--seeds is empty; give e.g. --seeds 0,1,2")
     for seed in seeds:
         check_seed(seed, "--seeds")
-    base = replace(base or RunSpec(output=""), task=task, model=model, train_size=train_size, epochs=epochs,
-                   max_length=max_length, exit_layers=exit_layers)
-    variants = list(dict.fromkeys([*methods, STATIC]))  # the static frontier is always trained
-    specs = {v: parse_variant(v, base) for v in variants}
-    for v, spec in specs.items():
-        if spec.method == "plain":
+    names = list(dict.fromkeys([*spec.methods, STATIC]))  # the static frontier is always trained
+    variants = {v: _Variant(parse_variant(v, base)) for v in names}
+    for v, variant in variants.items():
+        if variant.spec.method == "plain":
             raise FrugalError(f"demo variant '{v}': plain has no exits (the static frontier is trained anyway)")
-        check_spec(replace(spec, teacher=spec.teacher or ("static" if spec.distill == "teacher" else None)))
-    num_layers = AutoConfig.from_pretrained(resolve_model(model)).num_hidden_layers  # a bad model fails here
-    if exit_layers is not None:
-        check_exit_layers(exit_layers, num_layers)
+        check_spec(replace(variant.spec, teacher=variant.spec.teacher
+                           or ("static" if variant.spec.recipe.distill == "teacher" else None)))
+    num_layers = AutoConfig.from_pretrained(resolve_model(base.model)).num_hidden_layers  # a bad model fails here
+    if base.exit_layers is not None:
+        check_exit_layers(base.exit_layers, num_layers)
     load_spec_task(base)  # and a bad task, file or column here: before the output is created
-    out = RunDir(output, overwrite=overwrite, resume=resume)
+    out = RunDir(spec.output, overwrite=overwrite, resume=resume)
     out.open()
-    results: dict[str, dict] = {v: {"exits": [], "curves": [], "comparisons": [], "dev_comparisons": [],
-                                    "last_vs_plain": [], "dev_last_vs_plain": []} for v in variants}
     static_by_seed, oracles, layers = {}, [], None
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)
-        for variant in [STATIC] + [v for v in variants if v != STATIC]:
-            run = out.path / f"seed-{seed}" / _run_name(variant)
+        for v in [STATIC] + [v for v in variants if v != STATIC]:
+            variant = variants[v]
+            run = out.path / f"seed-{seed}" / _run_name(v)
             if not (run / "metrics.json").exists():
-                teacher = specs[variant].teacher or str(static_run)  # default teacher: the plain full-depth member
-                spec = replace(specs[variant], output=str(run), seed=seed,
-                               teacher=teacher if specs[variant].distill == "teacher" else None)
-                print(f"== seed {seed}: training {variant}", file=sys.stderr)
-                train_run(spec, resume=run.with_name(run.name + ".partial").exists())
+                teacher = variant.spec.teacher or str(static_run)  # default teacher: the plain full-depth member
+                print(f"== seed {seed}: training {v}", file=sys.stderr)
+                train_run(replace(variant.spec, output=str(run), seed=seed,
+                                  teacher=teacher if variant.spec.recipe.distill == "teacher" else None),
+                          resume=run.with_name(run.name + ".partial").exists())
             metrics = json.loads((run / "metrics.json").read_text())
-            curve_file = run / "eval-test-confidence" / "curve.json"
-            evaluation = json.loads(curve_file.read_text()) if curve_file.exists() else {}
-            if "dev_comparison" not in evaluation:  # not evaluated yet, or by a version without the baselines
-                evaluation = evaluate_run(run, split="test", static=[str(static_run)], overwrite=True)[1]
+            evaluation = _evaluation(run, static_run)
             layers = [e["layer"] for e in metrics["test"]["exits"]]
-            plain = json.loads((static_run / "metrics.json").read_text())
-            r = results[variant]
-            r["exits"].append([e["accuracy"] for e in metrics["test"]["exits"]])
-            r["curves"].append(evaluation["points"])
-            r["comparisons"].append(evaluation["comparison"])
-            r["dev_comparisons"].append(evaluation["dev_comparison"])
-            r["last_vs_plain"].append(100 * (metrics["test"]["accuracy"] - plain["test"]["accuracy"]))
-            r["dev_last_vs_plain"].append(100 * (metrics["dev"]["accuracy"] - plain["dev"]["accuracy"]))
+            variant.add(metrics, json.loads((static_run / "metrics.json").read_text()), evaluation)
             oracles.append(evaluation["baselines"]["oracle"])
-            if variant == STATIC:
+            if v == STATIC:
                 static_by_seed[seed] = evaluation["baselines"]["static"]
 
-    summary = {"task": base.task or Path(base.train_file).stem, "model": model, "seeds": list(seeds),
-               "train_size": train_size, "epochs": epochs, "max_length": max_length, "exit_layers": layers,
-               "speedups": table_speedups(layers), "static": _mean_static(list(static_by_seed.values())),
-               "oracle": _best_oracle(oracles, len(seeds)),
-               "methods": {}}
-    for variant, r in results.items():
-        exits = np.array(r["exits"])
-        summary["methods"][variant] = {
-            "spec": {k: getattr(specs[variant], k) for k in ("method", "boundary_grad", "distill", "distill_alpha",
-                                                              "distill_temperature", "exit_weights")},
-            "exit_accuracy_mean": exits.mean(0).tolist(), "exit_accuracy_std": exits.std(0).tolist(),
-            "exit_accuracy_per_seed": exits.tolist(),
-            "last_exit_vs_plain_points": _mean_std(r["last_vs_plain"]),
-            "accuracy_at_speedup": {str(s): _mean_std([accuracy_at_speedup(c, s) for c in r["curves"]])
-                                    for s in SPEEDUPS},
-            "comparison": _mean_comparison(r["comparisons"]),
-            "comparison_per_seed": r["comparisons"],
-            "dev_comparison": _mean_comparison(r["dev_comparisons"]),
-            "dev_last_exit_vs_plain_points": _mean_std(r["dev_last_vs_plain"]),
-            "mean_curve": _mean_curve(r["curves"]),
-        }
+    summary = {"task": base.task or Path(base.train_file).stem, "model": base.model, "seeds": list(seeds),
+               "train_size": base.train_size, "epochs": base.epochs, "max_length": base.max_length,
+               "exit_layers": layers, "speedups": table_speedups(layers),
+               "static": _mean_static(list(static_by_seed.values())), "oracle": _best_oracle(oracles, len(seeds)),
+               "methods": {v: variant.summary() for v, variant in variants.items()}}
     summary["selected_on_dev"] = select_on_dev(summary["methods"])
     summary["seconds"] = time.perf_counter() - started
     summary["command"] = command_line()
@@ -165,11 +193,21 @@ def run_demo(task: str | None = "mr", model: str = "minilm", seeds: list[int] = 
     print(table)
     write_json(out.path / "results.json", summary)
     plot_curves({m: (s["mean_curve"]["mean"], s["mean_curve"]["std"]) for m, s in summary["methods"].items()},
-                out.path / "curves.png", title=f"{summary['task']}, {model}, train size {train_size}, seeds {list(seeds)}",
+                out.path / "curves.png",
+                title=f"{summary['task']}, {base.model}, train size {base.train_size}, seeds {list(seeds)}",
                 baselines={"static": summary["static"], "oracle": summary["oracle"]})
     write_bytes(out.path / "report.md", (f"# frugalnlp demo: {summary['task']}\n\n{table}\n\n![curves](curves.png)\n").encode())
     out.commit()
     return summary
+
+
+def _evaluation(run: Path, static_run: Path) -> dict:
+    """The run's test curve beside its baselines: evaluated now, or as an earlier pass of this demo left it."""
+    saved = evaluation_dir(run) / "curve.json"
+    evaluation = json.loads(saved.read_text()) if saved.exists() else {}
+    if "dev_comparison" not in evaluation:  # not evaluated yet, or by a version without the baselines
+        evaluation = evaluate_run(run, split="test", static=[str(static_run)], overwrite=True)[1]
+    return evaluation
 
 
 def select_on_dev(methods: dict[str, dict], low: float = 1.5, high: float = 3.0, tolerance: float = 0.5) -> dict:

@@ -28,11 +28,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from frugalnlp.defaults import DEMO_MAX_LENGTH
 from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
+from frugalnlp.methods import early_exit_methods
+from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
-from frugalnlp.training import RECIPE_METHODS, RunSpec, load_run, load_run_config, train_run
+from frugalnlp.training import train_run
 
 
 @dataclass
@@ -49,7 +52,7 @@ class LoadSettings:
     repeats: int = 3  # rounds over every configuration; medians are reported
     examples: int = 1024  # MR test sentences, cycled
     task: str = "mr"
-    max_length: int = 64
+    max_length: int = DEMO_MAX_LENGTH  # the published runs' length
     train_size: int = 320  # of the small run trained when none is given
 
 
@@ -182,8 +185,8 @@ def run_serve_bench(run: str | None = None, quick: bool = False, settings: LoadS
                     progress: Callable[[str], None] = print) -> dict:
     """Load-test a joint/sweet run (default: train a small one) behind `frugalnlp serve`; JSON-ready results."""
     settings = settings or (QUICK_LOAD if quick else LoadSettings())
-    if run is not None and load_run_config(run)["spec"]["method"] not in RECIPE_METHODS:
-        raise FrugalError(f"--run {run} is not a {' or '.join(RECIPE_METHODS)} run")
+    if run is not None and load_run_config(run)["spec"]["method"] not in early_exit_methods():
+        raise FrugalError(f"--run {run} is not a {' or '.join(early_exit_methods())} run")
     with tempfile.TemporaryDirectory(prefix="frugalnlp-loadtest-") as tmp:
         if run is None:
             progress("training a small joint run to serve (pass --run to use yours)")

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
-from frugalnlp.evaluation import check_operating_target
+from frugalnlp.evaluation import check_operating_target, operating_threshold
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import check_output_file
 from frugalnlp.tasks import Columns, iter_rows, row_example
-from frugalnlp.training import load_run
+from frugalnlp.run import load_run
 
 
 class Predictor:
@@ -29,7 +30,7 @@ class Predictor:
     [{'label': 'positive', 'confidence': 0.97, 'exit_layer': 2, 'layers_run': 2}, ...]
     """
 
-    def __init__(self, run: str | os.PathLike, threshold: float = 0.9, policy: str = "confidence",
+    def __init__(self, run: str | os.PathLike, threshold: float = THRESHOLD, policy: str = "confidence",
                  batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
                  max_drop: float | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
@@ -41,8 +42,6 @@ class Predictor:
         self.model, self.tokenizer = trained.model, trained.tokenizer
         self.operating_point = None
         if target_speedup is not None or max_drop is not None:
-            from frugalnlp.report import operating_threshold
-
             self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy)
             threshold = self.operating_point["threshold"]
         self.threshold = threshold
@@ -55,7 +54,7 @@ class Predictor:
         self.exit_layers = self.model.exit_layers
 
     @staticmethod
-    def check_args(threshold: float = 0.9, policy: str = "confidence", batch_size: int = 32,
+    def check_args(threshold: float = THRESHOLD, policy: str = "confidence", batch_size: int = 32,
                    target_speedup: float | None = None, max_drop: float | None = None) -> None:
         """FrugalError for settings out of range, before the run loads and its dev split is scored."""
         if batch_size < 1:

@@ -44,6 +44,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalnlp.backbones.base import used_length
+from frugalnlp.defaults import THRESHOLD
 from frugalnlp.errors import FrugalError
 from frugalnlp.predict import Predictor
 
@@ -529,7 +530,7 @@ def guarded_protocol(idle_timeout_s: float) -> type[asyncio.Protocol]:
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          threshold: float = 0.9, policy: str = "confidence", trust_pickle: bool = False,
+          threshold: float = THRESHOLD, policy: str = "confidence", trust_pickle: bool = False,
           target_speedup: float | None = None, max_drop: float | None = None) -> None:
     """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first).
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from frugalnlp.errors import FrugalError
 
 
 def used_length(attention_mask: torch.Tensor) -> int:
@@ -171,11 +170,6 @@ class Backbone:
     def self_attention(self, index: int) -> nn.Module:
         """Layer ``index``'s self-attention module: the one with the query/key/value projections (PAPA)."""
         return self.layers[index].attention.self
-
-    def use_constant_heads(self) -> None:
-        """Make every layer's attention read its self-attention module's ``papa`` (`ConstantHeads`) through
-        `frugalnlp.papa.attention.constant_head_attention`: constant heads there, the rest real."""
-        raise FrugalError(f"PAPA's constant heads are not available for {self.config.model_type} models")
 
     def strip_pooler(self) -> None:
         """Remove the family's own pooler: every exit head has its own, and unused weights break DDP."""

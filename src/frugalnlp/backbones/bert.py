@@ -34,9 +34,3 @@ class BertBackbone(Backbone):
 
     def layer(self, index: int, state: State) -> State:
         return replace(state, hidden=self.layers[index](state.hidden, state.layer_mask))
-
-    def use_constant_heads(self) -> None:
-        # Imported here: frugalnlp.papa imports the backbones. Importing it registers the attention function.
-        from frugalnlp.papa.attention import ATTENTION
-
-        self.model.set_attn_implementation(ATTENTION)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from frugalnlp.backbones.base import used_length
+from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction, adaptive_predict
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
@@ -114,7 +115,7 @@ class Cascade:
 
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
+                token_type_ids: torch.Tensor | None = None, threshold: float = THRESHOLD,
                 policy: ExitPolicy | None = None) -> Prediction:
         """Cascade inference: each model runs only on the rows that earlier models passed on."""
         return adaptive_predict(self, input_ids, attention_mask, token_type_ids, policy or ConfidencePolicy(threshold))

@@ -1,18 +1,64 @@
-"""EarlyExitConfig: everything needed to rebuild an early-exit model, saved with it as JSON."""
+"""EarlyExitConfig: everything needed to rebuild an early-exit model, saved with it as JSON; and `ExitRecipe`,
+how the exits share a backbone while training, whose fields are the recipe's CLI flags too."""
 
 from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
 
 from transformers import PretrainedConfig
 
 from frugalnlp.errors import FrugalError
 
-METHODS = ("joint", "sweet", "two-stage")
+METHODS = ("joint", "sweet", "two-stage")  # how a model's exits were trained (the run's methods are in frugalnlp.methods)
 POOLINGS = ("first", "mean")
 DISTILL = (None, "self", "teacher")
 EXIT_WEIGHTS = ("uniform", "depth")
 # The gradient kept across each exit boundary by default: joint keeps it all, SWEET none.
 # two-stage trains the exits on a frozen backbone, so no gradient crosses a boundary anyway.
 DEFAULT_BOUNDARY_GRAD = {"joint": 1.0, "sweet": 0.0, "two-stage": 1.0}
+
+
+@dataclass
+class ExitRecipe:
+    """How exits that share one backbone are trained (joint, sweet, two-stage). Each field's metadata gives
+    its CLI flag's type and help; `frugalnlp train`, `demo`'s ``METHOD:key=value`` and the checks read them."""
+
+    boundary_grad: float | None = field(default=None, metadata={
+        "type": float, "help": "A in [0, 1]: gradient kept across each exit boundary (joint 1, sweet 0)"})
+    distill: str | None = field(default=None, metadata={
+        "type": str, "help": "self: early exits learn from the model's own last exit (teacher: from --teacher RUN)"})
+    distill_alpha: float = field(default=0.5, metadata={
+        "type": float, "help": "weight of the KL term (cross-entropy gets 1 - alpha)"})
+    distill_temperature: float = field(default=2.0, metadata={
+        "type": float, "help": "softmax temperature of both sides of the KL (the loss is scaled by T^2)"})
+    exit_weights: str = field(default="uniform", metadata={
+        "type": str, "help": "uniform, or depth (each exit's loss weighted in proportion to its layer)"})
+
+    @staticmethod
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def changed(self) -> list[str]:
+        """Names of the fields set to something other than their default."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != f.default]
+
+    def check(self) -> None:
+        """FrugalError naming the flag when a field is out of its range."""
+        a = self.boundary_grad
+        if a is not None and not (isinstance(a, (int, float)) and 0.0 <= a <= 1.0):
+            raise FrugalError(f"--boundary-grad {a!r} is outside [0, 1] (1 = joint, 0 = SWEET)")
+        if self.distill not in DISTILL:
+            raise FrugalError(f"--distill {self.distill!r} is not one of self, teacher")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise FrugalError(f"--distill-alpha {self.distill_alpha!r} is outside [0, 1]")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise FrugalError(f"--distill-temperature {self.distill_temperature!r} must be positive")
+        if self.exit_weights not in EXIT_WEIGHTS:
+            raise FrugalError(f"--exit-weights {self.exit_weights!r} is not one of {', '.join(EXIT_WEIGHTS)}")
+
+
+RECIPE_FIELDS = tuple(f.name for f in fields(ExitRecipe))
 
 
 class EarlyExitConfig(PretrainedConfig):
@@ -28,37 +74,32 @@ class EarlyExitConfig(PretrainedConfig):
         pooling: how an exit head reads the sequence: ``"first"`` token, or masked ``"mean"``.
         classifier_dropout: dropout before each exit's classifier.
         temperatures: one calibration temperature per exit (1.0 = uncalibrated).
-        boundary_grad: A in [0, 1], the factor on the gradient flowing back across each exit boundary
-            (None: the method's, 1 for joint, 0 for SWEET).
-        distill: None, ``"self"`` (early exits learn from the model's own last exit) or ``"teacher"``
-            (from another model's logits, given to ``forward`` as ``teacher_logits``).
-        distill_alpha: weight of the distillation KL; cross-entropy gets 1 - alpha.
-        distill_temperature: softmax temperature of both sides of the KL (the loss is scaled by T^2).
-        exit_weights: ``"uniform"`` or ``"depth"`` (each exit's loss weighted in proportion to its layer,
-            normalised so the weights sum to the number of exits, as uniform ones do).
+        boundary_grad, distill, distill_alpha, distill_temperature, exit_weights: the `ExitRecipe`
+            (``boundary_grad`` None becomes the method's: 1 for joint, 0 for SWEET). They are saved as
+            flat fields, as HF configs are; ``config.recipe`` gives them back as the dataclass.
     """
 
     model_type = "frugalnlp-early-exit"
 
     def __init__(self, backbone_config: dict | None = None, exit_layers: list[int] | None = None,
                  method: str | None = None, pooling: str = "mean", classifier_dropout: float = 0.1,
-                 temperatures: list[float] | None = None, boundary_grad: float | None = None,
-                 distill: str | None = None, distill_alpha: float = 0.5, distill_temperature: float = 2.0,
-                 exit_weights: str = "uniform", **kwargs) -> None:
+                 temperatures: list[float] | None = None, **kwargs) -> None:
         self.backbone_config = backbone_config
         self.exit_layers = list(exit_layers) if exit_layers is not None else None
         self.method = method
         self.pooling = pooling
         self.classifier_dropout = classifier_dropout
         self.temperatures = list(temperatures) if temperatures is not None else None
-        if boundary_grad is None and method in DEFAULT_BOUNDARY_GRAD:
-            boundary_grad = DEFAULT_BOUNDARY_GRAD[method]
-        self.boundary_grad = boundary_grad
-        self.distill = distill
-        self.distill_alpha = distill_alpha
-        self.distill_temperature = distill_temperature
-        self.exit_weights = exit_weights
+        recipe = ExitRecipe(**{name: kwargs.pop(name) for name in RECIPE_FIELDS if name in kwargs})
+        if recipe.boundary_grad is None and method in DEFAULT_BOUNDARY_GRAD:
+            recipe.boundary_grad = DEFAULT_BOUNDARY_GRAD[method]
+        for name, value in asdict(recipe).items():
+            setattr(self, name, value)
         super().__init__(**kwargs)
+
+    @property
+    def recipe(self) -> ExitRecipe:
+        return ExitRecipe(**{name: getattr(self, name) for name in RECIPE_FIELDS})
 
     def validate_recipe(self) -> None:
         """FrugalError naming the field when a training field is out of its range."""
@@ -66,20 +107,4 @@ class EarlyExitConfig(PretrainedConfig):
             raise FrugalError(f"training method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.pooling not in POOLINGS:
             raise FrugalError(f"pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        check_recipe(self.boundary_grad, self.distill, self.distill_alpha, self.distill_temperature,
-                     self.exit_weights)
-
-
-def check_recipe(boundary_grad: float | None, distill: str | None, distill_alpha: float,
-                 distill_temperature: float, exit_weights: str) -> None:
-    """Validate the exit-training recipe (shared by the config and the CLI, before any work starts)."""
-    if boundary_grad is not None and not (isinstance(boundary_grad, (int, float)) and 0.0 <= boundary_grad <= 1.0):
-        raise FrugalError(f"--boundary-grad {boundary_grad!r} is outside [0, 1] (1 = joint, 0 = SWEET)")
-    if distill not in DISTILL:
-        raise FrugalError(f"--distill {distill!r} is not one of self, teacher")
-    if not 0.0 <= distill_alpha <= 1.0:
-        raise FrugalError(f"--distill-alpha {distill_alpha!r} is outside [0, 1]")
-    if not distill_temperature > 0:
-        raise FrugalError(f"--distill-temperature {distill_temperature!r} must be positive")
-    if exit_weights not in EXIT_WEIGHTS:
-        raise FrugalError(f"--exit-weights {exit_weights!r} is not one of {', '.join(EXIT_WEIGHTS)}")
+        self.recipe.check()

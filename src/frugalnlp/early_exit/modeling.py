@@ -6,7 +6,7 @@ exit, drops the rows whose policy says leave, so the rest continue as a smaller 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,8 @@ from transformers.utils import ModelOutput
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import Backbone, State, backbone_for
-from frugalnlp.early_exit.config import EarlyExitConfig
+from frugalnlp.defaults import THRESHOLD
+from frugalnlp.early_exit.config import RECIPE_FIELDS, EarlyExitConfig, ExitRecipe
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
 
@@ -260,16 +261,19 @@ class EarlyExitModel(PreTrainedModel):
                       method: str = "joint", num_labels: int = 2, pooling: str = "mean",
                       num_layers: int | None = None, id2label: dict[int, str] | None = None,
                       classifier_dropout: float = 0.1, attn_implementation: str | None = None,
-                      trust_pickle: bool = False, boundary_grad: float | None = None, distill: str | None = None,
-                      distill_alpha: float = 0.5, distill_temperature: float = 2.0,
-                      exit_weights: str = "uniform") -> EarlyExitModel:
+                      trust_pickle: bool = False, recipe: ExitRecipe | None = None,
+                      **recipe_fields: float | str | None) -> EarlyExitModel:
         """Wrap a pretrained encoder (alias, hub name, path or instance) with fresh exit heads.
 
         ``num_layers`` truncates the encoder first (Multi-Model's shallow models); ``exit_layers``
         defaults to the last layer alone (a plain classifier). A local directory holding pickle
-        weights is refused unless ``trust_pickle``. The training recipe (``boundary_grad``,
-        ``distill*``, ``exit_weights``) is described in `EarlyExitConfig` and saved with the model.
+        weights is refused unless ``trust_pickle``. The training recipe is an `ExitRecipe`
+        (``recipe``, or its fields as keywords: ``boundary_grad=0.5``), saved with the model.
         """
+        unknown = sorted(set(recipe_fields) - set(RECIPE_FIELDS))
+        if unknown:
+            raise TypeError(f"from_backbone() got unexpected keyword argument(s) {', '.join(unknown)}")
+        recipe = replace(recipe or ExitRecipe(), **recipe_fields)
         if isinstance(backbone, str):
             path = resolve_model(backbone)
             verify_checkpoint(path, trust_pickle=trust_pickle)
@@ -286,9 +290,8 @@ class EarlyExitModel(PreTrainedModel):
         exit_layers = exit_layers or [adapter.num_layers]
         config = EarlyExitConfig(
             backbone_config=backbone.config.to_dict(), exit_layers=exit_layers, method=method, pooling=pooling,
-            classifier_dropout=classifier_dropout, num_labels=num_labels, boundary_grad=boundary_grad,
-            distill=distill, distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-            exit_weights=exit_weights, id2label=id2label or {i: str(i) for i in range(num_labels)})
+            classifier_dropout=classifier_dropout, num_labels=num_labels, **asdict(recipe),
+            id2label=id2label or {i: str(i) for i in range(num_labels)})
         config._attn_implementation = backbone.config._attn_implementation
         return cls(config, backbone=backbone)
 
@@ -367,7 +370,7 @@ class EarlyExitModel(PreTrainedModel):
 
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, threshold: float = 0.9,
+                token_type_ids: torch.Tensor | None = None, threshold: float = THRESHOLD,
                 policy: ExitPolicy | None = None) -> Prediction:
         """Adaptive inference over a batch, running only the layers each example needs.
 

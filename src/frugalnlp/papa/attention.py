@@ -3,9 +3,9 @@
 A constant head's probabilities do not depend on the input, so its output is one batched matmul of its
 fixed matrix with the values (rows renormalised over each example's real tokens), and it needs no
 query, key, scores or softmax. Live heads keep `scaled_dot_product_attention`. How a family's layer
-reaches `constant_head_attention` is its backbone adapter's business (`Backbone.use_constant_heads`):
-BERT-style models through `transformers.AttentionInterface` (`papa_attention` below), MPNet through a
-replacement self-attention module.
+reaches `constant_head_attention` is registered in `frugalnlp.papa.families`: BERT-style models through
+`transformers.AttentionInterface` (`papa_attention` below), MPNet through a replacement self-attention
+module.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from frugalnlp.bench import median_times
 from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
 from frugalnlp.papa.experiment import resolve_heads
-from frugalnlp.papa.modeling import PapaModel, check_family
+from frugalnlp.papa.families import check_family
+from frugalnlp.papa.modeling import PapaModel
 
 
 @dataclass

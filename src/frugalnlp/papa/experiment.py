@@ -11,24 +11,26 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, default_data_collator, set_seed
 
-from frugalnlp.assets import resolve_model, verify_checkpoint
+from frugalnlp.assets import MODEL_ALIASES, resolve_model, verify_checkpoint
+from frugalnlp.defaults import PAPA_LENGTH
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
-from frugalnlp.errors import FrugalError
+from frugalnlp.errors import FrugalError, check_positive, check_seed
 from frugalnlp.evaluation import scores
 from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
 from frugalnlp.papa.frozen_states import FrozenStates
-from frugalnlp.papa.modeling import SETTINGS, PapaModel, check_family, layout_position_offset
+from frugalnlp.papa.families import check_family
+from frugalnlp.papa.modeling import SETTINGS, PapaModel, layout_position_offset
 from frugalnlp.report import command_line, new_figure, save_figure
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.tasks import Columns, Split, TaskData, load_task, with_train_size
-from frugalnlp.training import check_max_length, check_positive, check_seed, fit, remove_checkpoints
+from frugalnlp.training import check_max_length, fit, remove_checkpoints
 
 DEFAULT_LR = {"probe": 1e-3, "finetune": 5e-5}
 
@@ -142,7 +144,9 @@ class _Experiment:
 
     def model(self, spec: PapaSpec, constant_heads: list[list[int]], gated: bool = False) -> PapaModel:
         set_seed(spec.seed)  # the probe is initialised randomly
-        return PapaModel.from_encoder(self.model_path, self.constant, constant_heads=constant_heads, gated=gated,
+        # An alias is recorded as such (a run's saved probe names the encoder it rebuilds on), a directory resolved.
+        encoder = self.metadata["model"] if self.metadata["model"] in MODEL_ALIASES else self.model_path
+        return PapaModel.from_encoder(encoder, self.constant, constant_heads=constant_heads, gated=gated,
                                       setting="probe" if gated else spec.setting, num_labels=self.task.num_labels,
                                       position_offset=self.metadata["position_offset"],
                                       id2label=dict(enumerate(self.task.label_names)))
@@ -274,48 +278,68 @@ def resolve_heads(text: str, layers: int, heads: int) -> list[int]:
     return sorted(set(values))
 
 
-def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], output: str,
-          setting: str = "probe", train_size: int | None = None, epochs: float = 3.0, lr: float | None = None,
-          gate_lr: float = 0.05, constants: str | None = None, ranking: str | None = None,
-          constants_train_size: int | None = None, overwrite: bool = False, resume: bool = False,
-          source: dict | None = None) -> dict:
-    """Constants (unless given: then they fix task, model and length), one ranking (seed ``seeds[0]``, unless
-    given), then a run per (N, seed).
-    Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``, ``sweep.png``
-    and ``report.md``. With ``resume`` the finished parts are kept."""
+@dataclass
+class SweepSpec:
+    """A PAPA sweep: constants (unless given: then they fix the data, model and length), one ranking (seed
+    ``seeds[0]``, unless given), then a run per (number of constant heads, seed)."""
+
+    output: str
+    source: dict = field(default_factory=lambda: task_source("mr"))  # where the data comes from (`task_source`)
+    model: str = "minilm"
+    max_length: int = PAPA_LENGTH
+    heads: str = "0,half,all-but-few,all"  # integers, half, all, all-but-few, all-but-K
+    seeds: list[int] = field(default_factory=lambda: [0])
+    setting: str = "probe"
+    train_size: int | None = None
+    epochs: float = 3.0
+    lr: float | None = None
+    gate_lr: float = 0.05
+    constants: str | None = None  # reuse these constants (default: compute into OUTPUT/constants)
+    ranking: str | None = None  # reuse this ranking (default: rank into OUTPUT/ranking when some N needs one)
+    constants_train_size: int | None = None  # examples to average attention over
+
+    def run(self, path: Path, constants: str, **overrides) -> PapaSpec:
+        """The `PapaSpec` of one of the sweep's runs (or its ranking) at ``path``."""
+        recipe = dict(constants=constants, setting=self.setting, epochs=self.epochs, lr=self.lr, gate_lr=self.gate_lr,
+                      train_size=self.train_size)
+        return PapaSpec(output=str(path), **{**recipe, **overrides})
+
+
+def sweep(spec: SweepSpec, overwrite: bool = False, resume: bool = False) -> dict:
+    """Run a `SweepSpec`. Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``,
+    ``sweep.png`` and ``report.md``. With ``resume`` the finished parts are kept."""
     started = time.perf_counter()
-    out = RunDir(output, overwrite=overwrite, resume=resume)
+    out = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    seeds, setting, lr = spec.seeds, spec.setting, spec.lr
     if not seeds:
         raise FrugalError("--seeds: give at least one seed")
     for seed in seeds:
         check_seed(seed, "--seeds")
-    PapaSpec(output="", constants="", setting=setting, epochs=epochs, lr=lr, gate_lr=gate_lr)  # fail before any work
+    spec.run(Path(), "")  # a bad setting or learning rate fails before any work
     # Everything that can be checked without the constants is checked before the output is created.
+    constants = spec.constants
     if constants is None:
-        config = AutoConfig.from_pretrained(resolve_model(model))
+        config = AutoConfig.from_pretrained(resolve_model(spec.model))
         check_family(config.model_type)
-        resolve_heads(heads, config.num_hidden_layers, config.num_attention_heads)
-        load_source(source or task_source(task))
+        resolve_heads(spec.heads, config.num_hidden_layers, config.num_attention_heads)
+        load_source(spec.source)
     else:
         metadata = load_constant_attention(constants)[1]
-        resolve_heads(heads, metadata["layers"], metadata["heads"])
+        resolve_heads(spec.heads, metadata["layers"], metadata["heads"])
     out.open()
     if constants is None:
         constants = str(out.path / "constants")
         if not Path(constants).exists():
-            make_constants(task, model, max_length, constants, train_size=constants_train_size, source=source)
+            make_constants(None, spec.model, spec.max_length, constants, train_size=spec.constants_train_size,
+                           source=spec.source)
     metadata = load_constant_attention(constants)[1]
-    counts = resolve_heads(heads, metadata["layers"], metadata["heads"])
-
-    def spec(path: Path, **kwargs) -> PapaSpec:
-        recipe = dict(constants=constants, setting=setting, epochs=epochs, lr=lr, gate_lr=gate_lr,
-                      train_size=train_size)
-        return PapaSpec(output=str(path), **{**recipe, **kwargs})
-
+    counts = resolve_heads(spec.heads, metadata["layers"], metadata["heads"])
+    ranking = spec.ranking
     if ranking is None and any(0 < n < metadata["layers"] * metadata["heads"] for n in counts):
         ranking = str(out.path / "ranking")
         if not Path(ranking).exists():  # gates are learnt in the probe setting, with the first seed
-            rank_spec = spec(Path(ranking), seed=seeds[0], setting="probe", lr=lr if setting == "probe" else None)
+            rank_spec = spec.run(Path(ranking), constants, seed=seeds[0], setting="probe",
+                                 lr=lr if setting == "probe" else None)
             rank_heads(rank_spec, resume=Path(ranking + ".partial").exists())
     results: dict[int, list[dict]] = {n: [] for n in counts}
     for n in counts:
@@ -323,11 +347,11 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
         missing = [seed for seed, path in paths.items() if not (path / "metrics.json").exists()]
         scratch = out.path / f"heads-{n}" / "states"
         # The frozen encoder's states are computed once for every seed's probe (the probe setting only).
-        states = frozen_states(spec(scratch, heads=n, ranking=ranking), seeds, scratch) \
+        states = frozen_states(spec.run(scratch, constants, heads=n, ranking=ranking), seeds, scratch) \
             if missing and setting == "probe" else None
         for seed in missing:
             print(f"== {n} constant heads, seed {seed}", file=sys.stderr)
-            run_papa(spec(paths[seed], heads=n, seed=seed, ranking=ranking),
+            run_papa(spec.run(paths[seed], constants, heads=n, seed=seed, ranking=ranking),
                      resume=paths[seed].with_name(paths[seed].name + ".partial").exists(), states=states)
         # Unmap the store before the next one is built: a mapping keeps a deleted file's pages and disk
         # space alive, and the Trainer's reference cycles hold the training set (and its store) until collected.
@@ -353,8 +377,8 @@ def sweep(task: str, model: str, max_length: int, heads: str, seeds: list[int], 
                      "relative_drop": None if base is None else (base - mean) / base,
                      "encoder_flops": flops[n], "encoder_flops_share": flops[n] / flops[counts[0]]})
     summary = {"kind": "frugalnlp-papa-sweep", "task": metadata["task"], "model": metadata["model"], "length": metadata["length"],
-               "setting": setting, "seeds": list(seeds), "train_size": train_size, "epochs": epochs,
-               "lr": lr or DEFAULT_LR[setting], "gate_lr": gate_lr, "constants": metadata,
+               "setting": setting, "seeds": list(seeds), "train_size": spec.train_size, "epochs": spec.epochs,
+               "lr": lr or DEFAULT_LR[setting], "gate_lr": spec.gate_lr, "constants": metadata,
                # where the ranking will be once the sweep is published, not its .partial directory
                "ranking": ranking and ranking.replace(str(out.path), str(out.final)), "rows": rows,
                "seconds": time.perf_counter() - started, "command": command_line()}

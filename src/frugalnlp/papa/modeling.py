@@ -1,7 +1,7 @@
 """PAPA models: chosen attention heads use a constant matrix instead of softmax(QK^T).
 
-Works on every family whose backbone adapter routes attention through `frugalnlp.papa.attention`
-(`Backbone.use_constant_heads`: BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MPNet). Each self-attention module
+Works on every family with a route to `frugalnlp.papa.attention` in `frugalnlp.papa.families`
+(BERT, RoBERTa, XLM-RoBERTa, ELECTRA, MPNet). Each self-attention module
 gets a `ConstantHeads` child holding its constant matrices (and, for ranking, one gate per head).
 Constant heads lose their query and key rows, so they cost nothing to score. `PapaModel` wraps the
 encoder with a `Probe` classifier and saves everything (constant heads, matrices, layout) with
@@ -10,18 +10,23 @@ encoder with a `Probe` classifier and saves everything (constant heads, matrices
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from frugalnlp.assets import resolve_model, verify_checkpoint
-from frugalnlp.backbones import ADAPTERS, Backbone, backbone_for
+from frugalnlp.assets import resolve_model, verify_checkpoint, weights_sha256
+from frugalnlp.backbones import backbone_for
 from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
 from frugalnlp.papa.attention import ConstantHeads, drop_query_key
+from frugalnlp.papa.families import check_family, use_constant_heads
 
 SETTINGS = ("probe", "finetune")
+ADDED_WEIGHTS = "papa.safetensors"  # what a probe-setting model saves instead of a copy of its frozen encoder
 
 
 class Probe(nn.Module):
@@ -63,14 +68,20 @@ class PapaConfig(PretrainedConfig):
         setting: ``"probe"`` (encoder frozen; only the probe and gates train) or ``"finetune"`` (all trains).
         position_offset: position id of slot 0 in the layout (RoBERTa-style models: pad_token_id + 1).
         classifier_dropout: dropout inside the probe.
+        encoder, encoder_sha256: the encoder it was built on (an alias or a directory, as given) and the sha256
+            of its safetensors files. With both, a probe-setting model saves only what PAPA adds and
+            reloading rebuilds the rest from that encoder, refusing one whose weights differ.
     """
 
     model_type = "frugalnlp-papa"
 
     def __init__(self, backbone_config: dict | None = None, length: int = 64,
                  constant_heads: list[list[int]] | None = None, gated: bool = False, setting: str = "probe",
-                 position_offset: int = 0, classifier_dropout: float = 0.1, **kwargs) -> None:
+                 position_offset: int = 0, classifier_dropout: float = 0.1, encoder: str | None = None,
+                 encoder_sha256: str | None = None, **kwargs) -> None:
         self.backbone_config = backbone_config
+        self.encoder = encoder
+        self.encoder_sha256 = encoder_sha256
         self.length = length
         self.constant_heads = sorted([int(l), int(h)] for l, h in (constant_heads or []))
         self.gated = gated
@@ -100,7 +111,7 @@ class PapaModel(PreTrainedModel):
         if backbone is None:
             backbone = AutoModel.from_config(AutoConfig.for_model(**config.backbone_config))
         adapter = backbone_for(backbone)
-        adapter.use_constant_heads()
+        use_constant_heads(adapter)
         adapter.strip_pooler()  # the probe reads every layer; a pooler would be dead weight
         self.backbone = backbone
         layers = adapter.layers
@@ -147,9 +158,11 @@ class PapaModel(PreTrainedModel):
 
         constant_attention: [layers, heads, n, n] from `compute_constant_attention`.
         """
+        source = None
         if isinstance(encoder, str):
             path = resolve_model(encoder)
             verify_checkpoint(path, trust_pickle=trust_pickle)
+            source = dict(encoder=encoder, encoder_sha256=weights_sha256(path))
             encoder = AutoModel.from_pretrained(path, use_safetensors=None if trust_pickle else True)
         layers, heads, length, _ = constant_attention.shape
         if (layers, heads) != (encoder.config.num_hidden_layers, encoder.config.num_attention_heads):
@@ -159,18 +172,61 @@ class PapaModel(PreTrainedModel):
             position_offset = layout_position_offset(encoder)
         config = PapaConfig(backbone_config=encoder.config.to_dict(), length=length, constant_heads=constant_heads,
                             gated=gated, setting=setting, position_offset=position_offset, num_labels=num_labels,
-                            **config_kwargs)
+                            **(source or {}), **config_kwargs)
         model = cls(config, backbone=encoder)
         model.set_constant_attention(constant_attention)
         return model
 
+    @property
+    def saves_added_only(self) -> bool:
+        """Whether `save_pretrained` writes only what PAPA adds: a frozen encoder that is on disk with a hash."""
+        return self.config.setting == "probe" and self.config.encoder_sha256 is not None
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Save the model. A frozen encoder (probe setting) built from a directory or alias is not copied: only
+        the probe, gates and constant matrices (``papa.safetensors``) and the config, which names the encoder
+        and its sha256. Otherwise the whole model, as HF saves it."""
+        if not self.saves_added_only:
+            return super().save_pretrained(save_directory, **kwargs)
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(directory)
+        added = {name: t.detach().cpu().contiguous() for name, t in self.state_dict().items() if _added(name)}
+        save_file(added, str(directory / ADDED_WEIGHTS), metadata={"format": "pt"})
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, trust_pickle: bool = False, **kwargs) -> PapaModel:
-        """Reload a saved PAPA model; refuses checkpoints of another kind and pickle files (unless trusted)."""
+        """Reload a saved PAPA model; refuses checkpoints of another kind and pickle files (unless trusted).
+
+        A model saved without its frozen encoder is rebuilt on that encoder, refused if its weights changed.
+        """
         path = str(pretrained_model_name_or_path)
         verify_checkpoint(path, model_type=PapaConfig.model_type, trust_pickle=trust_pickle)
+        if (Path(path) / ADDED_WEIGHTS).is_file():
+            return cls._rebuild(Path(path), trust_pickle)
         kwargs.setdefault("use_safetensors", None if trust_pickle else True)  # never fall back to a pickle
         return super().from_pretrained(path, *args, **kwargs)
+
+    @classmethod
+    def _rebuild(cls, path: Path, trust_pickle: bool) -> PapaModel:
+        config = PapaConfig.from_pretrained(path)
+        encoder_path = resolve_model(config.encoder)
+        digest = weights_sha256(encoder_path)
+        if digest != config.encoder_sha256:
+            raise FrugalError(f"{path} was trained on encoder '{config.encoder}' with weights of sha256 "
+                              f"{config.encoder_sha256[:16]}, but {encoder_path} now holds "
+                              f"{'no safetensors' if digest is None else digest[:16]}; restore that encoder "
+                              "or train the run again")
+        verify_checkpoint(encoder_path, trust_pickle=trust_pickle)
+        encoder = AutoModel.from_pretrained(encoder_path, use_safetensors=None if trust_pickle else True)
+        model = cls(config, backbone=encoder)
+        added = load_file(str(path / ADDED_WEIGHTS))
+        result = model.load_state_dict(added, strict=False)
+        absent = {name for name in model.state_dict() if _added(name)} - set(added)
+        if result.unexpected_keys or absent:
+            raise FrugalError(f"{path / ADDED_WEIGHTS} does not match its config (unexpected "
+                              f"{sorted(result.unexpected_keys)[:3]}, missing {sorted(absent)[:3]})")
+        return model.eval()
 
     def constant_modules(self) -> list[nn.Module]:
         """Each layer's self-attention module (the one holding ``papa``)."""
@@ -239,13 +295,9 @@ class PapaModel(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits, attentions=attentions)
 
 
-def check_family(model_type: str | None) -> None:
-    """FrugalError unless PAPA can run on this model type (its adapter routes attention through constant heads)."""
-    families = [family for adapter in ADAPTERS if adapter.use_constant_heads is not Backbone.use_constant_heads
-                for family in adapter.families]
-    if model_type not in families:
-        raise FrugalError(f"PAPA runs on {', '.join(families)} encoders; {model_type}'s backbone adapter has no "
-                          "constant-head attention")
+def _added(name: str) -> bool:
+    """A state-dict entry that PAPA adds to the encoder: the probe, gates and constant matrices."""
+    return name.startswith("probe.") or ".papa." in name
 
 
 def layout_position_offset(encoder: PreTrainedModel) -> int:

@@ -1,0 +1,16 @@
+"""Defaults that several commands share, written once: the CLI, `Predictor`, the models' ``predict`` and
+the demo read them from here."""
+
+from __future__ import annotations
+
+THRESHOLD = 0.9  # confidence an example needs to leave at an early exit
+MAX_LENGTH = 128  # tokens per input when training (train)
+DEMO_MAX_LENGTH = 64  # the demo's tokens per input (the published frontier uses it)
+PAPA_LENGTH = 64  # n of PAPA's fixed-position layout
+DEMO_TRAIN_SIZE = 2000  # the demo's low-resource training set
+DEMO_METHODS = ("joint", "sweet", "multi-model")
+
+
+def default_exit_layers(num_layers: int) -> list[int]:
+    """The paper's exits 1,4,6,12 on 12 layers; 1,2,4,6 on the 6-layer MiniLM; else 1, n/3, n/2, n."""
+    return {6: [1, 2, 4, 6], 12: [1, 4, 6, 12]}.get(num_layers, sorted({1, num_layers // 3, num_layers // 2, num_layers}))

@@ -1,0 +1,21 @@
+"""``multi-model``: one model truncated to each exit's depth, trained alone, run as a cascade in which a later
+model recomputes from the input (its members alone are the static frontier)."""
+
+from __future__ import annotations
+
+from frugalnlp.early_exit.cascade import Cascade
+from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.methods.base import Method, Stages, head_args
+
+
+class MultiModel(Method):
+    name = "multi-model"
+    kind = "cascade"
+
+    def build(self, spec, model_path: str, task) -> list[EarlyExitModel]:
+        return [EarlyExitModel.from_backbone(model_path, method="joint", num_layers=k, **head_args(spec, task))
+                for k in spec.exit_layers]
+
+    def train(self, models: list[EarlyExitModel], spec, stages: Stages) -> Cascade:
+        super().train(models, spec, stages)
+        return Cascade(models)

@@ -1,0 +1,108 @@
+"""A training run as a thing on disk: its spec (`RunSpec`, saved in ``config.json``), the task exactly as it
+saw it, and loading a finished run for use (`load_run`). Nothing here trains: predicting, serving and
+evaluating a run import this module, not the training stack."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import PreTrainedTokenizerBase
+
+from frugalnlp.defaults import MAX_LENGTH
+from frugalnlp.early_exit.cascade import Cascade, load_adaptive
+from frugalnlp.early_exit.config import RECIPE_FIELDS, ExitRecipe
+from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.encoding import load_tokenizer
+from frugalnlp.errors import FrugalError
+from frugalnlp.tasks import Columns, TaskData, load_task, with_train_size
+
+RUN_KIND = "frugalnlp-run"
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a training run; saved as the run's ``config.json``."""
+
+    output: str
+    task: str | None = "mr"
+    model: str = "minilm"
+    method: str = "plain"  # a name in frugalnlp.methods.METHODS
+    exit_layers: list[int] | None = None
+    pooling: str = "mean"
+    epochs: float = 2.0
+    lr: float = 5e-5
+    batch_size: int = 16
+    max_length: int = MAX_LENGTH
+    seed: int = 0
+    train_size: int | None = None
+    train_file: str | None = None
+    dev_file: str | None = None
+    test_file: str | None = None
+    columns: Columns = field(default_factory=Columns)
+    save_steps: int | None = None  # checkpoint every N steps (default: every epoch)
+    eval_batch_size: int = 64
+    num_layers: int | None = None  # plain only: truncate the encoder to its first K layers (a static model)
+    recipe: ExitRecipe = field(default_factory=ExitRecipe)  # how exits sharing a backbone train
+    teacher: str | None = None  # a finished run whose last exit teaches (recipe.distill="teacher")
+
+
+def spec_from_config(config: dict) -> RunSpec:
+    """The RunSpec a run's ``config.json`` records (runs written before the recipe was one field too)."""
+    values = dict(config["spec"])
+    values["columns"] = Columns(**values["columns"])
+    flat = {name: values.pop(name) for name in RECIPE_FIELDS if name in values}
+    values["recipe"] = ExitRecipe(**{**flat, **values.get("recipe", {})})
+    return RunSpec(**values)
+
+
+def load_spec_task(spec: RunSpec) -> TaskData:
+    """The run's task with its splits and training subset, exactly as the run saw them."""
+    task = load_task(spec.task, train_file=spec.train_file, dev_file=spec.dev_file, test_file=spec.test_file,
+                     columns=spec.columns)
+    return with_train_size(task, spec.train_size, spec.seed)
+
+
+def run_config(spec: RunSpec, task: TaskData) -> dict:
+    """What a finished run's ``config.json`` holds: the spec, the task, the training ids' hash, versions."""
+    from frugalnlp import __version__
+
+    return {"kind": RUN_KIND, "spec": asdict(spec), "task": task.summary(),
+            "train_ids_sha256": task.train.ids_hash(),
+            "versions": {"frugalnlp": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                         "python": platform.python_version()}}
+
+
+def load_run_config(run: str | Path) -> dict:
+    """A finished run's ``config.json``, or FrugalError if ``run`` is not a run directory."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        raise FrugalError(f"{run} is not a frugalnlp run directory (no config.json); give the --output of `frugalnlp train`")
+    config = json.loads(path.read_text())
+    if config.get("kind") != RUN_KIND:
+        raise FrugalError(f"{run} is not a frugalnlp run directory (config.json of another kind)")
+    return config
+
+
+@dataclass
+class TrainedRun:
+    """A finished run, loaded for use: its ``config.json``, spec, model (in eval mode) and tokenizer."""
+
+    path: Path
+    config: dict
+    spec: RunSpec
+    model: EarlyExitModel | Cascade
+    tokenizer: PreTrainedTokenizerBase
+
+
+def load_run(run: str | Path, trust_pickle: bool = False) -> TrainedRun:
+    """Load a run directory written by `frugalnlp.training.train_run`; FrugalError if it is not one."""
+    config = load_run_config(run)
+    folder = Path(run) / "model"
+    return TrainedRun(path=Path(run), config=config, spec=spec_from_config(config),
+                      model=load_adaptive(folder, trust_pickle=trust_pickle).eval(),
+                      tokenizer=load_tokenizer(str(folder)))
