@@ -152,3 +152,29 @@ def test_numpy_scores_equal_sklearn():
             assert got["accuracy"] == pytest.approx(accuracy_score(gold, predicted), abs=1e-12)
             assert got["macro_f1"] == pytest.approx(
                 f1_score(gold, predicted, average="macro", labels=list(range(k)), zero_division=0), abs=1e-12)
+
+
+def test_the_dev_choice_can_be_no_and_names_the_static_model_instead():
+    from frugalnlp.demo import select_on_dev
+
+    def row(speedup, adaptive, static, fixed=None):
+        return {"speedup": speedup, "adaptive": [adaptive, 0.0], "static": [static, 0.0],
+                "fixed_exit": None if fixed is None else [fixed, 0.0],
+                "gain_over_static": [100 * (adaptive - static), 0.0]}
+
+    static = [{"layers": k, "speedup_layers": 6 / k} for k in (1, 2, 4, 6)]
+    loses_at_1_5 = {"dev_comparison": [row(1.5, 0.79, 0.80, fixed=0.80), row(2.0, 0.79, 0.77), row(3.0, 0.74, 0.73, 0.75)],
+                    "dev_last_exit_vs_plain_points": [0.0, 0.0]}
+    selected = select_on_dev({"joint": loses_at_1_5}, static)
+    choices = {c["speedup"]: (c["choice"], c["deploy"]) for c in selected["per_target"]}
+    assert choices[2.0][0] == "adaptive"
+    assert choices[1.5][0] in ("static", "fixed exit") and choices[3.0][0] == "fixed exit"
+    assert "joint on dev at 2x only" in selected["verdict"]
+    never = {"dev_comparison": [row(1.5, 0.70, 0.80), row(2.0, 0.70, 0.77), row(3.0, 0.70, 0.73)],
+             "dev_last_exit_vs_plain_points": [0.0, 0.0]}
+    selected = select_on_dev({"sweet": never}, static)
+    assert all(c["choice"] == "static" for c in selected["per_target"])
+    assert selected["verdict"].startswith("no adaptive candidate beats the static frontier on dev")
+    deploy = {c["speedup"]: c["deploy"] for c in selected["per_target"]}
+    assert "static 4-layer model" in deploy[1.5] and "--num-layers 4" in deploy[1.5]
+    assert "static 2-layer model" in deploy[3.0] and "static 2- and 4-layer models" in deploy[2.0]

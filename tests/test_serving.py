@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 import pytest
 from conftest import cli_process
 from prometheus_client.parser import text_string_to_metric_families
@@ -283,3 +284,53 @@ def test_every_error_has_the_documented_shape(tiny_run):
         assert server.stop() == 0
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert '{"error": ..., "field": ...}' in readme and '{"detail"' not in readme
+
+
+@pytest.mark.parametrize("policy", ["confidence", "entropy", "patience", "per-exit"])
+def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_server(tiny_run, texts, policy):
+    """One exit step decides everywhere: per-text decisions are the same on all four paths."""
+    import math
+
+    from frugalnlp.early_exit.policies import make_policy
+    from frugalnlp.encoding import EncodedSplit, encode_texts
+    from frugalnlp.evaluation import collect_exit_logits, replay
+
+    probe = Predictor(tiny_run, threshold=1.0)
+    model, tokenizer = probe.model, probe.tokenizer
+    data = EncodedSplit(encode_texts(tokenizer, texts, None, probe.max_length), labels=None)
+    logits = collect_exit_logits(model, data, tokenizer, 8)
+    probs = [(logits[e] / model.temperatures[e]).softmax(-1) for e in range(model.num_exits)]
+    confidence = [p.amax(-1) for p in probs]
+    entropy = 1 + (probs[0] * probs[0].log()).sum(-1) / math.log(probs[0].shape[-1])
+    candidates = {"confidence": [[float(q)] for q in confidence[0].quantile(torch.tensor([0.5, 0.25, 0.75]))],
+                  "entropy": [[float(q)] for q in entropy.quantile(torch.tensor([0.5, 0.25, 0.75]))],
+                  "patience": [[0.5], [1.0]],
+                  "per-exit": [[float(confidence[0].quantile(0.6)), float(confidence[1].quantile(0.4))],
+                               [float(confidence[0].quantile(0.4)), float(confidence[1].quantile(0.6))]]}[policy]
+
+    def exits(value):
+        return set(replay(logits, model.temperatures, make_policy(policy, value if len(value) > 1 else value[0],
+                                                                  model.num_exits))[0].tolist())
+
+    value = next((v for v in candidates if len(exits(v)) > 1), candidates[0])
+    if policy != "patience":  # the tiny model's answers seldom change between exits: patience may leave as one
+        assert len(exits(value)) > 1
+    threshold = value if len(value) > 1 else value[0]
+    alone = [p for t in texts for p in Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=1)([t])]
+    decisions = [(p["label"], p["exit_layer"]) for p in alone]
+    batched = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=16)(texts)
+    assert [(p["label"], p["exit_layer"]) for p in batched] == decisions
+    exit_index, labels = replay(logits, model.temperatures, make_policy(policy, threshold, model.num_exits))
+    assert [(probe.id2label[int(l)], probe.exit_layers[int(e)]) for l, e in zip(labels, exit_index)] == decisions
+    server = Server(tiny_run, "--policy", policy, "--threshold", ",".join(map(repr, value)), "--max-batch", "8",
+                    "--max-wait-ms", "50")
+    try:
+        async def send_all():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/predict", json={"texts": texts[i:i + 2]})
+                                              for i in range(0, len(texts), 2)))
+
+        served = [p for r in asyncio.run(send_all()) for p in r.json()["predictions"]]
+    finally:
+        assert server.stop() == 0
+    assert [(p["label"], p["exit_layer"]) for p in served] == decisions

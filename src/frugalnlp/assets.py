@@ -159,22 +159,24 @@ def _in_hub_cache(name: str) -> bool:
         return False
 
 
-def weights_sha256(folder: str | os.PathLike) -> str | None:
-    """sha256 over a model directory's safetensors files (names and bytes, in name order); None when it has none.
+def weights_sha256(folder: str | os.PathLike, recursive: bool = False) -> str | None:
+    """sha256 over a model directory's safetensors files (relative names and bytes, in name order; with
+    ``recursive`` those of its subfolders too, e.g. a cascade's members); None when it has none.
 
-    What a run built on an encoder records to refuse, later, an encoder whose weights have changed.
+    What is recorded beside weights to refuse, later, weights that have changed.
     """
-    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    folder = Path(folder)
+    files = sorted(folder.glob("**/*.safetensors" if recursive else "*.safetensors")) if folder.is_dir() else []
     if not files:
         return None
-    return _hash_files(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    return _hash_files(str(folder), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
 
 
 @functools.lru_cache(maxsize=16)
-def _hash_files(files: tuple[tuple[str, int, int], ...]) -> str:  # keyed on (path, size, mtime): a change rehashes
+def _hash_files(folder: str, files: tuple[tuple[str, int, int], ...]) -> str:  # keyed on size and mtime too
     digest = hashlib.sha256()
     for name, _, _ in files:
-        digest.update(Path(name).name.encode() + b"\0")
+        digest.update(str(Path(name).relative_to(folder)).encode() + b"\0")
         with open(name, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 digest.update(block)

@@ -31,6 +31,15 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _threshold(text: str) -> float | list[float]:
+    """``0.9``, or one threshold per early exit (``--policy per-exit``): ``0.8,0.9,0.95``."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or comma-separated numbers, got '{text}'")
+    return values[0] if len(values) == 1 else values
+
+
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -73,12 +82,17 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
 def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
     g = p.add_mutually_exclusive_group()
     if threshold:
-        g.add_argument("--threshold", type=float, default=None,
-                       help=f"confidence needed to leave early (default {THRESHOLD})")
+        g.add_argument("--threshold", type=_threshold, default=None,
+                       help=f"confidence needed to leave early (default {THRESHOLD}); --policy per-exit: "
+                            "one per early exit, e.g. 0.8,0.9,0.95")
     g.add_argument("--target-speedup", type=float, default=None,
                    help="choose the threshold on dev: best dev accuracy at this speedup (layers) or more")
     g.add_argument("--max-drop", type=float, default=None,
-                   help="choose the threshold on dev: fastest within this accuracy drop of the last exit (e.g. 0.01)")
+                   help="choose the threshold on dev: fastest within this accuracy drop of the last exit (e.g. 0.01); "
+                        "a point estimate on dev unless --risk certifies it")
+    p.add_argument("--risk", type=float, default=None,
+                   help="with --max-drop E: certify it (Learn-then-Test): with probability at least 1 - RISK the "
+                        "drop against the last exit is at most E on data exchangeable with dev (e.g. 0.1)")
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -153,7 +167,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     path, result = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
                                 output=args.output, overwrite=args.overwrite, static=args.static,
-                                target_speedup=args.target_speedup, max_drop=args.max_drop)
+                                target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk)
     print(f"{'threshold':>9} {'accuracy':>8} {'macro-F1':>8} {'layers':>7} {'speedup':>7} {'FLOPs':>6}")
     for p in result["points"]:
         print(f"{p['threshold']:>9.2f} {p['accuracy']:>8.4f} {p['macro_f1']:>8.4f} {p['layers_share']:>7.3f} "
@@ -163,10 +177,38 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     point = result["operating_point"]
     if point:
         chosen = point[args.split]
-        print(f"\noperating point chosen on dev: threshold {point['threshold']:.4f} (dev: accuracy "
+        print(f"\noperating point chosen on dev: threshold {_thresholds_text(point['threshold'])} (dev: accuracy "
               f"{point['dev']['accuracy']:.4f} at {point['dev']['speedup_layers']:.2f}x); {args.split}: accuracy "
-              f"{chosen['accuracy']:.4f} at {chosen['speedup_layers']:.2f}x")
+              f"{chosen['accuracy']:.4f} at {chosen['speedup_layers']:.2f}x, drop "
+              f"{100 * point[args.split + '_drop']:+.1f} points against the last exit")
+        if point["certified"] is not None:
+            print(_certificate_line(point["certificate"]))
     print(f"wrote {path}")
+
+
+def _thresholds_text(threshold: float | list[float]) -> str:
+    return ",".join(f"{t:.4f}" for t in threshold) if isinstance(threshold, list) else f"{threshold:.4f}"
+
+
+def _certificate_line(certificate: dict) -> str:
+    e, d = certificate["epsilon"], certificate["delta"]
+    if not certificate["certified"]:
+        return (f"no threshold certified at drop <= {e:g} with risk {d:g} ({certificate['calibration_examples']} "
+                "calibration examples): the model runs to its last exit")
+    return (f"certified (Learn-then-Test, {certificate['calibration_examples']} calibration examples): with "
+            f"probability >= {1 - d:g}, the drop against the last exit is at most {e:g} on data like dev")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    from frugalnlp.operating import OPERATING_POINT, calibrate_run
+
+    point = calibrate_run(args.run, policy=args.policy, target_speedup=args.target_speedup, max_drop=args.max_drop,
+                          risk=args.risk, overwrite=args.overwrite)
+    print(f"{point.policy} threshold {point.threshold} ({point.chosen_by}): dev accuracy {point.dev['accuracy']:.4f} "
+          f"at {point.dev['speedup_layers']:.2f}x")
+    if point.certificate is not None:
+        print(_certificate_line(point.certificate))
+    print(f"wrote {args.run}/{OPERATING_POINT}; predict and serve use it unless given --threshold or a choice on dev")
 
 
 def cmd_analyze_gradients(args: argparse.Namespace) -> None:
@@ -241,13 +283,18 @@ def cmd_predict(args: argparse.Namespace) -> None:
     check_positive(args.ray_cpus_per_actor, "--ray-cpus-per-actor")
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
-    threshold = THRESHOLD if args.threshold is None else args.threshold
-    predictor = Predictor(args.run, threshold=threshold, policy=args.policy, batch_size=args.batch_size,
-                          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
-    if predictor.operating_point:
-        point = predictor.operating_point
-        print(f"threshold {predictor.threshold:.4f} chosen on dev: accuracy {point['accuracy']:.4f} at "
+    predictor = Predictor(args.run, threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
+                          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop,
+                          risk=args.risk)
+    point = predictor.operating_point
+    if point and point.get("saved"):
+        print(f"the run's saved operating point: {point['policy']} threshold {point['threshold']} ({point['chosen_by']}; "
+              f"dev accuracy {point['dev']['accuracy']:.4f} at {point['dev']['speedup_layers']:.2f}x)", file=sys.stderr)
+    elif point:
+        print(f"threshold {_thresholds_text(point['threshold'])} chosen on dev: accuracy {point['accuracy']:.4f} at "
               f"{point['speedup_layers']:.2f}x", file=sys.stderr)
+    if point and point["certified"] is not None:
+        print(_certificate_line(point["certificate"]), file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
                                 progress=True, engine=args.engine, ray_actors=args.ray_actors,
@@ -271,8 +318,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
     serve(args.run, host=args.host, port=args.port, settings=settings,
-          threshold=THRESHOLD if args.threshold is None else args.threshold, policy=args.policy,
-          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop)
+          threshold=args.threshold, policy=args.policy,
+          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -415,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--thresholds", type=int, default=21, help="number of evenly spaced thresholds in [0, 1]")
-    p.add_argument("--policy", default="confidence", help="confidence, entropy or patience")
+    p.add_argument("--policy", default="confidence", help="confidence, entropy, patience or per-exit")
     p.add_argument("--static", action="append", default=None, metavar="RUN",
                    help="static frontier from this multi-model run or plain --num-layers run (repeatable; "
                         "default: a multi-model run's own members)")
@@ -423,6 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="directory to write (default: RUN/eval-SPLIT-POLICY)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="choose a run's operating point on dev and save it with the run")
+    p.add_argument("run")
+    p.add_argument("--policy", default="confidence", help="confidence, entropy, patience or per-exit")
+    _add_operating_args(p)
+    p.add_argument("--overwrite", action="store_true", help="replace the run's saved operating point")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("analyze-gradients", help="cosine similarity of different exits' gradients per layer")
     p.add_argument("run")
@@ -456,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True, help="JSONL: line, label, confidence, exit_layer, layers_run")
     _add_operating_args(p, threshold=True)
-    p.add_argument("--policy", default="confidence")
+    p.add_argument("--policy", default=None, help="confidence (default), entropy, patience or per-exit "
+                                                  "(default: the run's saved operating point's)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -475,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _add_operating_args(p, threshold=True)
-    p.add_argument("--policy", default="confidence")
+    p.add_argument("--policy", default=None, help="confidence (default), entropy, patience or per-exit "
+                                                  "(default: the run's saved operating point's)")
     p.add_argument("--batching", default="segment",
                    help="segment: rows going past an exit join other requests' rows there (default); "
                         "request: each micro-batch runs to the end alone")

@@ -186,7 +186,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                "exit_layers": layers, "speedups": table_speedups(layers),
                "static": _mean_static(list(static_by_seed.values())), "oracle": _best_oracle(oracles, len(seeds)),
                "methods": {v: variant.summary() for v, variant in variants.items()}}
-    summary["selected_on_dev"] = select_on_dev(summary["methods"])
+    summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"])
     summary["seconds"] = time.perf_counter() - started
     summary["command"] = command_line()
     table = format_table(summary)
@@ -210,12 +210,22 @@ def _evaluation(run: Path, static_run: Path) -> dict:
     return evaluation
 
 
-def select_on_dev(methods: dict[str, dict], low: float = 1.5, high: float = 3.0, tolerance: float = 0.5) -> dict:
-    """The variant to publish, chosen on dev only: the largest worst-case gain over the static frontier
-    at the target speedups in [low, high] (mean over seeds), among variants whose last exit is within
-    ``tolerance`` points of the plain model on dev (all variants if none is)."""
+def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, low: float = 1.5, high: float = 3.0,
+                  tolerance: float = 0.5) -> dict:
+    """What to deploy, chosen on dev only (means over seeds).
+
+    The variant: the largest worst-case gain over the static frontier at the target speedups in [low, high],
+    among variants whose last exit is within ``tolerance`` points of the plain model on dev (all variants
+    if none is). Then, at each target, the answer may be no: among that variant's adaptive point, its
+    fixed exit at that cost (where it has one) and the static frontier (``static``: the truncated models
+    alone), the best on dev is recommended, so that nothing deployed is below a static model or a fixed
+    exit of the same cost on dev; where the static frontier wins, the static model to train is named.
+    """
+    def in_range(row: dict) -> bool:
+        return low - 1e-9 <= row["speedup"] <= high + 1e-9
+
     def worst_gain(m: dict) -> float:
-        gains = [row["gain_over_static"] for row in m["dev_comparison"] if low - 1e-9 <= row["speedup"] <= high + 1e-9]
+        gains = [row["gain_over_static"] for row in m["dev_comparison"] if in_range(row)]
         return min((g[0] if g else float("-inf")) for g in gains) if gains else float("-inf")
 
     def last_ok(m: dict) -> bool:
@@ -224,10 +234,50 @@ def select_on_dev(methods: dict[str, dict], low: float = 1.5, high: float = 3.0,
 
     candidates = [v for v, m in methods.items() if last_ok(m)] or list(methods)
     best = max(candidates, key=lambda v: worst_gain(methods[v]))
+    per_target = [_choice_at(best, row, static) for row in methods[best]["dev_comparison"] if in_range(row)]
+    adaptive = [c["speedup"] for c in per_target if c["choice"] == "adaptive"]
+    if len(adaptive) == len(per_target):
+        verdict = f"{best} beats the static frontier and its fixed exits on dev at every target"
+    elif not adaptive:
+        verdict = "no adaptive candidate beats the static frontier on dev at any target: use the models named below"
+    else:
+        verdict = f"{best} on dev at {', '.join(f'{s:g}x' for s in adaptive)} only; elsewhere the models named below"
     return {"variant": best, "criterion": f"max over variants of min over target speedups {low:g}x-{high:g}x of the "
                                          f"mean dev gain over static; last exit within {tolerance:g} pt of plain on dev",
             "dev_worst_gain_points": {v: worst_gain(methods[v]) for v in methods},
-            "eligible": candidates}
+            "eligible": candidates, "per_target": per_target, "verdict": verdict}
+
+
+def _choice_at(variant: str, row: dict, static: list[dict] | None) -> dict:
+    """At one target speedup: the variant's adaptive point, its fixed exit or the static frontier, best on dev."""
+    def mean(cell: list[float] | None) -> float | None:
+        return None if cell is None else cell[0]
+
+    options = [("adaptive", f"{variant} (threshold chosen on dev)", mean(row["adaptive"]))]
+    if mean(row["fixed_exit"]) is not None:
+        options.append(("fixed exit", f"{variant}'s exit at {row['speedup']:g}x, every example", mean(row["fixed_exit"])))
+    if mean(row["static"]) is not None:
+        options.append(("static", _static_models(static, row["speedup"]), mean(row["static"])))
+    choice, what, accuracy = max((o for o in options if o[2] is not None), key=lambda o: o[2],
+                                 default=options[0])
+    return {"speedup": row["speedup"], "choice": choice, "deploy": what, "dev_accuracy": accuracy,
+            "dev_gain_over_static": mean(row["gain_over_static"])}
+
+
+def _static_models(static: list[dict] | None, speedup: float) -> str:
+    """The static model(s) at ``speedup``: one K-layer model, or a random split between the two around it."""
+    if not static:
+        return "the static frontier"
+    points = sorted(static, key=lambda p: p["speedup_layers"])
+    exact = [p for p in points if abs(p["speedup_layers"] - speedup) < 1e-6]
+    if exact:
+        return f"the static {exact[0]['layers']}-layer model (train --method plain --num-layers {exact[0]['layers']})"
+    slower = [p for p in points if p["speedup_layers"] < speedup]
+    faster = [p for p in points if p["speedup_layers"] > speedup]
+    if slower and faster:
+        return (f"the static {faster[0]['layers']}- and {slower[-1]['layers']}-layer models, each text sent to one "
+                "at random in the shares that give this cost")
+    return f"the static {points[0]['layers']}-layer model"
 
 
 def _best_oracle(oracles: list[list[dict]], seeds: int) -> list[dict]:
@@ -295,5 +345,8 @@ def format_table(summary: dict) -> str:
     if selected:
         gains = ", ".join(f"{v} {g:+.1f}" for v, g in selected["dev_worst_gain_points"].items())
         lines += ["", f"Selected on dev: **{selected['variant']}** ({selected['criterion']}). "
-                      f"Worst dev gain over static per variant, points: {gains}."]
+                      f"Worst dev gain over static per variant, points: {gains}.", "",
+                  f"What to deploy, chosen on dev: {selected['verdict']}.", ""]
+        lines += [f"- {c['speedup']:.2f}x: {c['choice']}: {c['deploy']} (dev accuracy {c['dev_accuracy']:.3f})"
+                  for c in selected.get("per_target", []) if c["dev_accuracy"] is not None]
     return "\n".join(lines)

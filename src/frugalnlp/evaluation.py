@@ -7,18 +7,21 @@ and a 21-point curve costs one pass over the data.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from frugalnlp.certify import certify_threshold, check_risk
 from frugalnlp.cost import FlopCost
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
-from frugalnlp.early_exit.policies import ExitPolicy, make_policy
+from frugalnlp.early_exit.policies import ExitPolicy, exit_step, make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_split
 from frugalnlp.errors import FrugalError
 from frugalnlp.report import curve_csv, plot_curves
@@ -46,14 +49,14 @@ def collect_exit_logits(model: EarlyExitModel | Cascade, data: EncodedSplit, tok
 def replay(exit_logits: torch.Tensor, temperatures: list[float], policy: ExitPolicy) -> tuple[torch.Tensor, torch.Tensor]:
     """Where each example leaves and what it answers: (exit_index [n], labels [n]).
 
-    The policy steps through the exits exactly as in `predict`; the last exit always answers.
+    Every exit decides through `exit_step`, as in `predict`; the last exit always answers.
     """
     num_exits, n, _ = exit_logits.shape
     exit_index = torch.full((n,), num_exits - 1, dtype=torch.long)
     running = torch.ones(n, dtype=torch.bool)
     state = policy.start(n, exit_logits.device)
     for e in range(num_exits - 1):
-        leave, state = policy.step(exit_logits[e] / temperatures[e], state)
+        leave, _, state = exit_step(policy, e, num_exits, exit_logits[e], temperatures[e], state)
         leaving = leave & running
         exit_index[leaving] = e
         running &= ~leave
@@ -83,6 +86,34 @@ def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold
             for e, layer in enumerate(model.exit_layers)]
 
 
+class SplitScores:
+    """A split's cached exit logits, ready to score any policy and threshold(s) by replay."""
+
+    def __init__(self, model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray,
+                 lengths: np.ndarray) -> None:
+        self.model, self.exit_logits, self.gold = model, exit_logits, gold
+        cost = FlopCost(model)
+        self.flops_to_exit = cost.to_exit(lengths)  # [exits, n]
+        self.full_flops = cost.full(lengths).sum()
+        self.depth = model.config.exit_layers[-1]
+        self.layers_to_exit = torch.tensor(model.layers_to_exit, dtype=torch.float64)
+
+    def point(self, policy: str, threshold: float | list[float]) -> dict:
+        """Scores, share of layers run, FLOPs share, speedups and exit histogram at one operating point."""
+        model = self.model
+        exit_index, labels = replay(self.exit_logits, model.temperatures, make_policy(policy, threshold, model.num_exits))
+        layers_share = float(self.layers_to_exit[exit_index].mean()) / self.depth
+        flops_share = float(self.flops_to_exit[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops)
+        return {
+            "threshold": round(float(threshold), 6) if isinstance(threshold, (int, float))
+            else [round(float(t), 6) for t in threshold],
+            **scores(labels, self.gold, model.config.num_labels),
+            "layers_share": layers_share, "speedup_layers": 1.0 / layers_share,
+            "flops_share": flops_share, "speedup_flops": 1.0 / flops_share,
+            "exit_histogram": torch.bincount(exit_index, minlength=model.num_exits).tolist(),
+        }
+
+
 def speed_accuracy_curve(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray,
                          lengths: np.ndarray, thresholds: list[float], policy: str = "confidence") -> list[dict]:
     """One point per threshold: scores, share of layers run, FLOPs share, speedups, exit histogram.
@@ -90,23 +121,36 @@ def speed_accuracy_curve(model: EarlyExitModel | Cascade, exit_logits: torch.Ten
     ``layers_share`` is the paper's speed measure: mean layers run (a cascade's recomputation
     included) over the full depth. ``flops_share`` counts heads and per-example lengths exactly.
     """
-    cost = FlopCost(model)
-    flops_to_exit = cost.to_exit(lengths)  # [exits, n]
-    full_flops = cost.full(lengths).sum()
-    depth = model.config.exit_layers[-1]
-    layers_to_exit = torch.tensor(model.layers_to_exit, dtype=torch.float64)
-    points = []
-    for threshold in thresholds:
-        exit_index, labels = replay(exit_logits, model.temperatures, make_policy(policy, threshold, model.num_exits))
-        layers_share = float(layers_to_exit[exit_index].mean()) / depth
-        flops_share = float(flops_to_exit[exit_index.numpy(), np.arange(len(gold))].sum() / full_flops)
-        points.append({
-            "threshold": round(float(threshold), 6), **scores(labels, gold, model.config.num_labels),
-            "layers_share": layers_share, "speedup_layers": 1.0 / layers_share,
-            "flops_share": flops_share, "speedup_flops": 1.0 / flops_share,
-            "exit_histogram": torch.bincount(exit_index, minlength=model.num_exits).tolist(),
-        })
-    return points
+    split = SplitScores(model, exit_logits, gold, lengths)
+    return [split.point(policy, threshold) for threshold in thresholds]
+
+
+def search_per_exit(dev: SplitScores, dev_curve: list[dict], target_speedup: float | None = None,
+                    max_drop: float | None = None, grid: int = 101, passes: int = 2) -> dict:
+    """Per-exit thresholds chosen on dev (``dev_curve``: the confidence curve of the same split) by coordinate
+    descent from the best single threshold: one exit's threshold at a time over ``grid`` values, ``passes``
+    times. With ``target_speedup``: the best dev accuracy at that speedup or more; with ``max_drop``: the
+    fastest point within that accuracy drop of the last exit. Returns the dev point of the thresholds found."""
+    start = choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop)["threshold"]
+    reference = next(p["accuracy"] for p in dev_curve if p["threshold"] >= 1.0)
+
+    def value(point: dict) -> tuple[float, float] | None:
+        if target_speedup is not None:
+            ok = point["speedup_layers"] >= target_speedup - 1e-9
+            return (point["accuracy"], point["speedup_layers"]) if ok else None
+        ok = point["accuracy"] >= reference - max_drop - 1e-12
+        return (point["speedup_layers"], point["accuracy"]) if ok else None
+
+    thresholds = [start] * (dev.model.num_exits - 1)
+    best = dev.point("per-exit", thresholds)
+    for _ in range(passes):
+        for k in range(len(thresholds)):
+            for t in np.linspace(0.0, 1.0, grid).round(6).tolist():
+                candidate = dev.point("per-exit", thresholds[:k] + [t] + thresholds[k + 1:])
+                score = value(candidate)
+                if score is not None and score > value(best):
+                    best, thresholds = candidate, list(candidate["threshold"])
+    return best
 
 
 def accuracy_at_speedup(curve: list[dict], speedup: float, key: str = "speedup_layers") -> float | None:
@@ -166,7 +210,8 @@ class Oracle:
 
 
 def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], static: list[dict] | None,
-            oracle: Oracle, speedups: list[float]) -> list[dict]:
+            oracle: Oracle, speedups: list[float],
+            operating: Callable[[float], dict] | None = None) -> list[dict]:
     """Per target speedup: the adaptive curve at a threshold chosen on dev, beside the baselines.
 
     ``adaptive`` is the test accuracy at the threshold whose dev speedup reaches the target with the
@@ -174,13 +219,17 @@ def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], st
     are read at that same cost. ``adaptive_best_on_test`` is the curve's own best point at the
     target (optimistic: chosen on test). ``gain_over_static`` is in accuracy points (x100);
     ``gap_closed`` = (adaptive - static) / (oracle - static), the share of the way from the static
-    frontier to the oracle that the curve covers. Both curves need the same thresholds.
+    frontier to the oracle that the curve covers. Both curves need the same thresholds. ``operating``
+    (target speedup -> test point) replaces the threshold chosen on the dev curve (e.g. per-exit thresholds).
     """
     by_threshold = {p["threshold"]: p for p in test_curve}
+    if operating is None:
+        def operating(target: float) -> dict:
+            return by_threshold[choose_threshold(dev_curve, target_speedup=target)["threshold"]]
     rows = []
     for s in speedups:
         try:
-            point = by_threshold[choose_threshold(dev_curve, target_speedup=s)["threshold"]]
+            point = operating(s)
         except FrugalError:  # the dev curve never gets that fast
             point = None
         adaptive = None if point is None else point["accuracy"]
@@ -210,8 +259,10 @@ def table_speedups(exit_layers: list[int], base: tuple[float, ...] = (1.5, 2.0, 
 OPERATING_GRID = np.linspace(0.0, 1.0, 401).round(6).tolist()  # thresholds tried when choosing one on dev
 
 
-def check_operating_target(target_speedup: float | None, max_drop: float | None) -> None:
-    """FrugalError unless exactly one of the two is given and in range (checked before any dev logits)."""
+def check_operating_target(target_speedup: float | None, max_drop: float | None, risk: float | None = None) -> None:
+    """FrugalError unless exactly one of the two is given and in range, and ``risk`` (certification, with
+    ``max_drop`` only) is in (0, 1); checked before any dev logits."""
+    check_risk(risk, max_drop)
     if (target_speedup is None) == (max_drop is None):
         raise FrugalError("give exactly one of --target-speedup and --max-drop")
     if target_speedup is not None and not (isinstance(target_speedup, (int, float)) and 1.0 <= target_speedup < math.inf):
@@ -248,19 +299,21 @@ def evaluation_dir(run: str | Path, split: str = "test", policy: str = "confiden
 
 def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, policy: str = "confidence",
                  output: str | Path | None = None, overwrite: bool = False, static: list[str] | None = None,
-                 target_speedup: float | None = None, max_drop: float | None = None) -> tuple[Path, dict]:
+                 target_speedup: float | None = None, max_drop: float | None = None,
+                 risk: float | None = None) -> tuple[Path, dict]:
     """Curve of a trained run on ``split`` beside its baselines; writes curve.json, curve.csv, exits.json, curve.png.
 
     Baselines: the fixed exits, the static frontier (``static``: multi-model or ``plain --num-layers``
     runs; a multi-model run's own members by default) and the oracle. ``target_speedup`` or
-    ``max_drop`` choose a threshold on the dev curve and report ``split`` at it. Returns the output
-    directory (default ``RUN/eval-SPLIT-POLICY``) and the curve.json content.
+    ``max_drop`` choose a threshold on the dev curve and report ``split`` at it (``risk``: certified by
+    Learn-then-Test, with the drop ``split`` realises). Returns the output directory (default
+    ``RUN/eval-SPLIT-POLICY``) and the curve.json content.
     """
     if thresholds < 2:
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
     make_policy(policy, 0.5, 2)  # an unknown policy fails now, not after the forward passes
-    if target_speedup is not None or max_drop is not None:
-        check_operating_target(target_speedup, max_drop)
+    if target_speedup is not None or max_drop is not None or risk is not None:
+        check_operating_target(target_speedup, max_drop, risk)
     out = RunDir(output or evaluation_dir(run, split, policy), overwrite=overwrite)
     trained = load_run(run)
     spec, model = trained.spec, trained.model
@@ -270,29 +323,46 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     # Thresholds are chosen on dev and read on the reported split, on one fine grid.
     grid = np.linspace(0.0, 1.0, thresholds).round(6).tolist()
     fine = sorted({*OPERATING_GRID, *grid})
-    dev_curve, dev_logits, dev_gold = split_curve(trained, "dev", fine, policy)
-    full_curve, logits, gold = split_curve(trained, split, fine, policy)
+    dev_curve, dev = split_curve(trained, "dev", fine, policy)
+    full_curve, reported_split = split_curve(trained, split, fine, policy)
+    dev_logits, dev_gold, logits, gold = dev.exit_logits, dev.gold, reported_split.exit_logits, reported_split.gold
     shown = set(grid)
     curve = [p for p in full_curve if p["threshold"] in shown]
     operating = None
     if target_speedup is not None or max_drop is not None:
-        chosen = choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop)
-        operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop,
-                     "threshold": chosen["threshold"], "dev": chosen,
-                     split: next(p for p in full_curve if p["threshold"] == chosen["threshold"])}
+        chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
+        reported = reported_split.point(policy, chosen["threshold"])
+        last = next(p for p in full_curve if p["threshold"] >= 1.0)
+        operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop, "risk": risk,
+                     "certified": chosen.pop("certified"), "certificate": chosen.pop("certificate", None),
+                     "threshold": chosen["threshold"], "dev": chosen, split: reported,
+                     f"{split}_drop": last["accuracy"] - reported["accuracy"]}
     fixed = exit_scores(model, logits, gold)
     oracle = Oracle(logits, gold, model.layers_to_exit, depth)
+
+    def per_exit(scored: SplitScores) -> Callable[[float], dict] | None:
+        """Per-exit thresholds searched on dev for each target speedup, read on ``scored`` (other policies: None)."""
+        if policy != "per-exit":
+            return None
+        return lambda target: scored.point(policy, searched(target))
+
+    @functools.lru_cache(maxsize=None)
+    def searched(target: float) -> list[float]:  # one search per target serves the dev and the test table
+        return search_per_exit(dev, dev_curve, target_speedup=target)["threshold"]
+
     speedups = table_speedups(model.exit_layers)
     result = {"run": str(run), "split": split, "policy": policy, "method": spec.method, "examples": len(gold),
               "points": curve,
               "baselines": {"fixed_exits": fixed, "static": static_pts, "oracle_best": oracle.best,
                             "oracle": [{"speedup_layers": s, "accuracy": oracle.accuracy(s)}
                                        for s in oracle_speedups(model.exit_layers)]},
-              "comparison": compare(full_curve, dev_curve, fixed, static_pts, oracle, speedups),
+              "comparison": compare(full_curve, dev_curve, fixed, static_pts, oracle, speedups,
+                                    per_exit(reported_split)),
               # The same on dev, where recipes may be compared and chosen without touching test.
               "dev_comparison": compare(dev_curve, dev_curve, exit_scores(model, dev_logits, dev_gold),
                                         static_points(static_runs, "dev", trained.config, depth) if static_runs else None,
-                                        Oracle(dev_logits, dev_gold, model.layers_to_exit, depth), speedups),
+                                        Oracle(dev_logits, dev_gold, model.layers_to_exit, depth), speedups,
+                                        per_exit(dev)),
               "operating_point": operating}
     out.open()
     write_json(out.path / "curve.json", result)
@@ -304,21 +374,38 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
 
 
 def split_curve(trained: TrainedRun, split: str, thresholds: list[float],
-                policy: str = "confidence") -> tuple[list[dict], torch.Tensor, np.ndarray]:
-    """A finished run's curve on one split of its task: (points, raw exit logits [exits, n, labels], gold [n])."""
+                policy: str = "confidence") -> tuple[list[dict], SplitScores]:
+    """A finished run's curve on one split of its task, and the split's cached scores (raw exit logits
+    [exits, n, labels], gold [n]) for any other operating point."""
     spec, model, tokenizer = trained.spec, trained.model, trained.tokenizer
     task = load_spec_task(spec)
     data = encode_split(task.split(split), tokenizer, spec.max_length)
     logits = collect_exit_logits(model, data, tokenizer, spec.eval_batch_size, progress=True)
-    gold = task.split(split).labels
-    return speed_accuracy_curve(model, logits, gold, data.lengths(), thresholds, policy=policy), logits, gold
+    scored = SplitScores(model, logits, task.split(split).labels, data.lengths())
+    return [scored.point(policy, threshold) for threshold in thresholds], scored
 
 
 def operating_threshold(trained: TrainedRun, target_speedup: float | None = None, max_drop: float | None = None,
-                        policy: str = "confidence") -> dict:
-    """The dev curve point chosen by `choose_threshold` (its ``threshold`` is what to predict with)."""
-    return choose_threshold(split_curve(trained, "dev", OPERATING_GRID, policy)[0], target_speedup=target_speedup,
-                            max_drop=max_drop)
+                        policy: str = "confidence", risk: float | None = None) -> dict:
+    """The dev point to predict with (its ``threshold``): see `choose_operating_point`."""
+    curve, dev = split_curve(trained, "dev", OPERATING_GRID, policy)
+    return choose_operating_point(curve, dev, target_speedup, max_drop, policy, risk)
+
+
+def choose_operating_point(dev_curve: list[dict], dev: SplitScores, target_speedup: float | None,
+                           max_drop: float | None, policy: str, risk: float | None) -> dict:
+    """The dev point to operate at: `choose_threshold`'s on the dev curve; per-exit thresholds found by
+    `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
+    certifies (`frugalnlp.certify`; its record under ``certificate``). ``certified`` is None when uncertified."""
+    if risk is not None:
+        model = dev.model
+        certificate = certify_threshold(dev.exit_logits, dev.gold, model.temperatures, model.layers_to_exit, max_drop,
+                                        risk, policy=policy, candidates=[p["threshold"] for p in dev_curve])
+        point = next(p for p in dev_curve if p["threshold"] == certificate.threshold)
+        return {**point, "certified": certificate.certified, "certificate": certificate.to_dict()}
+    if policy == "per-exit":
+        return {**search_per_exit(dev, dev_curve, target_speedup, max_drop), "certified": None}
+    return {**choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), "certified": None}
 
 
 def static_points(runs: list[str], split: str, config: dict, depth: int) -> list[dict]:

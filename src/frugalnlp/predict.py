@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -17,9 +18,10 @@ from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
 from frugalnlp.evaluation import check_operating_target, operating_threshold
 from frugalnlp.errors import FrugalError
+from frugalnlp.operating import load_operating_point
+from frugalnlp.run import load_run
 from frugalnlp.rundir import check_output_file
 from frugalnlp.tasks import Columns, iter_rows, row_example
-from frugalnlp.run import load_run
 
 
 class Predictor:
@@ -30,22 +32,34 @@ class Predictor:
     [{'label': 'positive', 'confidence': 0.97, 'exit_layer': 2, 'layers_run': 2}, ...]
     """
 
-    def __init__(self, run: str | os.PathLike, threshold: float = THRESHOLD, policy: str = "confidence",
+    def __init__(self, run: str | os.PathLike, threshold: float | list[float] | None = None, policy: str | None = None,
                  batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
-                 max_drop: float | None = None) -> None:
+                 max_drop: float | None = None, risk: float | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
-        (see `frugalnlp.evaluation.choose_threshold`); the choice is kept in ``self.operating_point``."""
-        self.check_args(threshold, policy, batch_size, target_speedup, max_drop)
+        (see `frugalnlp.evaluation.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
+        `frugalnlp.certify`); the choice is kept in ``self.operating_point``. With none of the three, the
+        run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy)."""
+        chooses = target_speedup is not None or max_drop is not None
+        saved = None if threshold is not None or chooses else load_operating_point(run)
+        if saved is not None:
+            if policy is not None and policy != saved.policy:
+                raise FrugalError(f"{run}'s saved operating point is for the {saved.policy} policy; give --threshold "
+                                  f"with --policy {policy}, or calibrate the run for it")
+            threshold, policy = saved.threshold, saved.policy
+        policy = policy or "confidence"
+        threshold = THRESHOLD if threshold is None else threshold
+        self.check_args(threshold, policy, batch_size, target_speedup, max_drop, risk)
         trained = load_run(run, trust_pickle=trust_pickle)
         # What another process needs to rebuild this predictor (Ray actors), with the threshold as chosen.
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
         self.model, self.tokenizer = trained.model, trained.tokenizer
-        self.operating_point = None
-        if target_speedup is not None or max_drop is not None:
-            self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy)
+        self.operating_point = None if saved is None else {"saved": True, **asdict(saved)}
+        if chooses:
+            self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy, risk)
             threshold = self.operating_point["threshold"]
         self.threshold = threshold
         self.args["threshold"] = threshold
+        self.policy_name = policy
         self.policy = make_policy(policy, threshold, self.model.num_exits)
         self.max_length = trained.spec.max_length
         self.batch_size = batch_size
@@ -54,14 +68,16 @@ class Predictor:
         self.exit_layers = self.model.exit_layers
 
     @staticmethod
-    def check_args(threshold: float = THRESHOLD, policy: str = "confidence", batch_size: int = 32,
-                   target_speedup: float | None = None, max_drop: float | None = None) -> None:
+    def check_args(threshold: float | list[float] | None = None, policy: str | None = None, batch_size: int = 32,
+                   target_speedup: float | None = None, max_drop: float | None = None,
+                   risk: float | None = None) -> None:
         """FrugalError for settings out of range, before the run loads and its dev split is scored."""
         if batch_size < 1:
             raise FrugalError(f"--batch-size {batch_size} must be at least 1")
-        make_policy(policy, threshold, 2)
-        if target_speedup is not None or max_drop is not None:
-            check_operating_target(target_speedup, max_drop)
+        threshold = THRESHOLD if threshold is None else threshold
+        make_policy(policy or "confidence", threshold, 2 if isinstance(threshold, (int, float)) else len(threshold) + 1)
+        if target_speedup is not None or max_drop is not None or risk is not None:
+            check_operating_target(target_speedup, max_drop, risk)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:

@@ -44,7 +44,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalnlp.backbones.base import used_length
-from frugalnlp.defaults import THRESHOLD
+from frugalnlp.early_exit.policies import exit_step, needs_head
 from frugalnlp.errors import FrugalError
 from frugalnlp.predict import Predictor
 
@@ -280,15 +280,13 @@ class ModelWorker:
     def _advance(self, e: int, group: Group) -> None:
         """Run segment ``e`` on a group; rows that leave are answered, the others queue at exit e+1."""
         self.metrics.batch_rows.labels(str(self.model.exit_layers[e])).observe(len(group.owners))
-        head = not (e < self.last and self.policy.never_leaves_early)
-        state, logits = self.model.advance(e, group.state, head=head)
+        model = self.model
+        state, logits = model.advance(e, group.state, head=needs_head(self.policy, e, model.num_exits))
         if logits is None:
             self._enqueue(e + 1, Group(state, group.policy_state, group.owners, time.perf_counter()))
             return
-        if e == self.last:
-            leave, policy_state = torch.ones(len(group.owners), dtype=torch.bool), None
-        else:
-            leave, policy_state = self.policy.step(logits, group.policy_state)
+        leave, logits, policy_state = exit_step(self.policy, e, model.num_exits, logits, model.temperatures[e],
+                                                group.policy_state)
         going = leave.nonzero().squeeze(1)
         self._deliver([group.owners[i] for i in going.tolist()], logits[going],
                       torch.full((len(going),), e, dtype=torch.long))
@@ -530,14 +528,15 @@ def guarded_protocol(idle_timeout_s: float) -> type[asyncio.Protocol]:
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
-          threshold: float = THRESHOLD, policy: str = "confidence", trust_pickle: bool = False,
-          target_speedup: float | None = None, max_drop: float | None = None) -> None:
+          threshold: float | list[float] | None = None, policy: str | None = None, trust_pickle: bool = False,
+          target_speedup: float | None = None, max_drop: float | None = None, risk: float | None = None) -> None:
     """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first).
 
-    The operating point is ``threshold``, or one chosen on dev (``target_speedup``, ``max_drop``; see `Predictor`).
+    The operating point is ``threshold``, or one chosen on dev (``target_speedup``, ``max_drop``, certified
+    with ``risk``), or the run's saved one; see `Predictor`.
     """
     settings = settings or ServeSettings()
-    operating = dict(threshold=threshold, policy=policy, target_speedup=target_speedup, max_drop=max_drop)
+    operating = dict(threshold=threshold, policy=policy, target_speedup=target_speedup, max_drop=max_drop, risk=risk)
     Predictor.check_args(batch_size=settings.max_batch, **operating)
     sock = bind_socket(host, port)  # a taken port fails before the model loads and dev is scored
     try:
@@ -547,7 +546,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSe
         raise
     app = create_app(predictor, settings, run_name=str(run))
     port = sock.getsockname()[1]
-    print(f"serving {run} on http://{host}:{port} (threshold {predictor.threshold:g}, "
+    shown = predictor.threshold if isinstance(predictor.threshold, list) else f"{predictor.threshold:g}"
+    print(f"serving {run} on http://{host}:{port} ({predictor.policy_name} policy, threshold {shown}, "
           f"{settings.batching} batching, max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms)",
           flush=True)
     # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, stop the worker) and then re-raises

@@ -91,12 +91,12 @@ class Cascade:
 
     def advance(self, exit_index: int, tokens: Tokens, head: bool = True) -> tuple[Tokens, torch.Tensor | None]:
         """Run model ``exit_index`` on the rows still going; without ``head`` it is skipped altogether
-        (a later model recomputes from the tokens). Returns the tokens and its temperature-scaled logits."""
+        (a later model recomputes from the tokens). Returns the tokens and its raw logits (`exit_step` scales them)."""
         if not head:
             return tokens, None
         model = self.models[exit_index]
         logits = model(tokens.input_ids, tokens.attention_mask, tokens.token_type_ids).exit_logits[0].float()
-        return tokens, logits / model.config.temperatures[0]
+        return tokens, logits
 
     def keep_rows(self, tokens: Tokens, rows: torch.Tensor) -> Tokens:
         """Only ``rows`` of the batch, cut to the columns they use."""

@@ -18,7 +18,7 @@ from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import Backbone, State, backbone_for
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.config import RECIPE_FIELDS, EarlyExitConfig, ExitRecipe
-from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
+from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy, exit_step, needs_head
 from frugalnlp.errors import FrugalError
 
 
@@ -117,28 +117,26 @@ class Departures:
     a few tensor ops per exit and none per example.
     """
 
-    def __init__(self, policy: ExitPolicy, batch: int, num_exits: int, device: torch.device) -> None:
-        self.policy = policy
-        self.last = num_exits - 1
+    def __init__(self, policy: ExitPolicy, batch: int, temperatures: list[float], device: torch.device) -> None:
+        self.policy, self.temperatures = policy, temperatures
+        self.num_exits = len(temperatures)
         self.rows = torch.arange(batch, device=device)  # original row of each row still running
         self.state = policy.start(batch, device)
-        self.left: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, logits, exit)
+        self.left: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, calibrated logits, exit)
         self.dropped = False  # whether the last `decide` let some rows go and kept others
 
     def skips(self, exit_index: int) -> bool:
-        """Whether this exit can be skipped altogether (no row can leave before the last exit)."""
-        return exit_index < self.last and self.policy.never_leaves_early
+        """Whether this exit's head can be skipped altogether (no row can leave before the last exit)."""
+        return not needs_head(self.policy, exit_index, self.num_exits)
 
     def decide(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor | None:
-        """Record who leaves at this exit given their calibrated logits [rows, labels].
+        """Record who leaves at this exit given their raw logits [rows, labels] (`exit_step` decides).
 
         Returns the positions (in the current batch) of the rows that go on, or None when none do;
         ``self.dropped`` says whether the batch must shrink to them.
         """
-        if exit_index == self.last:
-            self.left.append((self.rows, logits, exit_index))
-            return None
-        leave, self.state = self.policy.step(logits, self.state)
+        leave, logits, self.state = exit_step(self.policy, exit_index, self.num_exits, logits,
+                                              self.temperatures[exit_index], self.state)
         self.left.append((self.rows[leave], logits[leave], exit_index))
         stay = (~leave).nonzero().squeeze(1)
         self.dropped = 0 < len(stay) < len(self.rows)
@@ -172,7 +170,7 @@ def adaptive_predict(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    departures = Departures(policy, input_ids.shape[0], model.num_exits, input_ids.device)
+    departures = Departures(policy, input_ids.shape[0], model.temperatures, input_ids.device)
     state = model.start(input_ids, attention_mask, token_type_ids)
     for e in range(model.num_exits):
         state, logits = model.advance(e, state, head=not departures.skips(e))
@@ -348,8 +346,8 @@ class EarlyExitModel(PreTrainedModel):
     def advance(self, exit_index: int, state: State, head: bool = True) -> tuple[State, torch.Tensor | None]:
         """Run segment ``exit_index``: the layers since the previous exit, then (if ``head``) its exit.
 
-        Returns the state after the segment and the exit's temperature-scaled logits [rows, labels] (None
-        without ``head``: a policy that cannot leave there need not pay for the head).
+        Returns the state after the segment and the exit's raw logits [rows, labels] (`exit_step` scales
+        them), or None without ``head``: a policy that cannot leave there need not pay for the head.
         """
         adapter = self.adapter
         exit_layers = self.config.exit_layers
@@ -358,7 +356,7 @@ class EarlyExitModel(PreTrainedModel):
         if not head:
             return state, None
         logits = self.heads[exit_index](state.hidden, state.attention_mask).float()
-        return state, logits / self.config.temperatures[exit_index]
+        return state, logits
 
     def keep_rows(self, state: State, rows: torch.Tensor) -> State:
         """Only ``rows`` ([k] positions) of the batch, with the padding no kept row needs cut."""

@@ -1,13 +1,16 @@
 """Exit policies: given one exit's logits for the rows still running, which rows leave now.
 
-A policy knows nothing of models. The same `step` serves batched `predict` (rows that leave are
-dropped from the batch) and the replay of cached logits in evaluation, so both decide alike.
-Every policy's knob is a ``threshold`` in [0, 1] where 1 means "never leave before the last exit".
+A policy knows nothing of models. Every decision goes through `exit_step` (temperature scaling, the
+last-exit rule, the policy's step), which batched `predict`, the replay of cached logits in evaluation
+and the server's segment worker all call, so all three decide alike. A policy's state is one tensor with
+the rows first (or None), so the server can split and merge it. Every policy's knob is a ``threshold`` in
+[0, 1] where 1 means "never leave before the last exit"; `PerExitPolicy` has one per early exit.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +36,10 @@ class ExitPolicy:
     def start(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         return None
 
-    def step(self, logits: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits: [rows, labels], temperature-scaled. Returns leave: bool [rows] and the new state."""
+    def step(self, logits: torch.Tensor, state: torch.Tensor | None,
+             exit_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits: [rows, labels], temperature-scaled, at early exit ``exit_index`` (0-based).
+        Returns leave: bool [rows] and the new state."""
         raise NotImplementedError
 
     @property
@@ -52,14 +57,14 @@ class ExitPolicy:
 class ConfidencePolicy(ExitPolicy):
     """Leave when the max softmax probability reaches the threshold (the SWEET paper's rule)."""
 
-    def step(self, logits, state):
+    def step(self, logits, state, exit_index):
         return self.reaches(logits.softmax(-1).amax(-1)), state
 
 
 class EntropyPolicy(ExitPolicy):
     """DeeBERT: leave when 1 - entropy / log(labels) reaches the threshold (low entropy leaves)."""
 
-    def step(self, logits, state):
+    def step(self, logits, state, exit_index):
         log_p = logits.log_softmax(-1)
         entropy = -(log_p.exp() * log_p).sum(-1)
         return self.reaches(1.0 - entropy / math.log(logits.shape[-1])), state
@@ -88,7 +93,7 @@ class PatiencePolicy(ExitPolicy):
         state[:, 0] = -1
         return state
 
-    def step(self, logits, state):
+    def step(self, logits, state, exit_index):
         labels = logits.argmax(-1)
         same = labels == state[:, 0]
         count = torch.where(same, state[:, 1] + 1, torch.zeros_like(labels))
@@ -96,14 +101,62 @@ class PatiencePolicy(ExitPolicy):
         return leave, torch.stack([labels, count], dim=1)
 
 
+class PerExitPolicy(ExitPolicy):
+    """Confidence with a threshold of its own at each early exit (BERxiT): a row leaves exit k when its
+    calibrated max probability reaches ``thresholds[k]``. ``threshold`` is the largest of them."""
+
+    def __init__(self, thresholds: Sequence[float]) -> None:
+        self.thresholds = [check_threshold(t) for t in thresholds]
+        if not self.thresholds:
+            raise FrugalError("per-exit thresholds: give one per early exit")
+        super().__init__(max(self.thresholds))
+
+    @property
+    def never_leaves_early(self) -> bool:
+        return all(t >= 1.0 for t in self.thresholds)
+
+    def step(self, logits, state, exit_index):
+        threshold = self.thresholds[exit_index]
+        if threshold >= 1.0:
+            return torch.zeros(len(logits), dtype=torch.bool, device=logits.device), state
+        return logits.softmax(-1).amax(-1) >= threshold, state
+
+
 POLICIES: dict[str, type[ExitPolicy]] = {"confidence": ConfidencePolicy, "entropy": EntropyPolicy,
-                                         "patience": PatiencePolicy}
+                                         "patience": PatiencePolicy, "per-exit": PerExitPolicy}
 
 
-def make_policy(name: str, threshold: float, num_exits: int) -> ExitPolicy:
-    """A policy by name; patience is counted in exits, so it needs ``num_exits``."""
+def make_policy(name: str, threshold: float | Sequence[float], num_exits: int) -> ExitPolicy:
+    """A policy by name; patience is counted in exits, so it needs ``num_exits``. ``per-exit`` takes one
+    threshold per early exit (``num_exits - 1`` of them), or one for all."""
     if name not in POLICIES:
         raise FrugalError(f"unknown exit policy '{name}'; choose one of {', '.join(POLICIES)}")
+    if name == "per-exit":
+        thresholds = [threshold] * (num_exits - 1) if isinstance(threshold, (int, float)) else list(threshold)
+        if len(thresholds) != max(num_exits - 1, 1):
+            raise FrugalError(f"per-exit thresholds: {len(thresholds)} given, the model has {num_exits - 1} early exits")
+        return PerExitPolicy(thresholds)
+    if not isinstance(threshold, (int, float)):
+        raise FrugalError(f"exit policy '{name}' takes one threshold, not {len(threshold)}; use --policy per-exit")
     if name == "patience":
         return PatiencePolicy(threshold, max_patience=max(num_exits - 1, 1))
     return POLICIES[name](threshold)
+
+
+def exit_step(policy: ExitPolicy, exit_index: int, num_exits: int, logits: torch.Tensor, temperature: float,
+              state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The decision at one exit for the rows standing there.
+
+    logits: [rows, labels], the exit's raw logits; temperature: its calibration. Returns (leave: bool [rows],
+    the temperature-scaled logits, the rows' new policy state). Every row leaves at the last exit.
+    """
+    scaled = logits / temperature
+    if exit_index == num_exits - 1:
+        return torch.ones(len(scaled), dtype=torch.bool, device=scaled.device), scaled, state
+    leave, state = policy.step(scaled, state, exit_index)
+    return leave, scaled, state
+
+
+def needs_head(policy: ExitPolicy, exit_index: int, num_exits: int) -> bool:
+    """Whether exit ``exit_index``'s head must run: at the last exit always; before it, only if a row may leave."""
+    return exit_index == num_exits - 1 or not policy.never_leaves_early

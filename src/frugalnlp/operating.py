@@ -1,0 +1,94 @@
+"""Operating points saved with a run: the policy and thresholds to deploy, how they were chosen and what
+they gave on dev, bound to the run's weights.
+
+``frugalnlp calibrate RUN --target-speedup S`` (or ``--max-drop E [--risk D]``) chooses on dev and writes
+``RUN/operating-point.json``; `Predictor` (so `predict`, `serve` and ``--engine ray``) uses it by default,
+explicit flags override it, and a point whose weights' sha256 is not the run's is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from frugalnlp.assets import weights_sha256
+from frugalnlp.errors import FrugalError
+from frugalnlp.rundir import write_json
+
+OPERATING_POINT = "operating-point.json"
+KIND = "frugalnlp-operating-point"
+
+
+@dataclass
+class OperatingPoint:
+    """One deployable decision rule of a run, with its provenance."""
+
+    policy: str
+    threshold: float | list[float]
+    chosen_by: str  # "dev: target speedup 2", "dev: max drop 0.01", "learn-then-test: ..."
+    dev: dict  # accuracy, macro-F1 and speedups on dev at this point
+    model_sha256: str | None  # sha256 of the run's weights (model/**.safetensors)
+    target_speedup: float | None = None
+    max_drop: float | None = None
+    risk: float | None = None
+    certified: bool | None = None  # None: not certified (no --risk); else whether Learn-then-Test certified it
+    certificate: dict | None = None
+    command: str = ""
+
+    def save(self, run: str | Path, overwrite: bool = False) -> Path:
+        path = Path(run) / OPERATING_POINT
+        if path.exists() and not overwrite:
+            raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
+        write_json(path, {"kind": KIND, **asdict(self)})
+        return path
+
+
+def run_weights_sha256(run: str | Path) -> str | None:
+    """The hash an operating point of ``run`` is bound to: every safetensors file under ``RUN/model``."""
+    return weights_sha256(Path(run) / "model", recursive=True)
+
+
+def load_operating_point(run: str | Path) -> OperatingPoint | None:
+    """The run's saved operating point (None if it has none); FrugalError if it belongs to other weights."""
+    path = Path(run) / OPERATING_POINT
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:
+        raise FrugalError(f"{path} is not valid JSON ({error}); run `frugalnlp calibrate {run} --overwrite`") from None
+    if not isinstance(data, dict) or data.pop("kind", None) != KIND:
+        raise FrugalError(f"{path} is not a frugalnlp operating point")
+    point = OperatingPoint(**data)
+    actual = run_weights_sha256(run)
+    if point.model_sha256 != actual:
+        raise FrugalError(f"{path} was chosen for other weights (sha256 {str(point.model_sha256)[:16]}, this run's "
+                          f"are {str(actual)[:16]}): it belongs to another run; run `frugalnlp calibrate {run} "
+                          "--overwrite` or pass --threshold")
+    return point
+
+
+def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: float | None = None,
+                  max_drop: float | None = None, risk: float | None = None, overwrite: bool = False) -> OperatingPoint:
+    """Choose the run's operating point on dev (`frugalnlp.evaluation.operating_threshold`) and save it."""
+    from frugalnlp.evaluation import check_operating_target, operating_threshold
+    from frugalnlp.report import command_line
+    from frugalnlp.run import load_run
+
+    check_operating_target(target_speedup, max_drop, risk)
+    path = Path(run) / OPERATING_POINT
+    if path.exists() and not overwrite:  # before minutes of dev logits
+        raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
+    chosen = operating_threshold(load_run(run), target_speedup, max_drop, policy, risk)
+    certificate = chosen.pop("certificate", None)
+    certified = chosen.pop("certified")
+    how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
+    if risk is not None:
+        how = f"learn-then-test on dev: max drop {max_drop:g} with risk {risk:g}"
+    point = OperatingPoint(policy=policy, threshold=chosen["threshold"], chosen_by=how,
+                           dev={k: chosen[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
+                           model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
+                           risk=risk, certified=certified, certificate=certificate, command=command_line())
+    point.save(run, overwrite=overwrite)
+    return point

@@ -1,0 +1,134 @@
+"""Learn-then-Test: the certified operating point keeps its promise on simulated exits, the dev point does not."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from frugalnlp.certify import certify_threshold, learn_then_test, p_value
+from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.errors import FrugalError
+from frugalnlp.evaluation import choose_threshold, replay
+
+EPSILON, DELTA, DRAWS, DEV = 0.02, 0.1, 500, 2000
+CANDIDATES = np.linspace(0.5, 1.0, 26).round(6).tolist()
+
+
+def simulated_exits(n: int, rng: np.random.Generator) -> tuple[torch.Tensor, np.ndarray]:
+    """Two exits on a binary task. The early exit is calibrated: its confidence c ~ U(0.5, 1) and it is right
+    with probability c; the last exit is right with probability 0.9. Returns raw logits [2, n, 2] and gold [n]."""
+    gold = rng.integers(0, 2, n)
+    confidence = rng.uniform(0.5, 1.0, n)
+    early = np.where(rng.random(n) < confidence, gold, 1 - gold)
+    last = np.where(rng.random(n) < 0.9, gold, 1 - gold)
+
+    def logits(predicted: np.ndarray, p: np.ndarray) -> torch.Tensor:
+        probs = np.where(predicted[:, None] == np.arange(2)[None], p[:, None], 1 - p[:, None])
+        return torch.tensor(np.log(np.clip(probs, 1e-9, 1)), dtype=torch.float32)
+
+    return torch.stack([logits(early, confidence), logits(last, np.full(n, 0.95))]), gold
+
+
+def drops(exit_logits: torch.Tensor, gold: np.ndarray) -> dict[float, float]:
+    """Each candidate's accuracy drop against the last exit on these examples."""
+    gold_t = torch.as_tensor(gold)
+    last = float((exit_logits[-1].argmax(-1) == gold_t).double().mean())
+    return {t: last - float((replay(exit_logits, [1.0, 1.0], make_policy("confidence", t, 2))[1] == gold_t)
+                            .double().mean()) for t in CANDIDATES}
+
+
+def dev_curve(exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
+    gold_t = torch.as_tensor(gold)
+    points = []
+    for t in CANDIDATES:
+        exit_index, labels = replay(exit_logits, [1.0, 1.0], make_policy("confidence", t, 2))
+        layers = float(torch.tensor([1.0, 2.0])[exit_index].mean())
+        points.append({"threshold": t, "accuracy": float((labels == gold_t).double().mean()),
+                       "speedup_layers": 2.0 / layers})
+    return points
+
+
+def test_the_certified_drop_exceeds_epsilon_in_at_most_delta_of_the_draws_and_the_dev_choice_more_often():
+    rng = np.random.default_rng(0)
+    population = drops(*simulated_exits(400_000, rng))  # the population drop of every candidate
+    assert min(population.values()) < EPSILON < max(population.values())  # the question is not trivial
+    certified_over = dev_over = 0
+    deployed = []
+    for _ in range(DRAWS):
+        logits, gold = simulated_exits(DEV, rng)
+        certificate = certify_threshold(logits, gold, [1.0, 1.0], [1, 2], EPSILON, DELTA, candidates=CANDIDATES,
+                                        seed=int(rng.integers(1 << 30)))
+        certified_over += population[certificate.threshold] > EPSILON
+        deployed.append(certificate.threshold)
+        dev_over += population[choose_threshold(dev_curve(logits, gold), max_drop=EPSILON)["threshold"]] > EPSILON
+    tolerance = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)  # three binomial standard deviations: 0.040
+    assert certified_over / DRAWS <= DELTA + tolerance, certified_over
+    assert dev_over / DRAWS > DELTA + tolerance and dev_over > certified_over, (dev_over, certified_over)
+    assert np.mean(np.array(deployed) < 1.0) > 0.9  # it certifies real savings, not only the last exit
+
+
+def test_fixed_sequence_testing_stops_at_the_first_failure_and_deploys_the_cheapest_certified():
+    cost = np.array([1.0, 3.0, 2.0, 1.5])  # tested in order 1, 2, 3, 0
+    losses = np.zeros((4, 400), dtype=np.int64)
+    losses[3, :40] = 1  # 10% loss: never certified at epsilon 0.05
+    chosen, tested = learn_then_test(cost, losses, epsilon=0.05, delta=0.1)
+    assert [c for c, _ in tested] == [1, 2, 3] and chosen == 2  # 0 is cheaper but comes after a failure
+    assert p_value(np.zeros(400), 0.05) == pytest.approx(0.95 ** 400)
+    chosen, _ = learn_then_test(cost, np.ones((4, 10), dtype=np.int64), epsilon=0.05, delta=0.1)
+    assert chosen is None
+
+
+def test_nothing_certified_runs_to_the_last_exit_and_says_so():
+    logits, gold = simulated_exits(60, np.random.default_rng(1))  # 30 calibration examples: (1 - 0.01)^30 > 0.1
+    certificate = certify_threshold(logits, gold, [1.0, 1.0], [1, 2], 0.01, 0.1, candidates=CANDIDATES)
+    assert not certificate.certified and certificate.threshold == 1.0
+    assert certificate.tested[0]["threshold"] == 1.0 and certificate.tested[0]["p_value"] > 0.1
+    with pytest.raises(FrugalError, match="--risk"):
+        certify_threshold(logits, gold, [1.0, 1.0], [1, 2], 0.01, 1.5)
+
+
+def test_evaluate_and_predict_deploy_the_certified_point(tiny_run, tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+    from test_cli_errors import assert_clean_error
+
+    status, out, err = run_cli(["evaluate", tiny_run, "--max-drop", 0.02, "--risk", 0.1, "--thresholds", 3,
+                                "--output", tmp_path / "e"], capsys)
+    assert status == 0, err
+    point = json.loads((tmp_path / "e" / "curve.json").read_text())["operating_point"]
+    certificate = point["certificate"]
+    assert point["risk"] == 0.1 and certificate["epsilon"] == 0.02 and point["certified"] == certificate["certified"]
+    assert certificate["fit_examples"] + certificate["calibration_examples"] == 852  # MR's dev split
+    assert point["threshold"] == certificate["threshold"] and "test_drop" in point
+    assert all(row["p_value"] <= 0.1 for row in certificate["tested"][:-1])  # testing stopped at its first failure
+    assert ("certified (Learn-then-Test" in out) == certificate["certified"]
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a fine film"}\n')
+    status, _, err = run_cli(["predict", tiny_run, "--input", data, "--output", tmp_path / "p.jsonl",
+                              "--max-drop", 0.02, "--risk", 0.1], capsys)
+    assert status == 0 and f"threshold {point['threshold']:.4f} chosen on dev" in err, err
+    status, _, err = run_cli(["predict", tiny_run, "--input", data, "--output", tmp_path / "q.jsonl", "--risk", 0.1],
+                             capsys)
+    assert_clean_error(status, err, "--risk", "--max-drop")
+
+
+def test_per_exit_thresholds_are_searched_on_dev_and_never_below_the_single_threshold(tiny_run, tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    results = {}
+    for policy in ("confidence", "per-exit"):
+        status, _, err = run_cli(["evaluate", tiny_run, "--policy", policy, "--target-speedup", 1.5, "--thresholds", 3,
+                                  "--output", tmp_path / policy], capsys)
+        assert status == 0, err
+        results[policy] = json.loads((tmp_path / policy / "curve.json").read_text())
+    single, per_exit = (results[p]["operating_point"] for p in ("confidence", "per-exit"))
+    assert isinstance(per_exit["threshold"], list) and len(per_exit["threshold"]) == 2  # exits 1 and 2
+    assert per_exit["dev"]["speedup_layers"] >= 1.5 - 1e-9
+    assert per_exit["dev"]["accuracy"] >= single["dev"]["accuracy"]  # coordinate descent starts from it
+    rows = {r["speedup"]: r for r in results["per-exit"]["dev_comparison"]}
+    singles = {r["speedup"]: r for r in results["confidence"]["dev_comparison"]}
+    assert all(rows[s]["adaptive"] >= singles[s]["adaptive"] for s in rows if singles[s]["adaptive"] is not None)
