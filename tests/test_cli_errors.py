@@ -194,6 +194,12 @@ def _bad_inputs(tmp_path, tiny_run, tiny_dir):
         (TRAIN + ["--train-file", tab_separated, "--output", out], ["looks like a TSV file", ".tsv"], out),
         (TRAIN + ["--train-file", numeric_text, "--output", out], ["numbers.jsonl:1:", "JSON number (42)"], out),
         (TRAIN + ["--train-size", "1", "--output", out], ["--train-size 1", "two labels"], out),
+        (["calibrate", tiny_run, "--policy", "magic", "--target-speedup", "2"], ["unknown exit policy 'magic'"],
+         tiny_run / "operating-point.json"),
+        (["calibrate", tiny_run], ["exactly one of --target-speedup and --max-drop"], tiny_run / "operating-point.json"),
+        (["calibrate", tiny_run, "--max-drop", "0.01", "--risk", "1.5"], ["--risk 1.5"], tiny_run / "operating-point.json"),
+        (["predict", tiny_run, "--input", rows, "--output", out, "--policy", "per-exit", "--threshold", "0.5,0.6,0.7"],
+         ["per-exit thresholds: 3 given", "2 early exits"], out),
         (TRAIN + ["--train-file", imbalanced, "--train-size", "2", "--output", out],
          ["--train-size 2", "single label", "at least"], out),
     ]

@@ -255,7 +255,9 @@ def _choice_at(variant: str, row: dict, static: list[dict] | None) -> dict:
 
     options = [("adaptive", f"{variant} (threshold chosen on dev)", mean(row["adaptive"]))]
     if mean(row["fixed_exit"]) is not None:
-        options.append(("fixed exit", f"{variant}'s exit at {row['speedup']:g}x, every example", mean(row["fixed_exit"])))
+        fixed = (_static_models(static, row["speedup"]) if variant == STATIC  # a cascade's member is a static model
+                 else f"{variant}'s exit at {row['speedup']:g}x, every example")
+        options.append(("fixed exit", fixed, mean(row["fixed_exit"])))
     if mean(row["static"]) is not None:
         options.append(("static", _static_models(static, row["speedup"]), mean(row["static"])))
     choice, what, accuracy = max((o for o in options if o[2] is not None), key=lambda o: o[2],

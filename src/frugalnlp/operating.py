@@ -76,6 +76,9 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
     from frugalnlp.report import command_line
     from frugalnlp.run import load_run
 
+    from frugalnlp.early_exit.policies import make_policy
+
+    make_policy(policy, 0.5, 2)  # an unknown policy fails before the dev logits
     check_operating_target(target_speedup, max_drop, risk)
     path = Path(run) / OPERATING_POINT
     if path.exists() and not overwrite:  # before minutes of dev logits
