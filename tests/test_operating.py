@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import numpy as np
+
 import httpx
 
 from conftest import run_cli
@@ -51,3 +53,51 @@ def test_a_saved_operating_point_is_used_by_predict_and_serve_and_refused_by_ano
     status, _, err = run_cli(["predict", other, "--input", data, "--output", tmp_path / "q.jsonl",
                               "--threshold", 0.9], capsys)
     assert status == 0, err  # an explicit threshold overrides the saved point
+
+
+def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_run, tmp_path, capsys, monkeypatch):
+    import torch
+
+    import frugalnlp.evaluation as evaluation
+    from frugalnlp.early_exit.ensemble import fit_exit_ensemble
+    from frugalnlp.tasks import load_task
+
+    seen = []
+
+    def recording(exit_logits, temperatures, gold, **kwargs):
+        seen.append(np.asarray(gold).copy())
+        return fit_exit_ensemble(exit_logits, temperatures, gold, **kwargs)
+
+    monkeypatch.setattr(evaluation, "fit_exit_ensemble", recording)
+    status, _, err = run_cli(["evaluate", tiny_run, "--ensemble", "--thresholds", 3, "--output", tmp_path / "e"], capsys)
+    assert status == 0, err
+    task = load_task("mr")
+    assert len(seen) == 1 and np.array_equal(seen[0], task.dev.labels)  # dev's labels, never test's
+    result = json.loads((tmp_path / "e" / "curve.json").read_text())
+    assert len(result["ensemble"]["fixed_exits"]) == 3 and result["ensemble"]["weights"][0][1:] == [0.0, 0.0]
+
+    # The fit never raises dev cross-entropy above each exit's own (it starts there).
+    predictor = Predictor(tiny_run, threshold=1.0)
+    from frugalnlp.encoding import encode_split
+    from frugalnlp.evaluation import collect_exit_logits
+
+    data = encode_split(task.dev, predictor.tokenizer, predictor.max_length)
+    logits = collect_exit_logits(predictor.model, data, predictor.tokenizer, 64)
+    temperatures = predictor.model.temperatures
+    fitted = fit_exit_ensemble(logits, temperatures, task.dev.labels)
+    gold = torch.as_tensor(task.dev.labels)
+    mixed = fitted.apply(logits, temperatures)
+    for e, t in enumerate(temperatures):
+        alone = torch.nn.functional.cross_entropy(logits[e] / t, gold)
+        assert torch.nn.functional.cross_entropy(mixed[e], gold) <= alone + 1e-6
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    status, _, err = run_cli(["calibrate", run, "--ensemble", "--target-speedup", 1.5], capsys)
+    assert status == 0, err
+    assert json.loads((run / "operating-point.json").read_text())["ensemble"] is True
+    assert (run / "operating-point.safetensors").exists()
+    saved = Predictor(run)
+    texts = ["a fine film", "dull and long", "tedious"]
+    fresh = Predictor(run, threshold=saved.threshold, ensemble=saved.ensemble)
+    assert saved.ensemble is not None and saved(texts) == fresh(texts)

@@ -286,15 +286,21 @@ def test_every_error_has_the_documented_shape(tiny_run):
     assert '{"error": ..., "field": ...}' in readme and '{"detail"' not in readme
 
 
-@pytest.mark.parametrize("policy", ["confidence", "entropy", "patience", "per-exit"])
-def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_server(tiny_run, texts, policy):
+@pytest.mark.parametrize("policy", ["confidence", "entropy", "patience", "per-exit", "confidence+ensemble",
+                                    "patience+ensemble"])
+def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_server(tiny_run, texts, policy,
+                                                                                      tmp_path):
     """One exit step decides everywhere: per-text decisions are the same on all four paths."""
     import math
+    import shutil
 
     from frugalnlp.early_exit.policies import make_policy
     from frugalnlp.encoding import EncodedSplit, encode_texts
     from frugalnlp.evaluation import collect_exit_logits, replay
+    from frugalnlp.operating import OperatingPoint, run_weights_sha256
 
+    policy, _, with_ensemble = policy.partition("+")
+    ensemble = Predictor(tiny_run, threshold=1.0, ensemble=True).ensemble if with_ensemble else None
     probe = Predictor(tiny_run, threshold=1.0)
     model, tokenizer = probe.model, probe.tokenizer
     data = EncodedSplit(encode_texts(tokenizer, texts, None, probe.max_length), labels=None)
@@ -310,20 +316,29 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
 
     def exits(value):
         return set(replay(logits, model.temperatures, make_policy(policy, value if len(value) > 1 else value[0],
-                                                                  model.num_exits))[0].tolist())
+                                                                  model.num_exits, ensemble))[0].tolist())
 
     value = next((v for v in candidates if len(exits(v)) > 1), candidates[0])
     if policy != "patience":  # the tiny model's answers seldom change between exits: patience may leave as one
         assert len(exits(value)) > 1
     threshold = value if len(value) > 1 else value[0]
-    alone = [p for t in texts for p in Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=1)([t])]
+    mixed = ensemble if ensemble is not None else False
+    alone = [p for t in texts for p in Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=1,
+                                                 ensemble=mixed)([t])]
     decisions = [(p["label"], p["exit_layer"]) for p in alone]
-    batched = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=16)(texts)
+    batched = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=16, ensemble=mixed)(texts)
     assert [(p["label"], p["exit_layer"]) for p in batched] == decisions
-    exit_index, labels = replay(logits, model.temperatures, make_policy(policy, threshold, model.num_exits))
+    exit_index, labels = replay(logits, model.temperatures, make_policy(policy, threshold, model.num_exits, ensemble))
     assert [(probe.id2label[int(l)], probe.exit_layers[int(e)]) for l, e in zip(labels, exit_index)] == decisions
-    server = Server(tiny_run, "--policy", policy, "--threshold", ",".join(map(repr, value)), "--max-batch", "8",
-                    "--max-wait-ms", "50")
+    if ensemble is None:
+        server = Server(tiny_run, "--policy", policy, "--threshold", ",".join(map(repr, value)), "--max-batch", "8",
+                        "--max-wait-ms", "50")
+    else:  # the same fitted ensemble reaches the server as a saved operating point
+        run = tmp_path / "run"
+        shutil.copytree(tiny_run, run)
+        OperatingPoint(policy=policy, threshold=threshold, chosen_by="test", dev={},
+                       model_sha256=run_weights_sha256(run), ensemble=ensemble).save(run)
+        server = Server(run, "--max-batch", "8", "--max-wait-ms", "50")
     try:
         async def send_all():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
+from frugalnlp.early_exit.ensemble import ExitEnsemble
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.errors import FrugalError
 
@@ -80,9 +81,11 @@ def learn_then_test(fit_cost: np.ndarray, calibration_losses: np.ndarray, epsilo
 
 def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures: list[float],
                       layers_to_exit: list[int], epsilon: float, delta: float, policy: str = "confidence",
-                      candidates: list[float] | None = None, fit_share: float = 0.5, seed: int = 0) -> Certificate:
-    """Learn-then-Test over ``candidates`` (thresholds of ``policy``) on dev: raw exit logits [exits, n, labels]
-    and gold labels [n]. The split of dev into fit and calibration parts is drawn with ``seed``."""
+                      candidates: list[float] | None = None, fit_share: float = 0.5, seed: int = 0,
+                      ensemble: ExitEnsemble | None = None) -> Certificate:
+    """Learn-then-Test over ``candidates`` (thresholds of ``policy``, deciding on ``ensemble``'s logits if
+    given) on dev: raw exit logits [exits, n, labels] and gold labels [n]. The split of dev into fit and
+    calibration parts is drawn with ``seed``."""
     from frugalnlp.evaluation import OPERATING_GRID, replay  # evaluation uses this module: imported here
 
     if not 0.0 <= epsilon <= 1.0:
@@ -101,7 +104,8 @@ def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures:
     layers = torch.tensor(layers_to_exit, dtype=torch.float64)
     cost, losses = [], []
     for threshold in candidates:
-        exit_index, labels = replay(exit_logits, temperatures, make_policy(policy, threshold, len(layers_to_exit)))
+        exit_index, labels = replay(exit_logits, temperatures,
+                                    make_policy(policy, threshold, len(layers_to_exit), ensemble))
         cost.append(float(layers[exit_index[fit]].mean()))
         losses.append((last_right & (labels != gold))[calibration].numpy().astype(np.int64))
     chosen, tested = learn_then_test(np.array(cost), np.stack(losses), epsilon, delta)

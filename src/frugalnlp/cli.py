@@ -90,6 +90,8 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
     g.add_argument("--max-drop", type=float, default=None,
                    help="choose the threshold on dev: fastest within this accuracy drop of the last exit (e.g. 0.01); "
                         "a point estimate on dev unless --risk certifies it")
+    p.add_argument("--ensemble", action="store_true",
+                   help="decide on an exit ensemble fitted on dev: exit k mixes the log-probabilities of exits 1..k")
     p.add_argument("--risk", type=float, default=None,
                    help="with --max-drop E: certify it (Learn-then-Test): with probability at least 1 - RISK the "
                         "drop against the last exit is at most E on data exchangeable with dev (e.g. 0.1)")
@@ -167,13 +169,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     path, result = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
                                 output=args.output, overwrite=args.overwrite, static=args.static,
-                                target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk)
+                                target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
+                                ensemble=args.ensemble)
     print(f"{'threshold':>9} {'accuracy':>8} {'macro-F1':>8} {'layers':>7} {'speedup':>7} {'FLOPs':>6}")
     for p in result["points"]:
         print(f"{p['threshold']:>9.2f} {p['accuracy']:>8.4f} {p['macro_f1']:>8.4f} {p['layers_share']:>7.3f} "
               f"{p['speedup_layers']:>6.2f}x {p['flops_share']:>6.3f}")
     print()
     print(format_comparison({result["method"]: result["comparison"]}))
+    if result["ensemble"]:
+        exits = ", ".join(f"L{e['layer']} {e['accuracy']:.3f}" for e in result["ensemble"]["fixed_exits"])
+        print(f"\nensembled exits (fitted on dev), every example at one exit: {exits}")
     point = result["operating_point"]
     if point:
         chosen = point[args.split]
@@ -203,7 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from frugalnlp.operating import OPERATING_POINT, calibrate_run
 
     point = calibrate_run(args.run, policy=args.policy, target_speedup=args.target_speedup, max_drop=args.max_drop,
-                          risk=args.risk, overwrite=args.overwrite)
+                          risk=args.risk, ensemble=args.ensemble, overwrite=args.overwrite)
     print(f"{point.policy} threshold {point.threshold} ({point.chosen_by}): dev accuracy {point.dev['accuracy']:.4f} "
           f"at {point.dev['speedup_layers']:.2f}x")
     if point.certificate is not None:
@@ -285,7 +291,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise FrugalError(f"{args.input}: no such file")
     predictor = Predictor(args.run, threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
                           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop,
-                          risk=args.risk)
+                          risk=args.risk, ensemble=args.ensemble)
     point = predictor.operating_point
     if point and point.get("saved"):
         print(f"the run's saved operating point: {point['policy']} threshold {point['threshold']} ({point['chosen_by']}; "
@@ -319,7 +325,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
     serve(args.run, host=args.host, port=args.port, settings=settings,
           threshold=args.threshold, policy=args.policy,
-          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk)
+          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
+          ensemble=args.ensemble)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

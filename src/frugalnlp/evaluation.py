@@ -21,6 +21,7 @@ from frugalnlp.certify import certify_threshold, check_risk
 from frugalnlp.cost import FlopCost
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.early_exit.ensemble import ExitEnsemble, fit_exit_ensemble
 from frugalnlp.early_exit.policies import ExitPolicy, exit_step, make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_split
 from frugalnlp.errors import FrugalError
@@ -53,14 +54,15 @@ def replay(exit_logits: torch.Tensor, temperatures: list[float], policy: ExitPol
     """
     num_exits, n, _ = exit_logits.shape
     exit_index = torch.full((n,), num_exits - 1, dtype=torch.long)
+    labels = torch.empty(n, dtype=torch.long)
     running = torch.ones(n, dtype=torch.bool)
     state = policy.start(n, exit_logits.device)
-    for e in range(num_exits - 1):
-        leave, _, state = exit_step(policy, e, num_exits, exit_logits[e], temperatures[e], state)
+    for e in range(num_exits):
+        leave, answers, state = exit_step(policy, e, num_exits, exit_logits[e], temperatures[e], state)
         leaving = leave & running
         exit_index[leaving] = e
+        labels[leaving] = answers.argmax(-1)[leaving]
         running &= ~leave
-    labels = exit_logits.argmax(-1).gather(0, exit_index[None]).squeeze(0)
     return exit_index, labels
 
 
@@ -87,11 +89,12 @@ def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold
 
 
 class SplitScores:
-    """A split's cached exit logits, ready to score any policy and threshold(s) by replay."""
+    """A split's cached exit logits, ready to score any policy and threshold(s) by replay; with an
+    ``ensemble`` (`ExitEnsemble`, fitted on dev) every policy decides on its logits."""
 
     def __init__(self, model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray,
-                 lengths: np.ndarray) -> None:
-        self.model, self.exit_logits, self.gold = model, exit_logits, gold
+                 lengths: np.ndarray, ensemble: ExitEnsemble | None = None) -> None:
+        self.model, self.exit_logits, self.gold, self.ensemble = model, exit_logits, gold, ensemble
         cost = FlopCost(model)
         self.flops_to_exit = cost.to_exit(lengths)  # [exits, n]
         self.full_flops = cost.full(lengths).sum()
@@ -101,7 +104,8 @@ class SplitScores:
     def point(self, policy: str, threshold: float | list[float]) -> dict:
         """Scores, share of layers run, FLOPs share, speedups and exit histogram at one operating point."""
         model = self.model
-        exit_index, labels = replay(self.exit_logits, model.temperatures, make_policy(policy, threshold, model.num_exits))
+        exit_index, labels = replay(self.exit_logits, model.temperatures,
+                                    make_policy(policy, threshold, model.num_exits, self.ensemble))
         layers_share = float(self.layers_to_exit[exit_index].mean()) / self.depth
         flops_share = float(self.flops_to_exit[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops)
         return {
@@ -300,21 +304,22 @@ def evaluation_dir(run: str | Path, split: str = "test", policy: str = "confiden
 def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, policy: str = "confidence",
                  output: str | Path | None = None, overwrite: bool = False, static: list[str] | None = None,
                  target_speedup: float | None = None, max_drop: float | None = None,
-                 risk: float | None = None) -> tuple[Path, dict]:
+                 risk: float | None = None, ensemble: bool = False) -> tuple[Path, dict]:
     """Curve of a trained run on ``split`` beside its baselines; writes curve.json, curve.csv, exits.json, curve.png.
 
     Baselines: the fixed exits, the static frontier (``static``: multi-model or ``plain --num-layers``
     runs; a multi-model run's own members by default) and the oracle. ``target_speedup`` or
     ``max_drop`` choose a threshold on the dev curve and report ``split`` at it (``risk``: certified by
-    Learn-then-Test, with the drop ``split`` realises). Returns the output directory (default
-    ``RUN/eval-SPLIT-POLICY``) and the curve.json content.
+    Learn-then-Test, with the drop ``split`` realises). With ``ensemble`` an `ExitEnsemble` is fitted on
+    dev and every policy decides on its logits (the ensembled exits' fixed-exit scores are reported too).
+    Returns the output directory (default ``RUN/eval-SPLIT-POLICY[-ensemble]``) and the curve.json content.
     """
     if thresholds < 2:
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
     make_policy(policy, 0.5, 2)  # an unknown policy fails now, not after the forward passes
     if target_speedup is not None or max_drop is not None or risk is not None:
         check_operating_target(target_speedup, max_drop, risk)
-    out = RunDir(output or evaluation_dir(run, split, policy), overwrite=overwrite)
+    out = RunDir(output or evaluation_dir(run, split, policy + ("-ensemble" if ensemble else "")), overwrite=overwrite)
     trained = load_run(run)
     spec, model = trained.spec, trained.model
     depth = model.exit_layers[-1]
@@ -323,8 +328,11 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     # Thresholds are chosen on dev and read on the reported split, on one fine grid.
     grid = np.linspace(0.0, 1.0, thresholds).round(6).tolist()
     fine = sorted({*OPERATING_GRID, *grid})
-    dev_curve, dev = split_curve(trained, "dev", fine, policy)
-    full_curve, reported_split = split_curve(trained, split, fine, policy)
+    dev, reported_split = split_scores(trained, "dev"), split_scores(trained, split)
+    fitted = fit_exit_ensemble(dev.exit_logits, model.temperatures, dev.gold) if ensemble else None
+    dev.ensemble = reported_split.ensemble = fitted  # fitted on dev alone
+    dev_curve = [dev.point(policy, threshold) for threshold in fine]
+    full_curve = [reported_split.point(policy, threshold) for threshold in fine]
     dev_logits, dev_gold, logits, gold = dev.exit_logits, dev.gold, reported_split.exit_logits, reported_split.gold
     shown = set(grid)
     curve = [p for p in full_curve if p["threshold"] in shown]
@@ -332,7 +340,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     if target_speedup is not None or max_drop is not None:
         chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
         reported = reported_split.point(policy, chosen["threshold"])
-        last = next(p for p in full_curve if p["threshold"] >= 1.0)
+        last = exit_scores(model, logits, gold)[-1]  # the full model, whatever the policy answers with
         operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop, "risk": risk,
                      "certified": chosen.pop("certified"), "certificate": chosen.pop("certificate", None),
                      "threshold": chosen["threshold"], "dev": chosen, split: reported,
@@ -363,7 +371,11 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                                         static_points(static_runs, "dev", trained.config, depth) if static_runs else None,
                                         Oracle(dev_logits, dev_gold, model.layers_to_exit, depth), speedups,
                                         per_exit(dev)),
-              "operating_point": operating}
+              "operating_point": operating,
+              "ensemble": None if fitted is None else {
+                  "weights": fitted.weights.tolist(), "bias": fitted.bias.tolist(),
+                  "fixed_exits": exit_scores(model, fitted.apply(logits, model.temperatures), gold),
+                  "dev_fixed_exits": exit_scores(model, fitted.apply(dev_logits, model.temperatures), dev_gold)}}
     out.open()
     write_json(out.path / "curve.json", result)
     write_bytes(out.path / "curve.csv", curve_csv(curve).encode())
@@ -373,23 +385,28 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     return out.commit(), result
 
 
-def split_curve(trained: TrainedRun, split: str, thresholds: list[float],
-                policy: str = "confidence") -> tuple[list[dict], SplitScores]:
-    """A finished run's curve on one split of its task, and the split's cached scores (raw exit logits
-    [exits, n, labels], gold [n]) for any other operating point."""
+def split_scores(trained: TrainedRun, split: str, ensemble: ExitEnsemble | None = None) -> SplitScores:
+    """A finished run's cached scores on one split of its task (raw exit logits [exits, n, labels], gold [n])."""
     spec, model, tokenizer = trained.spec, trained.model, trained.tokenizer
     task = load_spec_task(spec)
     data = encode_split(task.split(split), tokenizer, spec.max_length)
     logits = collect_exit_logits(model, data, tokenizer, spec.eval_batch_size, progress=True)
-    scored = SplitScores(model, logits, task.split(split).labels, data.lengths())
-    return [scored.point(policy, threshold) for threshold in thresholds], scored
+    return SplitScores(model, logits, task.split(split).labels, data.lengths(), ensemble)
 
 
 def operating_threshold(trained: TrainedRun, target_speedup: float | None = None, max_drop: float | None = None,
-                        policy: str = "confidence", risk: float | None = None) -> dict:
+                        policy: str = "confidence", risk: float | None = None,
+                        ensemble: ExitEnsemble | None = None) -> dict:
     """The dev point to predict with (its ``threshold``): see `choose_operating_point`."""
-    curve, dev = split_curve(trained, "dev", OPERATING_GRID, policy)
+    dev = split_scores(trained, "dev", ensemble)
+    curve = [dev.point(policy, threshold) for threshold in OPERATING_GRID]
     return choose_operating_point(curve, dev, target_speedup, max_drop, policy, risk)
+
+
+def fit_run_ensemble(trained: TrainedRun) -> ExitEnsemble:
+    """An `ExitEnsemble` fitted on the run's dev split (never on test)."""
+    dev = split_scores(trained, "dev")
+    return fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
 
 
 def choose_operating_point(dev_curve: list[dict], dev: SplitScores, target_speedup: float | None,
@@ -400,7 +417,8 @@ def choose_operating_point(dev_curve: list[dict], dev: SplitScores, target_speed
     if risk is not None:
         model = dev.model
         certificate = certify_threshold(dev.exit_logits, dev.gold, model.temperatures, model.layers_to_exit, max_drop,
-                                        risk, policy=policy, candidates=[p["threshold"] for p in dev_curve])
+                                        risk, policy=policy, candidates=[p["threshold"] for p in dev_curve],
+                                        ensemble=dev.ensemble)
         point = next(p for p in dev_curve if p["threshold"] == certificate.threshold)
         return {**point, "certified": certificate.certified, "certificate": certificate.to_dict()}
     if policy == "per-exit":

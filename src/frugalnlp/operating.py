@@ -12,11 +12,15 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from safetensors.torch import load_file, save
+
 from frugalnlp.assets import weights_sha256
+from frugalnlp.early_exit.ensemble import ExitEnsemble
 from frugalnlp.errors import FrugalError
-from frugalnlp.rundir import write_json
+from frugalnlp.rundir import write_bytes, write_json
 
 OPERATING_POINT = "operating-point.json"
+ENSEMBLE_TENSORS = "operating-point.safetensors"  # an exit ensemble's weights, when the point has one
 KIND = "frugalnlp-operating-point"
 
 
@@ -35,12 +39,22 @@ class OperatingPoint:
     certified: bool | None = None  # None: not certified (no --risk); else whether Learn-then-Test certified it
     certificate: dict | None = None
     command: str = ""
+    ensemble: ExitEnsemble | None = None  # fitted on dev; saved beside the JSON as safetensors
+
+    def to_dict(self) -> dict:
+        """The JSON record (the ensemble's tensors go to ``operating-point.safetensors``)."""
+        return {**{k: v for k, v in asdict(self).items() if k != "ensemble"}, "ensemble": self.ensemble is not None}
 
     def save(self, run: str | Path, overwrite: bool = False) -> Path:
         path = Path(run) / OPERATING_POINT
         if path.exists() and not overwrite:
             raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
-        write_json(path, {"kind": KIND, **asdict(self)})
+        tensors = path.with_name(ENSEMBLE_TENSORS)
+        if self.ensemble is not None:
+            write_bytes(tensors, save(self.ensemble.tensors(), metadata={"format": "pt"}))
+        else:
+            tensors.unlink(missing_ok=True)
+        write_json(path, {"kind": KIND, **self.to_dict()})
         return path
 
 
@@ -60,7 +74,14 @@ def load_operating_point(run: str | Path) -> OperatingPoint | None:
         raise FrugalError(f"{path} is not valid JSON ({error}); run `frugalnlp calibrate {run} --overwrite`") from None
     if not isinstance(data, dict) or data.pop("kind", None) != KIND:
         raise FrugalError(f"{path} is not a frugalnlp operating point")
-    point = OperatingPoint(**data)
+    ensemble = None
+    if data.pop("ensemble", False):
+        tensors = path.with_name(ENSEMBLE_TENSORS)
+        if not tensors.is_file():
+            raise FrugalError(f"{path} names an exit ensemble but {tensors} is missing; run `frugalnlp calibrate "
+                              f"{run} --ensemble --overwrite`")
+        ensemble = ExitEnsemble.from_tensors(load_file(str(tensors)))
+    point = OperatingPoint(**data, ensemble=ensemble)
     actual = run_weights_sha256(run)
     if point.model_sha256 != actual:
         raise FrugalError(f"{path} was chosen for other weights (sha256 {str(point.model_sha256)[:16]}, this run's "
@@ -70,9 +91,11 @@ def load_operating_point(run: str | Path) -> OperatingPoint | None:
 
 
 def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: float | None = None,
-                  max_drop: float | None = None, risk: float | None = None, overwrite: bool = False) -> OperatingPoint:
-    """Choose the run's operating point on dev (`frugalnlp.evaluation.operating_threshold`) and save it."""
-    from frugalnlp.evaluation import check_operating_target, operating_threshold
+                  max_drop: float | None = None, risk: float | None = None, ensemble: bool = False,
+                  overwrite: bool = False) -> OperatingPoint:
+    """Choose the run's operating point on dev (`frugalnlp.evaluation.operating_threshold`; with ``ensemble``
+    the policy decides on an exit ensemble fitted on dev) and save it."""
+    from frugalnlp.evaluation import check_operating_target, fit_run_ensemble, operating_threshold
     from frugalnlp.report import command_line
     from frugalnlp.run import load_run
 
@@ -83,7 +106,9 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
     path = Path(run) / OPERATING_POINT
     if path.exists() and not overwrite:  # before minutes of dev logits
         raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
-    chosen = operating_threshold(load_run(run), target_speedup, max_drop, policy, risk)
+    trained = load_run(run)
+    fitted = fit_run_ensemble(trained) if ensemble else None
+    chosen = operating_threshold(trained, target_speedup, max_drop, policy, risk, fitted)
     certificate = chosen.pop("certificate", None)
     certified = chosen.pop("certified")
     how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
@@ -92,6 +117,7 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
     point = OperatingPoint(policy=policy, threshold=chosen["threshold"], chosen_by=how,
                            dev={k: chosen[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
                            model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
-                           risk=risk, certified=certified, certificate=certificate, command=command_line())
+                           risk=risk, certified=certified, certificate=certificate, command=command_line(),
+                           ensemble=fitted)
     point.save(run, overwrite=overwrite)
     return point

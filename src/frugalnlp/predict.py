@@ -7,16 +7,16 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from frugalnlp.defaults import THRESHOLD
+from frugalnlp.early_exit.ensemble import ExitEnsemble
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
-from frugalnlp.evaluation import check_operating_target, operating_threshold
+from frugalnlp.evaluation import check_operating_target, fit_run_ensemble, operating_threshold
 from frugalnlp.errors import FrugalError
 from frugalnlp.operating import load_operating_point
 from frugalnlp.run import load_run
@@ -34,18 +34,21 @@ class Predictor:
 
     def __init__(self, run: str | os.PathLike, threshold: float | list[float] | None = None, policy: str | None = None,
                  batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
-                 max_drop: float | None = None, risk: float | None = None) -> None:
+                 max_drop: float | None = None, risk: float | None = None,
+                 ensemble: bool | ExitEnsemble = False) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
         (see `frugalnlp.evaluation.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
         `frugalnlp.certify`); the choice is kept in ``self.operating_point``. With none of the three, the
-        run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy)."""
+        run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
+        ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given."""
         chooses = target_speedup is not None or max_drop is not None
-        saved = None if threshold is not None or chooses else load_operating_point(run)
+        saved = None if threshold is not None or chooses or ensemble is not False else load_operating_point(run)
+        fitted = ensemble if isinstance(ensemble, ExitEnsemble) else None
         if saved is not None:
             if policy is not None and policy != saved.policy:
                 raise FrugalError(f"{run}'s saved operating point is for the {saved.policy} policy; give --threshold "
                                   f"with --policy {policy}, or calibrate the run for it")
-            threshold, policy = saved.threshold, saved.policy
+            threshold, policy, fitted = saved.threshold, saved.policy, saved.ensemble
         policy = policy or "confidence"
         threshold = THRESHOLD if threshold is None else threshold
         self.check_args(threshold, policy, batch_size, target_speedup, max_drop, risk)
@@ -53,14 +56,17 @@ class Predictor:
         # What another process needs to rebuild this predictor (Ray actors), with the threshold as chosen.
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
         self.model, self.tokenizer = trained.model, trained.tokenizer
-        self.operating_point = None if saved is None else {"saved": True, **asdict(saved)}
+        self.operating_point = None if saved is None else {"saved": True, **saved.to_dict()}
+        if ensemble is True:
+            fitted = fit_run_ensemble(trained)
         if chooses:
-            self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy, risk)
+            self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy, risk, fitted)
             threshold = self.operating_point["threshold"]
+        self.ensemble = fitted
         self.threshold = threshold
-        self.args["threshold"] = threshold
+        self.args.update(threshold=threshold, ensemble=fitted if fitted is not None else False)
         self.policy_name = policy
-        self.policy = make_policy(policy, threshold, self.model.num_exits)
+        self.policy = make_policy(policy, threshold, self.model.num_exits, fitted)
         self.max_length = trained.spec.max_length
         self.batch_size = batch_size
         self.is_pair = bool(trained.config["task"]["pair"])

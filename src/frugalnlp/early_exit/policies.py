@@ -12,10 +12,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from frugalnlp.errors import FrugalError
+
+if TYPE_CHECKING:
+    from frugalnlp.early_exit.ensemble import ExitEnsemble
 
 
 def check_threshold(threshold: float) -> float:
@@ -35,6 +39,12 @@ class ExitPolicy:
 
     def start(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         return None
+
+    def transform(self, logits: torch.Tensor, state: torch.Tensor | None,
+                  exit_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits this policy decides on and a leaving row answers with (default: the calibrated ones;
+        an exit ensemble mixes in the earlier exits'), and the new state."""
+        return logits, state
 
     def step(self, logits: torch.Tensor, state: torch.Tensor | None,
              exit_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -126,9 +136,15 @@ POLICIES: dict[str, type[ExitPolicy]] = {"confidence": ConfidencePolicy, "entrop
                                          "patience": PatiencePolicy, "per-exit": PerExitPolicy}
 
 
-def make_policy(name: str, threshold: float | Sequence[float], num_exits: int) -> ExitPolicy:
+def make_policy(name: str, threshold: float | Sequence[float], num_exits: int,
+                ensemble: ExitEnsemble | None = None) -> ExitPolicy:
     """A policy by name; patience is counted in exits, so it needs ``num_exits``. ``per-exit`` takes one
-    threshold per early exit (``num_exits - 1`` of them), or one for all."""
+    threshold per early exit (``num_exits - 1`` of them), or one for all. With an `ExitEnsemble` the policy
+    decides on its logits (`frugalnlp.early_exit.ensemble.EnsembledPolicy`)."""
+    if ensemble is not None:
+        from frugalnlp.early_exit.ensemble import EnsembledPolicy  # it builds on this module
+
+        return EnsembledPolicy(make_policy(name, threshold, num_exits), ensemble)
     if name not in POLICIES:
         raise FrugalError(f"unknown exit policy '{name}'; choose one of {', '.join(POLICIES)}")
     if name == "per-exit":
@@ -148,9 +164,10 @@ def exit_step(policy: ExitPolicy, exit_index: int, num_exits: int, logits: torch
     """The decision at one exit for the rows standing there.
 
     logits: [rows, labels], the exit's raw logits; temperature: its calibration. Returns (leave: bool [rows],
-    the temperature-scaled logits, the rows' new policy state). Every row leaves at the last exit.
+    the logits a leaving row answers with (temperature-scaled, then the policy's `transform`), the rows' new
+    policy state). Every row leaves at the last exit.
     """
-    scaled = logits / temperature
+    scaled, state = policy.transform(logits / temperature, state, exit_index)
     if exit_index == num_exits - 1:
         return torch.ones(len(scaled), dtype=torch.bool, device=scaled.device), scaled, state
     leave, state = policy.step(scaled, state, exit_index)
