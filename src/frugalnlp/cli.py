@@ -80,6 +80,16 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
 
 
 def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
+    """The exit policy and how its operating point is given or chosen; ``threshold``: commands that deploy
+    one (predict, serve), whose default is the run's saved operating point."""
+    from frugalnlp.early_exit.policies import POLICIES
+
+    names = ", ".join(POLICIES)
+    if threshold:
+        p.add_argument("--policy", default=None, help=f"{names} (default: the run's saved operating point's, "
+                                                      "else confidence)")
+    else:
+        p.add_argument("--policy", default="confidence", help=names)
     g = p.add_mutually_exclusive_group()
     if threshold:
         g.add_argument("--threshold", type=_threshold, default=None,
@@ -469,7 +479,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--split", default="test", choices=["dev", "test"])
     p.add_argument("--thresholds", type=int, default=21, help="number of evenly spaced thresholds in [0, 1]")
-    p.add_argument("--policy", default="confidence", help="confidence, entropy, patience or per-exit")
     p.add_argument("--static", action="append", default=None, metavar="RUN",
                    help="static frontier from this multi-model run or plain --num-layers run (repeatable; "
                         "default: a multi-model run's own members)")
@@ -480,7 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="choose a run's operating point on dev and save it with the run")
     p.add_argument("run")
-    p.add_argument("--policy", default="confidence", help="confidence, entropy, patience or per-exit")
     _add_operating_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace the run's saved operating point")
     p.set_defaults(func=cmd_calibrate)
@@ -517,8 +525,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True, help="JSONL: line, label, confidence, exit_layer, layers_run")
     _add_operating_args(p, threshold=True)
-    p.add_argument("--policy", default=None, help="confidence (default), entropy, patience or per-exit "
-                                                  "(default: the run's saved operating point's)")
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--batch-size", type=int, default=32)
@@ -537,8 +543,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     _add_operating_args(p, threshold=True)
-    p.add_argument("--policy", default=None, help="confidence (default), entropy, patience or per-exit "
-                                                  "(default: the run's saved operating point's)")
     p.add_argument("--batching", default="segment",
                    help="segment: rows going past an exit join other requests' rows there (default); "
                         "request: each micro-batch runs to the end alone")

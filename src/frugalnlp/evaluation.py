@@ -328,24 +328,24 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     # Thresholds are chosen on dev and read on the reported split, on one fine grid.
     grid = np.linspace(0.0, 1.0, thresholds).round(6).tolist()
     fine = sorted({*OPERATING_GRID, *grid})
-    dev, reported_split = split_scores(trained, "dev"), split_scores(trained, split)
-    fitted = fit_exit_ensemble(dev.exit_logits, model.temperatures, dev.gold) if ensemble else None
-    dev.ensemble = reported_split.ensemble = fitted  # fitted on dev alone
+    dev = dev_scores(trained, ensemble)
+    reported_split = split_scores(trained, split, dev.ensemble)  # an ensemble fitted on dev alone
+    fitted = dev.ensemble
     dev_curve = [dev.point(policy, threshold) for threshold in fine]
     full_curve = [reported_split.point(policy, threshold) for threshold in fine]
     dev_logits, dev_gold, logits, gold = dev.exit_logits, dev.gold, reported_split.exit_logits, reported_split.gold
     shown = set(grid)
     curve = [p for p in full_curve if p["threshold"] in shown]
+    fixed = exit_scores(model, logits, gold)
     operating = None
     if target_speedup is not None or max_drop is not None:
         chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
         reported = reported_split.point(policy, chosen["threshold"])
-        last = exit_scores(model, logits, gold)[-1]  # the full model, whatever the policy answers with
         operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop, "risk": risk,
                      "certified": chosen.pop("certified"), "certificate": chosen.pop("certificate", None),
                      "threshold": chosen["threshold"], "dev": chosen, split: reported,
-                     f"{split}_drop": last["accuracy"] - reported["accuracy"]}
-    fixed = exit_scores(model, logits, gold)
+                     # against the full model, whatever the policy answers with
+                     f"{split}_drop": fixed[-1]["accuracy"] - reported["accuracy"]}
     oracle = Oracle(logits, gold, model.layers_to_exit, depth)
 
     def per_exit(scored: SplitScores) -> Callable[[float], dict] | None:
@@ -394,19 +394,21 @@ def split_scores(trained: TrainedRun, split: str, ensemble: ExitEnsemble | None 
     return SplitScores(model, logits, task.split(split).labels, data.lengths(), ensemble)
 
 
-def operating_threshold(trained: TrainedRun, target_speedup: float | None = None, max_drop: float | None = None,
-                        policy: str = "confidence", risk: float | None = None,
-                        ensemble: ExitEnsemble | None = None) -> dict:
-    """The dev point to predict with (its ``threshold``): see `choose_operating_point`."""
-    dev = split_scores(trained, "dev", ensemble)
+def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None) -> SplitScores:
+    """The run's dev scores; ``ensemble=True`` fits an `ExitEnsemble` on them (dev alone, never test), an
+    `ExitEnsemble` is used as given."""
+    dev = split_scores(trained, "dev")
+    if ensemble is True:
+        ensemble = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
+    dev.ensemble = ensemble or None
+    return dev
+
+
+def operating_threshold(dev: SplitScores, target_speedup: float | None = None, max_drop: float | None = None,
+                        policy: str = "confidence", risk: float | None = None) -> dict:
+    """The dev point to predict with (its ``threshold``), on `OPERATING_GRID`: see `choose_operating_point`."""
     curve = [dev.point(policy, threshold) for threshold in OPERATING_GRID]
     return choose_operating_point(curve, dev, target_speedup, max_drop, policy, risk)
-
-
-def fit_run_ensemble(trained: TrainedRun) -> ExitEnsemble:
-    """An `ExitEnsemble` fitted on the run's dev split (never on test)."""
-    dev = split_scores(trained, "dev")
-    return fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
 
 
 def choose_operating_point(dev_curve: list[dict], dev: SplitScores, target_speedup: float | None,

@@ -95,7 +95,7 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
                   overwrite: bool = False) -> OperatingPoint:
     """Choose the run's operating point on dev (`frugalnlp.evaluation.operating_threshold`; with ``ensemble``
     the policy decides on an exit ensemble fitted on dev) and save it."""
-    from frugalnlp.evaluation import check_operating_target, fit_run_ensemble, operating_threshold
+    from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
     from frugalnlp.report import command_line
     from frugalnlp.run import load_run
 
@@ -106,9 +106,9 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
     path = Path(run) / OPERATING_POINT
     if path.exists() and not overwrite:  # before minutes of dev logits
         raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
-    trained = load_run(run)
-    fitted = fit_run_ensemble(trained) if ensemble else None
-    chosen = operating_threshold(trained, target_speedup, max_drop, policy, risk, fitted)
+    dev = dev_scores(load_run(run), ensemble)
+    fitted = dev.ensemble
+    chosen = operating_threshold(dev, target_speedup, max_drop, policy, risk)
     certificate = chosen.pop("certificate", None)
     certified = chosen.pop("certified")
     how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"

@@ -16,7 +16,7 @@ from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.ensemble import ExitEnsemble
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
-from frugalnlp.evaluation import check_operating_target, fit_run_ensemble, operating_threshold
+from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
 from frugalnlp.errors import FrugalError
 from frugalnlp.operating import load_operating_point
 from frugalnlp.run import load_run
@@ -57,11 +57,12 @@ class Predictor:
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
         self.model, self.tokenizer = trained.model, trained.tokenizer
         self.operating_point = None if saved is None else {"saved": True, **saved.to_dict()}
-        if ensemble is True:
-            fitted = fit_run_ensemble(trained)
-        if chooses:
-            self.operating_point = operating_threshold(trained, target_speedup, max_drop, policy, risk, fitted)
-            threshold = self.operating_point["threshold"]
+        if ensemble is True or chooses:  # one pass over dev serves the ensemble's fit and the choice
+            dev = dev_scores(trained, True if ensemble is True else fitted)
+            fitted = dev.ensemble
+            if chooses:
+                self.operating_point = operating_threshold(dev, target_speedup, max_drop, policy, risk)
+                threshold = self.operating_point["threshold"]
         self.ensemble = fitted
         self.threshold = threshold
         self.args.update(threshold=threshold, ensemble=fitted if fitted is not None else False)
@@ -138,7 +139,7 @@ def predict_file(predictor: Predictor, input_path: str | os.PathLike, output: st
         raise FrugalError(f"unknown --engine '{engine}'; choose one of {', '.join(ENGINES)}")
     output = check_prediction_paths(input_path, output, overwrite)
     bad: list[tuple[int, str]] = []
-    rows = iter_rows(input_path, bad=bad, required=[c for c in (columns.text, columns.text_pair) if c])
+    rows = iter_rows(input_path, bad=bad, required=columns.names(label=False))
     rows = itertools.chain(list(itertools.islice(rows, 1)), rows)  # a CSV header is checked before any writing
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     written = 0
@@ -215,7 +216,7 @@ def _good_rows(input_path: str | os.PathLike, rows: Iterator[tuple[int, dict]], 
     """(line, text, pair) of the good ``rows`` of `iter_rows` (which appends the unreadable ones to ``bad``)."""
     last = count = without_column = 0
     seen: dict[str, None] = {}  # columns of the rows that lack the text column, in order
-    required = [c for c in (columns.text, columns.text_pair) if c]
+    required = columns.names(label=False)
 
     def refuse_if_strict() -> None:
         if strict and bad:

@@ -85,8 +85,7 @@ class RunDir:
                 raise FrugalError(f"nothing to resume: {self.path} does not exist; start the run without --resume")
         elif self.path.exists() and not overwrite:
             if self._held():
-                raise FrugalError(f"{self.final} is being written by another process ({self._holder()}); "
-                                  "wait for it to finish or choose another --output")
+                raise self._busy()
             raise FrugalError(f"{self.path} holds an interrupted run; pass --resume to continue it, "
                               "or --overwrite to discard it")
         self.resume = resume
@@ -129,9 +128,12 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise FrugalError(f"{self.final} is being written by another process ({self._holder()}); "
-                              "wait for it to finish or choose another --output")
+            raise self._busy()
         self._lock = fd
+
+    def _busy(self) -> FrugalError:
+        return FrugalError(f"{self.final} is being written by another process ({self._holder()}); "
+                           "wait for it to finish or choose another --output")
 
     def _held(self) -> bool:
         """Whether a live process holds the lock on ``.partial`` (tried without taking it)."""

@@ -146,6 +146,7 @@ class ModelWorker:
     def __init__(self, predictor: Predictor, settings: ServeSettings, metrics: Metrics) -> None:
         self.predictor, self.settings, self.metrics = predictor, settings, metrics
         self.model, self.policy = predictor.model, predictor.policy
+        self.temperatures = self.model.temperatures  # a property that builds its list: read once, not per segment
         self.last = self.model.num_exits - 1
         self.inbox: deque[tuple[Job, int, float]] = deque()  # texts not started: (job, row, arrival)
         self.queues: list[deque[Group]] = [deque() for _ in range(self.model.num_exits)]  # [0] unused
@@ -285,7 +286,7 @@ class ModelWorker:
         if logits is None:
             self._enqueue(e + 1, Group(state, group.policy_state, group.owners, time.perf_counter()))
             return
-        leave, logits, policy_state = exit_step(self.policy, e, model.num_exits, logits, model.temperatures[e],
+        leave, logits, policy_state = exit_step(self.policy, e, model.num_exits, logits, self.temperatures[e],
                                                 group.policy_state)
         going = leave.nonzero().squeeze(1)
         self._deliver([group.owners[i] for i in going.tolist()], logits[going],

@@ -281,6 +281,10 @@ class Columns:
     label: str = "label"
     text_pair: str | None = None
 
+    def names(self, label: bool = True) -> list[str]:
+        """The columns a row needs: the text, the second text if any, and (``label``) the label."""
+        return [self.text] + ([self.text_pair] if self.text_pair else []) + ([self.label] if label else [])
+
 
 def read_rows(path: str | os.PathLike, bad: list[tuple[int, str]] | None = None,
               required: Sequence[str] = ()) -> list[tuple[int, dict]]:
@@ -421,7 +425,7 @@ def _csv_rows(path: Path, delimiter: str, report: Callable[[int, str], None],
 def row_example(path: str | os.PathLike, number: int, row: dict, columns: Columns,
                 need_label: bool = True) -> tuple[str, str | None, str | None]:
     """``(text, text_pair, label)`` of one row, or FrugalError naming the file, line and problem."""
-    names = [columns.text] + ([columns.text_pair] if columns.text_pair else []) + ([columns.label] if need_label else [])
+    names = columns.names(label=need_label)
     missing = [c for c in names if c not in row]
     if missing:
         raise FrugalError(f"{path}:{number}: no column {', '.join(map(repr, missing))} "
@@ -450,8 +454,7 @@ def row_example(path: str | os.PathLike, number: int, row: dict, columns: Column
 
 def _file_pool(path: str | os.PathLike, columns: Columns) -> _Pool:
     pool = _Pool(pairs=[] if columns.text_pair else None)
-    required = [c for c in (columns.text, columns.text_pair, columns.label) if c]
-    for number, row in read_rows(path, required=required):
+    for number, row in read_rows(path, required=columns.names()):
         text, pair, label = row_example(path, number, row, columns)
         pool.ids.append(f"{Path(path).name}:{number}")
         pool.texts.append(text)
