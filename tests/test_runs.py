@@ -162,6 +162,26 @@ def test_demo_prints_the_table_and_writes_the_report(tiny_dir, tmp_path, capsys)
     assert teacher.endswith("seed-1/multi-model")
 
 
+def test_demo_chooses_recipe_and_policy_together_on_dev_and_certifies(tiny_dir, tmp_path, capsys):
+    status, out, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 64, "--epochs", 1, "--max-length", 24,
+                                "--seeds", "0", "--exit-layers", "1,2,4", "--methods", "joint",
+                                "--policies", "confidence,learned,confidence+ensemble", "--certify", "0.05",
+                                "--output", tmp_path / "demo"], capsys)
+    assert status == 0, err
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    names = {f"{v} [{p}]" for v in ("joint", "multi-model") for p in ("confidence", "learned", "confidence+ensemble")}
+    assert set(results["methods"]) == names
+    assert {m["policy"] for m in results["methods"].values()} == {"confidence", "learned", "confidence+ensemble"}
+    assert results["selected_on_dev"]["variant"] in names  # a (recipe, policy) pair, chosen on dev
+    assert all(row["ceiling"] is not None for m in results["methods"].values() for row in m["comparison"][:1])
+    points = results["certified"]["per_variant"]["joint"]["0.05"]
+    assert len(points) == 1 and {"certified", "test_drop_points", "test_speedup"} <= set(points[0])
+    assert "Certified operating points" in out
+    status, _, err = run_cli(["demo", "--model", tiny_dir, "--policies", "confidence+sparkle",
+                              "--output", tmp_path / "bad"], capsys)
+    assert status == 2 and "POLICY+ensemble" in err and not (tmp_path / "bad").exists()
+
+
 def test_demo_takes_user_files_and_refuses_bad_variants(tiny_dir, tmp_path, capsys):
     rows = ["text,label"] + [f"{'good fine great' if i % 2 else 'bad dull awful'} film {i},{'pos' if i % 2 else 'neg'}"
                              for i in range(60)]

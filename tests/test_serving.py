@@ -286,8 +286,8 @@ def test_every_error_has_the_documented_shape(tiny_run):
     assert '{"error": ..., "field": ...}' in readme and '{"detail"' not in readme
 
 
-@pytest.mark.parametrize("policy", ["confidence", "entropy", "patience", "per-exit", "confidence+ensemble",
-                                    "patience+ensemble"])
+@pytest.mark.parametrize("policy", ["confidence", "entropy", "patience", "per-exit", "learned", "confidence+ensemble",
+                                    "patience+ensemble", "learned+ensemble"])
 def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_server(tiny_run, texts, policy,
                                                                                       tmp_path):
     """One exit step decides everywhere: per-text decisions are the same on all four paths."""
@@ -301,6 +301,8 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
 
     policy, _, with_ensemble = policy.partition("+")
     ensemble = Predictor(tiny_run, threshold=1.0, ensemble=True).ensemble if with_ensemble else None
+    router = (Predictor(tiny_run, threshold=1.0, policy="learned", ensemble=ensemble if with_ensemble else False).router
+              if policy == "learned" else None)
     probe = Predictor(tiny_run, threshold=1.0)
     model, tokenizer = probe.model, probe.tokenizer
     data = EncodedSplit(encode_texts(tokenizer, texts, None, probe.max_length), labels=None)
@@ -308,15 +310,21 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
     probs = [(logits[e] / model.temperatures[e]).softmax(-1) for e in range(model.num_exits)]
     confidence = [p.amax(-1) for p in probs]
     entropy = 1 + (probs[0] * probs[0].log()).sum(-1) / math.log(probs[0].shape[-1])
+    if router is not None:  # the router's P(right) at the first exit, on the logits it decides on
+        seen = ensemble.apply(logits, model.temperatures) if ensemble is not None else logits / torch.tensor(
+            model.temperatures)[:, None, None]
+        routed = router.score(0, seen[:1].log_softmax(-1).transpose(0, 1))
     candidates = {"confidence": [[float(q)] for q in confidence[0].quantile(torch.tensor([0.5, 0.25, 0.75]))],
                   "entropy": [[float(q)] for q in entropy.quantile(torch.tensor([0.5, 0.25, 0.75]))],
                   "patience": [[0.5], [1.0]],
                   "per-exit": [[float(confidence[0].quantile(0.6)), float(confidence[1].quantile(0.4))],
-                               [float(confidence[0].quantile(0.4)), float(confidence[1].quantile(0.6))]]}[policy]
+                               [float(confidence[0].quantile(0.4)), float(confidence[1].quantile(0.6))]],
+                  "learned": [[float(q)] for q in routed.quantile(torch.tensor([0.5, 0.25, 0.75]))]
+                  if router is not None else None}[policy]
 
     def exits(value):
         return set(replay(logits, model.temperatures, make_policy(policy, value if len(value) > 1 else value[0],
-                                                                  model.num_exits, ensemble))[0].tolist())
+                                                                  model.num_exits, ensemble, router))[0].tolist())
 
     value = next((v for v in candidates if len(exits(v)) > 1), candidates[0])
     if policy != "patience":  # the tiny model's answers seldom change between exits: patience may leave as one
@@ -324,20 +332,22 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
     threshold = value if len(value) > 1 else value[0]
     mixed = ensemble if ensemble is not None else False
     alone = [p for t in texts for p in Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=1,
-                                                 ensemble=mixed)([t])]
+                                                 ensemble=mixed, router=router)([t])]
     decisions = [(p["label"], p["exit_layer"]) for p in alone]
-    batched = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=16, ensemble=mixed)(texts)
+    batched = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=16, ensemble=mixed,
+                        router=router)(texts)
     assert [(p["label"], p["exit_layer"]) for p in batched] == decisions
-    exit_index, labels = replay(logits, model.temperatures, make_policy(policy, threshold, model.num_exits, ensemble))
+    exit_index, labels = replay(logits, model.temperatures,
+                                make_policy(policy, threshold, model.num_exits, ensemble, router))
     assert [(probe.id2label[int(l)], probe.exit_layers[int(e)]) for l, e in zip(labels, exit_index)] == decisions
-    if ensemble is None:
+    if ensemble is None and router is None:
         server = Server(tiny_run, "--policy", policy, "--threshold", ",".join(map(repr, value)), "--max-batch", "8",
                         "--max-wait-ms", "50")
-    else:  # the same fitted ensemble reaches the server as a saved operating point
+    else:  # the same fitted ensemble and router reach the server as a saved operating point
         run = tmp_path / "run"
         shutil.copytree(tiny_run, run)
         OperatingPoint(policy=policy, threshold=threshold, chosen_by="test", dev={},
-                       model_sha256=run_weights_sha256(run), ensemble=ensemble).save(run)
+                       model_sha256=run_weights_sha256(run), ensemble=ensemble, router=router).save(run)
         server = Server(run, "--max-batch", "8", "--max-wait-ms", "50")
     try:
         async def send_all():

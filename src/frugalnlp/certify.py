@@ -18,6 +18,7 @@ most ε. The clipped loss bounds the drop from above, so the drop is certified t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -33,7 +34,7 @@ from frugalnlp.errors import FrugalError
 class Certificate:
     """What Learn-then-Test chose and why: ``threshold`` is what to deploy (1.0 when nothing was certified)."""
 
-    threshold: float
+    threshold: float | list[float]
     certified: bool
     epsilon: float
     delta: float
@@ -79,39 +80,53 @@ def learn_then_test(fit_cost: np.ndarray, calibration_losses: np.ndarray, epsilo
     return chosen, tested
 
 
+def split_dev(n: int, fit_share: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Dev's rows drawn (with ``seed``) into a fit part and a calibration part, each sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(fit_share * n))
+    if cut == 0 or cut == n:
+        raise FrugalError(f"dev has {n} examples: too few to split into fit and calibration parts")
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
 def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures: list[float],
                       layers_to_exit: list[int], epsilon: float, delta: float, policy: str = "confidence",
-                      candidates: list[float] | None = None, fit_share: float = 0.5, seed: int = 0,
-                      ensemble: ExitEnsemble | None = None) -> Certificate:
+                      candidates: list[float | list[float]] | None = None, fit_share: float = 0.5, seed: int = 0,
+                      ensemble: ExitEnsemble | None = None,
+                      decide: Callable[[float | list[float]], tuple[torch.Tensor, torch.Tensor]] | None = None
+                      ) -> Certificate:
     """Learn-then-Test over ``candidates`` (thresholds of ``policy``, deciding on ``ensemble``'s logits if
     given) on dev: raw exit logits [exits, n, labels] and gold labels [n]. The split of dev into fit and
-    calibration parts is drawn with ``seed``."""
+    calibration parts is `split_dev(n, fit_share, seed)`: whatever ``decide`` (threshold -> exit index and
+    answer per row; default: `replay` of ``policy``) was fitted on, such as a router, must be its fit part."""
     from frugalnlp.evaluation import OPERATING_GRID, replay  # evaluation uses this module: imported here
 
     if not 0.0 <= epsilon <= 1.0:
         raise FrugalError(f"--max-drop {epsilon!r} is outside [0, 1]")
     check_risk(delta, epsilon)
+    if decide is None:
+        def decide(threshold):
+            return replay(exit_logits, temperatures, make_policy(policy, threshold, len(layers_to_exit), ensemble))
     # Highest threshold first: among candidates of equal fit cost the more conservative is tested first.
     candidates = sorted(OPERATING_GRID if candidates is None else candidates, reverse=True)
-    n = len(gold)
-    order = np.random.default_rng(seed).permutation(n)
-    cut = int(round(fit_share * n))
-    fit, calibration = order[:cut], order[cut:]
-    if len(fit) == 0 or len(calibration) == 0:
-        raise FrugalError(f"dev has {n} examples: too few to split into fit and calibration parts")
+    fit, calibration = split_dev(len(gold), fit_share, seed)
     gold = torch.as_tensor(gold)
     last_right = exit_logits[-1].argmax(-1) == gold
     layers = torch.tensor(layers_to_exit, dtype=torch.float64)
     cost, losses = [], []
     for threshold in candidates:
-        exit_index, labels = replay(exit_logits, temperatures,
-                                    make_policy(policy, threshold, len(layers_to_exit), ensemble))
+        exit_index, labels = decide(threshold)
         cost.append(float(layers[exit_index[fit]].mean()))
         losses.append((last_right & (labels != gold))[calibration].numpy().astype(np.int64))
     chosen, tested = learn_then_test(np.array(cost), np.stack(losses), epsilon, delta)
-    return Certificate(threshold=1.0 if chosen is None else round(float(candidates[chosen]), 6),
+    last = 1.0 if isinstance(candidates[0], (int, float)) else [1.0] * len(candidates[0])
+    return Certificate(threshold=last if chosen is None else _rounded(candidates[chosen]),
                        certified=chosen is not None, epsilon=epsilon, delta=delta, fit_examples=len(fit),
                        calibration_examples=len(calibration),
-                       tested=[{"threshold": round(float(candidates[c]), 6), "fit_layers": cost[c],
+                       tested=[{"threshold": _rounded(candidates[c]), "fit_layers": cost[c],
                                 "calibration_risk": float(losses[c].mean()), "p_value": p, "certified": p <= delta}
                                for c, p in tested])
+
+
+def _rounded(threshold: float | list[float]) -> float | list[float]:
+    return round(float(threshold), 6) if isinstance(threshold, (int, float)) else [round(float(t), 6) for t in threshold]

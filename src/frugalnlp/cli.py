@@ -40,6 +40,13 @@ def _threshold(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'")
+
+
 def _str_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
@@ -82,9 +89,9 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
 def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
     """The exit policy and how its operating point is given or chosen; ``threshold``: commands that deploy
     one (predict, serve), whose default is the run's saved operating point."""
-    from frugalnlp.early_exit.policies import POLICIES
+    from frugalnlp.early_exit.policies import POLICY_NAMES
 
-    names = ", ".join(POLICIES)
+    names = ", ".join(POLICY_NAMES)
     if threshold:
         p.add_argument("--policy", default=None, help=f"{names} (default: the run's saved operating point's, "
                                                       "else confidence)")
@@ -342,7 +349,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import DemoSpec, run_demo
 
-    run_demo(DemoSpec(output=args.output, base=_spec(args, output=""), methods=args.methods, seeds=args.seeds),
+    run_demo(DemoSpec(output=args.output, base=_spec(args, output=""), methods=args.methods, seeds=args.seeds,
+                      policies=args.policies, certify=args.certify, risk=args.risk),
              overwrite=args.overwrite, resume=args.resume)
 
 
@@ -567,6 +575,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variants METHOD[:key=value...], e.g. joint,sweet,two-stage,joint:boundary-grad=0.5:distill=self "
                         "(multi-model is always trained: its members are the static frontier)")
     p.add_argument("--seeds", type=_int_list, default=[0])
+    p.add_argument("--policies", type=_str_list, default=["confidence"],
+                   help="exit policies, POLICY or POLICY+ensemble, e.g. confidence,per-exit,learned,confidence+ensemble; "
+                        "every (variant, policy) pair is a candidate chosen on dev")
+    p.add_argument("--certify", type=_float_list, default=[],
+                   help="max drops to certify per variant (Learn-then-Test, confidence policy), e.g. 0.01,0.02")
+    p.add_argument("--risk", type=float, default=0.1, help="the risk δ of --certify")
     p.set_defaults(train_size=DEMO_TRAIN_SIZE, max_length=DEMO_MAX_LENGTH)
     p.add_argument("--output", default="demo")
     p.add_argument("--overwrite", action="store_true")

@@ -27,7 +27,9 @@ from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.errors import FrugalError, check_seed
-from frugalnlp.evaluation import accuracy_at_speedup, evaluate_run, evaluation_dir, table_speedups
+from frugalnlp.early_exit.policies import check_policy
+from frugalnlp.evaluation import (accuracy_at_speedup, check_operating_target, evaluate_run, evaluation_dir,
+                                  table_speedups)
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_spec_task
@@ -49,6 +51,10 @@ class DemoSpec:
                                                            max_length=DEMO_MAX_LENGTH))
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0])
+    # exit policies, each as POLICY or POLICY+ensemble; every (variant, policy) pair is a candidate on dev
+    policies: list[str] = field(default_factory=lambda: ["confidence"])
+    certify: list[float] = field(default_factory=list)  # max drops ε certified (Learn-then-Test) for each variant
+    risk: float = 0.1  # δ of those certificates
 
 
 def parse_variant(variant: str, base: RunSpec) -> RunSpec:
@@ -149,8 +155,15 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     for seed in seeds:
         check_seed(seed, "--seeds")
     names = list(dict.fromkeys([*spec.methods, STATIC]))  # the static frontier is always trained
-    variants = {v: _Variant(parse_variant(v, base)) for v in names}
-    for v, variant in variants.items():
+    policies = [_policy(p) for p in spec.policies or ["confidence"]]
+    for eps in spec.certify:
+        check_operating_target(None, eps, spec.risk)
+    specs = {v: parse_variant(v, base) for v in names}
+    # one candidate per (variant, policy); with the confidence policy alone, named by the variant
+    candidates = {_candidate(v, p, len(policies)): (v, p) for v in names for p in policies}
+    variants = {c: _Variant(specs[v]) for c, (v, _) in candidates.items()}
+    certified: dict[str, dict[str, list[dict]]] = {v: {f"{eps:g}": [] for eps in spec.certify} for v in names}
+    for v, variant in ((v, _Variant(s)) for v, s in specs.items()):
         if variant.spec.method == "plain":
             raise FrugalError(f"demo variant '{v}': plain has no exits (the static frontier is trained anyway)")
         check_spec(replace(variant.spec, teacher=variant.spec.teacher
@@ -161,31 +174,40 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     load_spec_task(base)  # and a bad task, file or column here: before the output is created
     out = RunDir(spec.output, overwrite=overwrite, resume=resume)
     out.open()
-    static_by_seed, oracles, layers = {}, [], None
+    static_by_seed, static_corrected_by_seed, oracles, layers = {}, {}, [], None
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)
-        for v in [STATIC] + [v for v in variants if v != STATIC]:
-            variant = variants[v]
+        for v in [STATIC] + [v for v in names if v != STATIC]:
+            variant_spec = specs[v]
             run = out.path / f"seed-{seed}" / _run_name(v)
             if not (run / "metrics.json").exists():
-                teacher = variant.spec.teacher or str(static_run)  # default teacher: the plain full-depth member
+                teacher = variant_spec.teacher or str(static_run)  # default teacher: the plain full-depth member
                 print(f"== seed {seed}: training {v}", file=sys.stderr)
-                train_run(replace(variant.spec, output=str(run), seed=seed,
-                                  teacher=teacher if variant.spec.recipe.distill == "teacher" else None),
+                train_run(replace(variant_spec, output=str(run), seed=seed,
+                                  teacher=teacher if variant_spec.recipe.distill == "teacher" else None),
                           resume=run.with_name(run.name + ".partial").exists())
             metrics = json.loads((run / "metrics.json").read_text())
-            evaluation = _evaluation(run, static_run)
             layers = [e["layer"] for e in metrics["test"]["exits"]]
-            variant.add(metrics, json.loads((static_run / "metrics.json").read_text()), evaluation)
-            oracles.append(evaluation["baselines"]["oracle"])
-            if v == STATIC:
-                static_by_seed[seed] = evaluation["baselines"]["static"]
+            for policy in policies:
+                evaluation = _evaluation(run, static_run, *policy)
+                variants[_candidate(v, policy, len(policies))].add(
+                    metrics, json.loads((static_run / "metrics.json").read_text()), evaluation)
+                oracles.append(evaluation["baselines"]["oracle"])
+                if v == STATIC and policy == policies[0]:
+                    static_by_seed[seed] = evaluation["baselines"]["static"]
+                    static_corrected_by_seed[seed] = evaluation["baselines"]["static_corrected"]
+            for eps in spec.certify:
+                certified[v][f"{eps:g}"].append(_certified(run, static_run, eps, spec.risk))
 
     summary = {"task": base.task or Path(base.train_file).stem, "model": base.model, "seeds": list(seeds),
                "train_size": base.train_size, "epochs": base.epochs, "max_length": base.max_length,
                "exit_layers": layers, "speedups": table_speedups(layers),
-               "static": _mean_static(list(static_by_seed.values())), "oracle": _best_oracle(oracles, len(seeds)),
-               "methods": {v: variant.summary() for v, variant in variants.items()}}
+               "static": _mean_static(list(static_by_seed.values())),
+               "static_corrected": _mean_static(list(static_corrected_by_seed.values())),
+               "oracle": _best_oracle(oracles, len(seeds)), "policies": list(spec.policies),
+               "methods": {c: {**variant.summary(), "variant": candidates[c][0], "policy": _policy_name(candidates[c][1])}
+                           for c, variant in variants.items()},
+               "certified": {"risk": spec.risk, "per_variant": certified} if spec.certify else None}
     summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"])
     summary["seconds"] = time.perf_counter() - started
     summary["command"] = command_line()
@@ -201,13 +223,45 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     return summary
 
 
-def _evaluation(run: Path, static_run: Path) -> dict:
+def _policy(text: str) -> tuple[str, bool]:
+    """``POLICY`` or ``POLICY+ensemble`` -> (policy, ensemble)."""
+    name, plus, extra = text.partition("+")
+    if plus and extra != "ensemble":
+        raise FrugalError(f"demo policy '{text}': write POLICY or POLICY+ensemble")
+    check_policy(name)
+    return name, bool(plus)
+
+
+def _policy_name(policy: tuple[str, bool]) -> str:
+    return policy[0] + ("+ensemble" if policy[1] else "")
+
+
+def _candidate(variant: str, policy: tuple[str, bool], policies: int) -> str:
+    return variant if policies == 1 and policy == ("confidence", False) else f"{variant} [{_policy_name(policy)}]"
+
+
+def _evaluation(run: Path, static_run: Path, policy: str = "confidence", ensemble: bool = False) -> dict:
     """The run's test curve beside its baselines: evaluated now, or as an earlier pass of this demo left it."""
-    saved = evaluation_dir(run) / "curve.json"
+    saved = evaluation_dir(run, "test", policy + ("-ensemble" if ensemble else "")) / "curve.json"
     evaluation = json.loads(saved.read_text()) if saved.exists() else {}
-    if "dev_comparison" not in evaluation:  # not evaluated yet, or by a version without the baselines
-        evaluation = evaluate_run(run, split="test", static=[str(static_run)], overwrite=True)[1]
+    if "ceiling" not in evaluation.get("baselines", {}):  # not evaluated yet, or by a version without the baselines
+        evaluation = evaluate_run(run, split="test", static=[str(static_run)], overwrite=True, policy=policy,
+                                  output=saved.parent, ensemble=ensemble)[1]
     return evaluation
+
+
+def _certified(run: Path, static_run: Path, epsilon: float, risk: float) -> dict:
+    """The run's Learn-then-Test point at max drop ``epsilon`` (confidence policy): dev and test speedups and
+    the drop the test split realises against the last exit."""
+    out = evaluation_dir(run, "test", f"confidence-certified-{epsilon:g}-{risk:g}")
+    saved = out / "curve.json"
+    evaluation = (json.loads(saved.read_text()) if saved.exists()
+                  else evaluate_run(run, split="test", static=[str(static_run)], overwrite=True, output=out,
+                                    max_drop=epsilon, risk=risk)[1])
+    point = evaluation["operating_point"]
+    return {"certified": point["certified"], "threshold": point["threshold"],
+            "dev_speedup": point["dev"]["speedup_layers"], "test_speedup": point["test"]["speedup_layers"],
+            "test_accuracy": point["test"]["accuracy"], "test_drop_points": 100 * point["test_drop"]}
 
 
 def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, low: float = 1.5, high: float = 3.0,
@@ -234,7 +288,8 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, lo
 
     candidates = [v for v, m in methods.items() if last_ok(m)] or list(methods)
     best = max(candidates, key=lambda v: worst_gain(methods[v]))
-    per_target = [_choice_at(best, row, static) for row in methods[best]["dev_comparison"] if in_range(row)]
+    is_static = methods[best].get("variant", best) == STATIC
+    per_target = [_choice_at(best, row, static, is_static) for row in methods[best]["dev_comparison"] if in_range(row)]
     adaptive = [c["speedup"] for c in per_target if c["choice"] == "adaptive"]
     if len(adaptive) == len(per_target):
         verdict = f"{best} beats the static frontier and its fixed exits on dev at every target"
@@ -248,14 +303,14 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, lo
             "eligible": candidates, "per_target": per_target, "verdict": verdict}
 
 
-def _choice_at(variant: str, row: dict, static: list[dict] | None) -> dict:
+def _choice_at(variant: str, row: dict, static: list[dict] | None, is_static: bool = False) -> dict:
     """At one target speedup: the variant's adaptive point, its fixed exit or the static frontier, best on dev."""
     def mean(cell: list[float] | None) -> float | None:
         return None if cell is None else cell[0]
 
     options = [("adaptive", f"{variant} (threshold chosen on dev)", mean(row["adaptive"]))]
     if mean(row["fixed_exit"]) is not None:
-        fixed = (_static_models(static, row["speedup"]) if variant == STATIC  # a cascade's member is a static model
+        fixed = (_static_models(static, row["speedup"]) if is_static  # a cascade's member is a static model
                  else f"{variant}'s exit at {row['speedup']:g}x, every example")
         options.append(("fixed exit", fixed, mean(row["fixed_exit"])))
     if mean(row["static"]) is not None:
@@ -308,9 +363,9 @@ def _mean_static(per_seed: list[list[dict]]) -> list[dict]:
 
 def _mean_comparison(per_seed: list[list[dict]]) -> list[dict]:
     """Comparison rows with [mean, std] over seeds for every numeric column (None if any seed lacks it)."""
-    keys = ("test_speedup", "adaptive", "adaptive_best_on_test", "fixed_exit", "static", "oracle",
-            "gain_over_static", "gap_closed")
-    return [{"speedup": rows[0]["speedup"], **{k: _mean_std([r[k] for r in rows]) for k in keys}}
+    keys = ("test_speedup", "adaptive", "adaptive_best_on_test", "fixed_exit", "fixed_exit_corrected", "static",
+            "static_corrected", "oracle", "ceiling", "gain_over_static", "gain_over_corrected_static", "gap_closed")
+    return [{"speedup": rows[0]["speedup"], **{k: _mean_std([r.get(k) for r in rows]) for k in keys}}
             for rows in zip(*per_seed)]
 
 
@@ -351,4 +406,17 @@ def format_table(summary: dict) -> str:
                   f"What to deploy, chosen on dev: {selected['verdict']}.", ""]
         lines += [f"- {c['speedup']:.2f}x: {c['choice']}: {c['deploy']} (dev accuracy {c['dev_accuracy']:.3f})"
                   for c in selected.get("per_target", []) if c["dev_accuracy"] is not None]
+    if summary.get("certified"):
+        risk = summary["certified"]["risk"]
+        lines += ["", f"Certified operating points (Learn-then-Test on dev, confidence policy, risk {risk:g}): per "
+                      "variant and max drop, certified seeds, test speedup and the drop test realised against the "
+                      "last exit (points), mean ± std over seeds:", "",
+                  "| variant | max drop | certified | test speedup | test drop (pts) | worst seed's drop |",
+                  "|---|---|---|---|---|---|"]
+        for v, by_eps in summary["certified"]["per_variant"].items():
+            for eps, points in by_eps.items():
+                speed, drop = _mean_std([p["test_speedup"] for p in points]), _mean_std([p["test_drop_points"] for p in points])
+                lines.append(f"| {v} | {eps} | {sum(p['certified'] for p in points)}/{len(points)} | "
+                             f"{speed[0]:.2f}x ± {speed[1]:.2f} | {drop[0]:+.1f} ± {drop[1]:.1f} | "
+                             f"{max(p['test_drop_points'] for p in points):+.1f} |")
     return "\n".join(lines)

@@ -17,12 +17,14 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from frugalnlp.certify import certify_threshold, check_risk
+from frugalnlp.assets import weights_sha256
+from frugalnlp.certify import certify_threshold, check_risk, split_dev
 from frugalnlp.cost import FlopCost
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
-from frugalnlp.early_exit.ensemble import ExitEnsemble, fit_exit_ensemble
-from frugalnlp.early_exit.policies import ExitPolicy, exit_step, make_policy
+from frugalnlp.early_exit.ensemble import ExitEnsemble, fit_class_bias, fit_exit_ensemble
+from frugalnlp.early_exit.policies import ExitPolicy, check_policy, exit_step, make_policy
+from frugalnlp.early_exit.router import ExitRouter, cross_fit, fit_exit_router
 from frugalnlp.encoding import EncodedSplit, batches, encode_split
 from frugalnlp.errors import FrugalError
 from frugalnlp.report import curve_csv, plot_curves
@@ -90,22 +92,72 @@ def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold
 
 class SplitScores:
     """A split's cached exit logits, ready to score any policy and threshold(s) by replay; with an
-    ``ensemble`` (`ExitEnsemble`, fitted on dev) every policy decides on its logits."""
+    ``ensemble`` (`ExitEnsemble`, fitted on dev) every policy decides on its logits. The learned policy
+    scores each row with its ``routes`` entry: one router for every row (`use_router`), or, cross-fitted
+    (`fit_router`), each row by the router fitted without its fold."""
 
     def __init__(self, model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray,
                  lengths: np.ndarray, ensemble: ExitEnsemble | None = None) -> None:
         self.model, self.exit_logits, self.gold, self.ensemble = model, exit_logits, gold, ensemble
+        self.lengths = lengths
         cost = FlopCost(model)
         self.flops_to_exit = cost.to_exit(lengths)  # [exits, n]
         self.full_flops = cost.full(lengths).sum()
         self.depth = model.config.exit_layers[-1]
         self.layers_to_exit = torch.tensor(model.layers_to_exit, dtype=torch.float64)
+        self.router: ExitRouter | None = None  # the one to deploy
+        self.routes: list[tuple[ExitRouter, np.ndarray]] = []
+
+    def decision_logits(self) -> torch.Tensor:
+        """The logits every policy decides on: temperature-scaled, ensembled if any [exits, n, labels]."""
+        if self.ensemble is not None:
+            return self.ensemble.apply(self.exit_logits, self.model.temperatures)
+        return torch.stack([self.exit_logits[e] / t for e, t in enumerate(self.model.temperatures)])
+
+    def fit_router(self, cross_fitted: bool = True, rows: np.ndarray | None = None) -> ExitRouter:
+        """Fit the learned policy's router on ``rows`` (default all) of this split and deploy it; with
+        ``cross_fitted`` each row is then scored by a router fitted on the other folds."""
+        logits, gold = self.decision_logits(), np.asarray(self.gold)
+        rows = np.arange(len(gold)) if rows is None else rows
+        router = fit_exit_router(logits[:, torch.as_tensor(rows)], gold[rows])
+        self.use_router(router)
+        if cross_fitted:
+            self.routes = [(r, rows[held]) for r, held in cross_fit(logits[:, torch.as_tensor(rows)], gold[rows])]
+        return router
+
+    def use_router(self, router: ExitRouter | None) -> None:
+        """Score every row with ``router`` (fitted elsewhere)."""
+        self.router = router
+        self.routes = [] if router is None else [(router, np.arange(len(self.gold)))]
+
+    def decide(self, policy: str, threshold: float | list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's exit index and answer [n] under ``policy`` at ``threshold``, by `replay`."""
+        model = self.model
+        if policy != "learned":
+            return replay(self.exit_logits, model.temperatures, make_policy(policy, threshold, model.num_exits,
+                                                                           self.ensemble))
+        if not self.routes:
+            raise FrugalError("the learned policy needs a router: fit one on dev first")
+        n = len(self.gold)
+        exit_index, labels = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+        for router, rows in self.routes:
+            rows = torch.as_tensor(rows)
+            exit_index[rows], labels[rows] = replay(self.exit_logits[:, rows], model.temperatures,
+                                                    make_policy(policy, threshold, model.num_exits, self.ensemble,
+                                                                router))
+        return exit_index, labels
+
+    def subset(self, rows: np.ndarray | None = None) -> SplitScores:
+        """These scores for ``rows`` only (default: all, a copy to give another router); no router."""
+        rows = np.arange(len(self.gold)) if rows is None else np.asarray(rows)
+        index = torch.as_tensor(rows)
+        return SplitScores(self.model, self.exit_logits[:, index], np.asarray(self.gold)[rows],
+                           np.asarray(self.lengths)[rows], self.ensemble)
 
     def point(self, policy: str, threshold: float | list[float]) -> dict:
         """Scores, share of layers run, FLOPs share, speedups and exit histogram at one operating point."""
         model = self.model
-        exit_index, labels = replay(self.exit_logits, model.temperatures,
-                                    make_policy(policy, threshold, model.num_exits, self.ensemble))
+        exit_index, labels = self.decide(policy, threshold)
         layers_share = float(self.layers_to_exit[exit_index].mean()) / self.depth
         flops_share = float(self.flops_to_exit[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops)
         return {
@@ -215,21 +267,33 @@ class Oracle:
 
 def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], static: list[dict] | None,
             oracle: Oracle, speedups: list[float],
-            operating: Callable[[float], dict] | None = None) -> list[dict]:
+            operating: Callable[[float], dict] | None = None, fixed_corrected: list[dict] | None = None,
+            static_corrected: list[dict] | None = None,
+            ceiling: Callable[[float], float | None] | None = None) -> list[dict]:
     """Per target speedup: the adaptive curve at a threshold chosen on dev, beside the baselines.
 
     ``adaptive`` is the test accuracy at the threshold whose dev speedup reaches the target with the
     best dev accuracy; ``test_speedup`` is what it achieved on test, and the static frontier and oracle
     are read at that same cost. ``adaptive_best_on_test`` is the curve's own best point at the
-    target (optimistic: chosen on test). ``gain_over_static`` is in accuracy points (x100);
+    target (optimistic: chosen on test). ``gain_over_static`` is in accuracy points (x100) against the
+    static frontier as trained, ``gain_over_corrected_static`` against the same models with a class bias
+    fitted on dev (``static_corrected``; ``fixed_corrected`` are the fixed exits so corrected);
     ``gap_closed`` = (adaptive - static) / (oracle - static), the share of the way from the static
-    frontier to the oracle that the curve covers. Both curves need the same thresholds. ``operating``
-    (target speedup -> test point) replaces the threshold chosen on the dev curve (e.g. per-exit thresholds).
+    frontier to the oracle that the curve covers; ``ceiling`` (speedup -> accuracy) is the learnable
+    ceiling. Both curves need the same thresholds. ``operating`` (target speedup -> test point) replaces
+    the threshold chosen on the dev curve (e.g. per-exit thresholds).
     """
     by_threshold = {p["threshold"]: p for p in test_curve}
     if operating is None:
         def operating(target: float) -> dict:
             return by_threshold[choose_threshold(dev_curve, target_speedup=target)["threshold"]]
+
+    def at_speedup(points: list[dict] | None, s: float) -> float | None:
+        return next((f["accuracy"] for f in points or [] if abs(f["speedup_layers"] - s) < 1e-6), None)
+
+    def points_gain(adaptive: float | None, frontier: float | None) -> float | None:
+        return None if adaptive is None or frontier is None else 100 * (adaptive - frontier)
+
     rows = []
     for s in speedups:
         try:
@@ -238,17 +302,20 @@ def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], st
             point = None
         adaptive = None if point is None else point["accuracy"]
         at = s if point is None else point["speedup_layers"]
-        fixed_here = next((f["accuracy"] for f in fixed if abs(f["speedup_layers"] - s) < 1e-6), None)
         frontier = static_frontier(static, at) if static else None
+        corrected = static_frontier(static_corrected, at) if static_corrected else None
         bound = oracle.accuracy(at)
-        gain = None if adaptive is None or frontier is None else 100 * (adaptive - frontier)
+        gain = points_gain(adaptive, frontier)
         gap = None
         if gain is not None and bound is not None and bound - frontier > 1e-12:
             gap = (adaptive - frontier) / (bound - frontier)
         rows.append({"speedup": s, "threshold": None if point is None else point["threshold"], "test_speedup": at,
                      "adaptive": adaptive, "adaptive_best_on_test": accuracy_at_speedup(test_curve, s),
-                     "fixed_exit": fixed_here, "static": frontier, "oracle": bound,
-                     "gain_over_static": gain, "gap_closed": gap})
+                     "fixed_exit": at_speedup(fixed, s), "fixed_exit_corrected": at_speedup(fixed_corrected, s),
+                     "static": frontier, "static_corrected": corrected, "oracle": bound,
+                     "ceiling": None if ceiling is None else ceiling(at),
+                     "gain_over_static": gain, "gain_over_corrected_static": points_gain(adaptive, corrected),
+                     "gap_closed": gap})
     return rows
 
 
@@ -308,15 +375,19 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     """Curve of a trained run on ``split`` beside its baselines; writes curve.json, curve.csv, exits.json, curve.png.
 
     Baselines: the fixed exits, the static frontier (``static``: multi-model or ``plain --num-layers``
-    runs; a multi-model run's own members by default) and the oracle. ``target_speedup`` or
-    ``max_drop`` choose a threshold on the dev curve and report ``split`` at it (``risk``: certified by
-    Learn-then-Test, with the drop ``split`` realises). With ``ensemble`` an `ExitEnsemble` is fitted on
-    dev and every policy decides on its logits (the ensembled exits' fixed-exit scores are reported too).
+    runs; a multi-model run's own members by default), both also with a class bias fitted on dev (the
+    *dev-corrected* frontier: what an ensemble fitted on dev is fairly measured against), the oracle and
+    the learnable ceiling (the learned router cross-fitted on ``split`` itself: reported, never used to
+    choose). ``target_speedup`` or ``max_drop`` choose a threshold on the dev curve and report ``split``
+    at it (``risk``: certified by Learn-then-Test, with the drop ``split`` realises). With ``ensemble`` an
+    `ExitEnsemble` is fitted on dev and every policy decides on its logits (the ensembled exits'
+    fixed-exit scores are reported too). The learned policy's dev curve is cross-fitted (each dev example
+    scored by a router that did not see it); ``split`` is scored by the router fitted on all of dev.
     Returns the output directory (default ``RUN/eval-SPLIT-POLICY[-ensemble]``) and the curve.json content.
     """
     if thresholds < 2:
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
-    make_policy(policy, 0.5, 2)  # an unknown policy fails now, not after the forward passes
+    check_policy(policy)  # an unknown policy fails now, not after the forward passes
     if target_speedup is not None or max_drop is not None or risk is not None:
         check_operating_target(target_speedup, max_drop, risk)
     out = RunDir(output or evaluation_dir(run, split, policy + ("-ensemble" if ensemble else "")), overwrite=overwrite)
@@ -324,12 +395,12 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     spec, model = trained.spec, trained.model
     depth = model.exit_layers[-1]
     static_runs = static or ([str(run)] if spec.method == "multi-model" else None)
-    static_pts = static_points(static_runs, split, trained.config, depth) if static_runs else None
     # Thresholds are chosen on dev and read on the reported split, on one fine grid.
     grid = np.linspace(0.0, 1.0, thresholds).round(6).tolist()
     fine = sorted({*OPERATING_GRID, *grid})
-    dev = dev_scores(trained, ensemble)
+    dev = dev_scores(trained, ensemble, policy)
     reported_split = split_scores(trained, split, dev.ensemble)  # an ensemble fitted on dev alone
+    reported_split.use_router(dev.router)
     fitted = dev.ensemble
     dev_curve = [dev.point(policy, threshold) for threshold in fine]
     full_curve = [reported_split.point(policy, threshold) for threshold in fine]
@@ -337,16 +408,24 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     shown = set(grid)
     curve = [p for p in full_curve if p["threshold"] in shown]
     fixed = exit_scores(model, logits, gold)
+    bias = fit_class_bias(dev_logits, model.temperatures, dev_gold)
     operating = None
     if target_speedup is not None or max_drop is not None:
         chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
-        reported = reported_split.point(policy, chosen["threshold"])
+        router = chosen.pop("router", None)
+        if router is not None and router is not dev.router:  # certified: the router fitted on dev's fit part
+            read = reported_split.subset()
+            read.use_router(router)
+        else:
+            read = reported_split
+        reported = read.point(policy, chosen["threshold"])
         operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop, "risk": risk,
                      "certified": chosen.pop("certified"), "certificate": chosen.pop("certificate", None),
                      "threshold": chosen["threshold"], "dev": chosen, split: reported,
                      # against the full model, whatever the policy answers with
                      f"{split}_drop": fixed[-1]["accuracy"] - reported["accuracy"]}
     oracle = Oracle(logits, gold, model.layers_to_exit, depth)
+    ceiling_curve = learnable_ceiling(reported_split)
 
     def per_exit(scored: SplitScores) -> Callable[[float], dict] | None:
         """Per-exit thresholds searched on dev for each target speedup, read on ``scored`` (other policies: None)."""
@@ -358,22 +437,37 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     def searched(target: float) -> list[float]:  # one search per target serves the dev and the test table
         return search_per_exit(dev, dev_curve, target_speedup=target)["threshold"]
 
+    def baselines(on: str, scored: SplitScores) -> dict:
+        """Fixed exits and static frontier on ``on``, as trained and with a class bias fitted on dev."""
+        return {"fixed": exit_scores(model, scored.exit_logits, scored.gold),
+                "fixed_corrected": exit_scores(model, corrected_logits(scored.exit_logits, model.temperatures, bias),
+                                               scored.gold),
+                "static": static_points(static_runs, on, trained.config, depth) if static_runs else None,
+                "static_corrected": corrected_static_points(static_runs, on, trained.config, depth)
+                if static_runs else None}
+
     speedups = table_speedups(model.exit_layers)
+    test_base, dev_base = baselines(split, reported_split), baselines("dev", dev)
     result = {"run": str(run), "split": split, "policy": policy, "method": spec.method, "examples": len(gold),
               "points": curve,
-              "baselines": {"fixed_exits": fixed, "static": static_pts, "oracle_best": oracle.best,
+              "baselines": {"fixed_exits": fixed, "fixed_exits_corrected": test_base["fixed_corrected"],
+                            "static": test_base["static"], "static_corrected": test_base["static_corrected"],
+                            "oracle_best": oracle.best,
                             "oracle": [{"speedup_layers": s, "accuracy": oracle.accuracy(s)}
-                                       for s in oracle_speedups(model.exit_layers)]},
-              "comparison": compare(full_curve, dev_curve, fixed, static_pts, oracle, speedups,
-                                    per_exit(reported_split)),
+                                       for s in oracle_speedups(model.exit_layers)],
+                            "ceiling": [{"speedup_layers": s, "accuracy": accuracy_at_speedup(ceiling_curve, s)}
+                                        for s in oracle_speedups(model.exit_layers)]},
+              "comparison": compare(full_curve, dev_curve, fixed, test_base["static"], oracle, speedups,
+                                    per_exit(reported_split), test_base["fixed_corrected"],
+                                    test_base["static_corrected"],
+                                    lambda s: accuracy_at_speedup(ceiling_curve, s)),
               # The same on dev, where recipes may be compared and chosen without touching test.
-              "dev_comparison": compare(dev_curve, dev_curve, exit_scores(model, dev_logits, dev_gold),
-                                        static_points(static_runs, "dev", trained.config, depth) if static_runs else None,
+              "dev_comparison": compare(dev_curve, dev_curve, dev_base["fixed"], dev_base["static"],
                                         Oracle(dev_logits, dev_gold, model.layers_to_exit, depth), speedups,
-                                        per_exit(dev)),
+                                        per_exit(dev), dev_base["fixed_corrected"], dev_base["static_corrected"]),
               "operating_point": operating,
               "ensemble": None if fitted is None else {
-                  "weights": fitted.weights.tolist(), "bias": fitted.bias.tolist(),
+                  "maps": fitted.maps.tolist(), "bias": fitted.bias.tolist(), "forms": fitted.forms,
                   "fixed_exits": exit_scores(model, fitted.apply(logits, model.temperatures), gold),
                   "dev_fixed_exits": exit_scores(model, fitted.apply(dev_logits, model.temperatures), dev_gold)}}
     out.open()
@@ -385,22 +479,44 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     return out.commit(), result
 
 
+def learnable_ceiling(scored: SplitScores, thresholds: int = 101) -> list[dict]:
+    """The learned router cross-fitted on ``scored`` itself (test): its curve, which no policy chosen on dev
+    can be expected to beat; how much of the oracle a router on these features could reach. Reported only."""
+    own = scored.subset()
+    own.fit_router(cross_fitted=True)
+    return [own.point("learned", t) for t in np.linspace(0.0, 1.0, thresholds).round(6).tolist()]
+
+
+# Exit logits by (run, weights' sha256, split): a demo scores the same runs for many policies and as baselines.
+_LOGITS: dict[tuple[str, str | None, str], tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+
+
 def split_scores(trained: TrainedRun, split: str, ensemble: ExitEnsemble | None = None) -> SplitScores:
     """A finished run's cached scores on one split of its task (raw exit logits [exits, n, labels], gold [n])."""
     spec, model, tokenizer = trained.spec, trained.model, trained.tokenizer
-    task = load_spec_task(spec)
-    data = encode_split(task.split(split), tokenizer, spec.max_length)
-    logits = collect_exit_logits(model, data, tokenizer, spec.eval_batch_size, progress=True)
-    return SplitScores(model, logits, task.split(split).labels, data.lengths(), ensemble)
+    key = (str(trained.path.resolve()), weights_sha256(trained.path / "model", recursive=True), split)
+    if key not in _LOGITS:
+        task = load_spec_task(spec)
+        data = encode_split(task.split(split), tokenizer, spec.max_length)
+        logits = collect_exit_logits(model, data, tokenizer, spec.eval_batch_size, progress=True)
+        _LOGITS[key] = (logits, task.split(split).labels, data.lengths())
+    logits, gold, lengths = _LOGITS[key]
+    return SplitScores(model, logits, gold, lengths, ensemble)
 
 
-def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None) -> SplitScores:
+def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None, policy: str = "confidence",
+               router: ExitRouter | None = None) -> SplitScores:
     """The run's dev scores; ``ensemble=True`` fits an `ExitEnsemble` on them (dev alone, never test), an
-    `ExitEnsemble` is used as given."""
+    `ExitEnsemble` is used as given. For the learned policy the given ``router`` is used, or one is fitted on
+    dev and dev is scored cross-fitted."""
     dev = split_scores(trained, "dev")
     if ensemble is True:
         ensemble = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
     dev.ensemble = ensemble or None
+    if router is not None:
+        dev.use_router(router)
+    elif policy == "learned":
+        dev.fit_router(cross_fitted=True)
     return dev
 
 
@@ -415,17 +531,68 @@ def choose_operating_point(dev_curve: list[dict], dev: SplitScores, target_speed
                            max_drop: float | None, policy: str, risk: float | None) -> dict:
     """The dev point to operate at: `choose_threshold`'s on the dev curve; per-exit thresholds found by
     `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
-    certifies (`frugalnlp.certify`; its record under ``certificate``). ``certified`` is None when uncertified."""
+    certifies (`frugalnlp.certify`; its record under ``certificate``). ``certified`` is None when uncertified.
+    For the learned policy ``router`` is the router to deploy: dev's, or with ``risk`` one fitted on the
+    fit part alone. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
+    thresholds searched on the fit part at a ladder of target speedups."""
     if risk is not None:
+        fit, _ = split_dev(len(dev.gold))
+        scored, candidates = dev, [p["threshold"] for p in dev_curve]
+        if policy == "learned":
+            scored = dev.subset()
+            scored.fit_router(cross_fitted=False, rows=fit)
+        if policy == "per-exit":
+            part = dev.subset(fit)
+            curve = [part.point("confidence", t) for t in OPERATING_GRID[::4]]
+            fastest = max(p["speedup_layers"] for p in curve)
+            ladder = np.linspace(1.0, fastest, 12)[1:]
+            candidates = ([[t] * (dev.model.num_exits - 1) for t in candidates]
+                          + [search_per_exit(part, curve, target_speedup=s, grid=51)["threshold"] for s in ladder])
         model = dev.model
         certificate = certify_threshold(dev.exit_logits, dev.gold, model.temperatures, model.layers_to_exit, max_drop,
-                                        risk, policy=policy, candidates=[p["threshold"] for p in dev_curve],
-                                        ensemble=dev.ensemble)
-        point = next(p for p in dev_curve if p["threshold"] == certificate.threshold)
-        return {**point, "certified": certificate.certified, "certificate": certificate.to_dict()}
+                                        risk, policy=policy, candidates=candidates,
+                                        decide=lambda threshold: scored.decide(policy, threshold))
+        return {**scored.point(policy, certificate.threshold), "certified": certificate.certified,
+                "certificate": certificate.to_dict(), "router": scored.router}
     if policy == "per-exit":
         return {**search_per_exit(dev, dev_curve, target_speedup, max_drop), "certified": None}
-    return {**choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), "certified": None}
+    return {**choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), "certified": None,
+            "router": dev.router}
+
+
+def corrected_logits(exit_logits: torch.Tensor, temperatures: list[float], bias: torch.Tensor) -> torch.Tensor:
+    """Raw exit logits [exits, n, labels] -> calibrated log-probs plus a class bias per exit (`fit_class_bias`)."""
+    return torch.stack([(exit_logits[e] / t).log_softmax(-1) + bias[e] for e, t in enumerate(temperatures)])
+
+
+def _static_members(run: str, config: dict, depth: int) -> tuple[dict, list[int]]:
+    """A static run's config and member depths, refused unless it is a static frontier for ``config``'s run."""
+    other = load_run_config(run)
+    for key in ("name", "labels", "sizes", "pair"):
+        if other["task"].get(key) != config["task"].get(key):
+            raise FrugalError(f"--static {run} was trained on another task ({other['task'].get('name')}, "
+                              f"{key} differs); give runs of task {config['task'].get('name')}")
+    if other["spec"]["model"] != config["spec"]["model"]:
+        raise FrugalError(f"--static {run} truncates model {other['spec']['model']}, not {config['spec']['model']}: "
+                          "layer shares would not compare")
+    method = other["spec"]["method"]
+    if method not in ("multi-model", "plain"):
+        raise FrugalError(f"--static {run} is a {method} run; the static frontier needs separately trained "
+                          "models: a multi-model run, or plain runs with --num-layers K")
+    metrics = json.loads((Path(run) / "metrics.json").read_text())["dev"]
+    layers = [e["layer"] for e in metrics["exits"]] if method == "multi-model" else [other["spec"]["exit_layers"][-1]]
+    for k in layers:
+        if k > depth:
+            raise FrugalError(f"--static {run} has a {k}-layer model, deeper than this run ({depth})")
+    return other, layers
+
+
+def _frontier_points(by_depth: dict[int, list[tuple[float, float, str]]], depth: int) -> list[dict]:
+    """Static points from (accuracy, macro-F1, run) per depth; models of equal depth are averaged."""
+    return [{"layers": k, "layers_share": k / depth, "speedup_layers": depth / k,
+             "accuracy": float(np.mean([a for a, _, _ in v])), "macro_f1": float(np.mean([f for _, f, _ in v])),
+             "runs": [r for _, _, r in v]}
+            for k, v in sorted(by_depth.items())]
 
 
 def static_points(runs: list[str], split: str, config: dict, depth: int) -> list[dict]:
@@ -436,31 +603,30 @@ def static_points(runs: list[str], split: str, config: dict, depth: int) -> list
     """
     by_depth: dict[int, list[tuple[float, float, str]]] = {}
     for run in runs:
-        other = load_run_config(run)
-        for key in ("name", "labels", "sizes", "pair"):
-            if other["task"].get(key) != config["task"].get(key):
-                raise FrugalError(f"--static {run} was trained on another task ({other['task'].get('name')}, "
-                                  f"{key} differs); give runs of task {config['task'].get('name')}")
-        if other["spec"]["model"] != config["spec"]["model"]:
-            raise FrugalError(f"--static {run} truncates model {other['spec']['model']}, not {config['spec']['model']}: "
-                              "layer shares would not compare")
+        other, layers = _static_members(run, config, depth)
         metrics = json.loads((Path(run) / "metrics.json").read_text())[split]
-        method = other["spec"]["method"]
-        if method == "multi-model":
-            members = [(e["layer"], e["accuracy"], e["macro_f1"]) for e in metrics["exits"]]
-        elif method == "plain":
-            members = [(other["spec"]["exit_layers"][-1], metrics["accuracy"], metrics["macro_f1"])]
-        else:
-            raise FrugalError(f"--static {run} is a {method} run; the static frontier needs separately trained "
-                              "models: a multi-model run, or plain runs with --num-layers K")
-        for layers, accuracy, f1 in members:
-            if layers > depth:
-                raise FrugalError(f"--static {run} has a {layers}-layer model, deeper than this run ({depth})")
-            by_depth.setdefault(layers, []).append((accuracy, f1, str(run)))
-    return [{"layers": k, "layers_share": k / depth, "speedup_layers": depth / k,
-             "accuracy": float(np.mean([a for a, _, _ in v])), "macro_f1": float(np.mean([f for _, f, _ in v])),
-             "runs": [r for _, _, r in v]}
-            for k, v in sorted(by_depth.items())]
+        members = ([(e["accuracy"], e["macro_f1"]) for e in metrics["exits"]] if other["spec"]["method"] == "multi-model"
+                   else [(metrics["accuracy"], metrics["macro_f1"])])
+        for k, (accuracy, f1) in zip(layers, members):
+            by_depth.setdefault(k, []).append((accuracy, f1, str(run)))
+    return _frontier_points(by_depth, depth)
+
+
+def corrected_static_points(runs: list[str], split: str, config: dict, depth: int) -> list[dict]:
+    """`static_points` with each static model given a class bias fitted on its dev split (`fit_class_bias`):
+    the baseline a policy that fits more than temperatures on dev labels is fairly compared with."""
+    by_depth: dict[int, list[tuple[float, float, str]]] = {}
+    for run in runs:
+        _, layers = _static_members(run, config, depth)
+        trained = load_run(run)
+        dev = split_scores(trained, "dev")
+        temperatures = trained.model.temperatures
+        bias = fit_class_bias(dev.exit_logits, temperatures, dev.gold)
+        scored = dev if split == "dev" else split_scores(trained, split)
+        corrected = corrected_logits(scored.exit_logits, temperatures, bias)
+        for k, e in zip(layers, exit_scores(trained.model, corrected, scored.gold)):
+            by_depth.setdefault(k, []).append((e["accuracy"], e["macro_f1"], str(run)))
+    return _frontier_points(by_depth, depth)
 
 
 def oracle_speedups(exit_layers: list[int]) -> list[float]:

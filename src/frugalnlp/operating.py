@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save
 
 from frugalnlp.assets import weights_sha256
 from frugalnlp.early_exit.ensemble import ExitEnsemble
+from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_bytes, write_json
 
 OPERATING_POINT = "operating-point.json"
-ENSEMBLE_TENSORS = "operating-point.safetensors"  # an exit ensemble's weights, when the point has one
+FITTED_TENSORS = "operating-point.safetensors"  # an exit ensemble's and a router's tensors, when the point has them
 KIND = "frugalnlp-operating-point"
 
 
@@ -40,18 +41,22 @@ class OperatingPoint:
     certificate: dict | None = None
     command: str = ""
     ensemble: ExitEnsemble | None = None  # fitted on dev; saved beside the JSON as safetensors
+    router: ExitRouter | None = None  # the learned policy's, fitted on dev; saved the same way
 
     def to_dict(self) -> dict:
-        """The JSON record (the ensemble's tensors go to ``operating-point.safetensors``)."""
-        return {**{k: v for k, v in asdict(self).items() if k != "ensemble"}, "ensemble": self.ensemble is not None}
+        """The JSON record (the ensemble's and router's tensors go to ``operating-point.safetensors``)."""
+        record = {k: v for k, v in asdict(self).items() if k not in ("ensemble", "router")}
+        return {**record, "ensemble": self.ensemble is not None, "router": self.router is not None,
+                "ensemble_forms": None if self.ensemble is None else self.ensemble.forms}
 
     def save(self, run: str | Path, overwrite: bool = False) -> Path:
         path = Path(run) / OPERATING_POINT
         if path.exists() and not overwrite:
             raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
-        tensors = path.with_name(ENSEMBLE_TENSORS)
-        if self.ensemble is not None:
-            write_bytes(tensors, save(self.ensemble.tensors(), metadata={"format": "pt"}))
+        tensors = path.with_name(FITTED_TENSORS)
+        fitted = {**(self.ensemble.tensors() if self.ensemble else {}), **(self.router.tensors() if self.router else {})}
+        if fitted:
+            write_bytes(tensors, save(fitted, metadata={"format": "pt"}))
         else:
             tensors.unlink(missing_ok=True)
         write_json(path, {"kind": KIND, **self.to_dict()})
@@ -74,14 +79,18 @@ def load_operating_point(run: str | Path) -> OperatingPoint | None:
         raise FrugalError(f"{path} is not valid JSON ({error}); run `frugalnlp calibrate {run} --overwrite`") from None
     if not isinstance(data, dict) or data.pop("kind", None) != KIND:
         raise FrugalError(f"{path} is not a frugalnlp operating point")
-    ensemble = None
-    if data.pop("ensemble", False):
-        tensors = path.with_name(ENSEMBLE_TENSORS)
+    has_ensemble, has_router = data.pop("ensemble", False), data.pop("router", False)
+    forms = data.pop("ensemble_forms", None)
+    ensemble = router = None
+    if has_ensemble or has_router:
+        tensors = path.with_name(FITTED_TENSORS)
         if not tensors.is_file():
-            raise FrugalError(f"{path} names an exit ensemble but {tensors} is missing; run `frugalnlp calibrate "
-                              f"{run} --ensemble --overwrite`")
-        ensemble = ExitEnsemble.from_tensors(load_file(str(tensors)))
-    point = OperatingPoint(**data, ensemble=ensemble)
+            raise FrugalError(f"{path} names fitted tensors (exit ensemble or router) but {tensors} is missing; run "
+                              f"`frugalnlp calibrate {run} ... --overwrite`")
+        saved = load_file(str(tensors))
+        ensemble = ExitEnsemble.from_tensors(saved, forms) if has_ensemble else None
+        router = ExitRouter.from_tensors(saved) if has_router else None
+    point = OperatingPoint(**data, ensemble=ensemble, router=router)
     actual = run_weights_sha256(run)
     if point.model_sha256 != actual:
         raise FrugalError(f"{path} was chosen for other weights (sha256 {str(point.model_sha256)[:16]}, this run's "
@@ -94,21 +103,23 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
                   max_drop: float | None = None, risk: float | None = None, ensemble: bool = False,
                   overwrite: bool = False) -> OperatingPoint:
     """Choose the run's operating point on dev (`frugalnlp.evaluation.operating_threshold`; with ``ensemble``
-    the policy decides on an exit ensemble fitted on dev) and save it."""
+    the policy decides on an exit ensemble fitted on dev; the learned policy's router is fitted on dev, its
+    threshold chosen on cross-fitted dev scores) and save it."""
     from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
     from frugalnlp.report import command_line
     from frugalnlp.run import load_run
 
-    from frugalnlp.early_exit.policies import make_policy
+    from frugalnlp.early_exit.policies import check_policy
 
-    make_policy(policy, 0.5, 2)  # an unknown policy fails before the dev logits
+    check_policy(policy)  # an unknown policy fails before the dev logits
     check_operating_target(target_speedup, max_drop, risk)
     path = Path(run) / OPERATING_POINT
     if path.exists() and not overwrite:  # before minutes of dev logits
         raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
-    dev = dev_scores(load_run(run), ensemble)
+    dev = dev_scores(load_run(run), ensemble, policy)
     fitted = dev.ensemble
     chosen = operating_threshold(dev, target_speedup, max_drop, policy, risk)
+    router = chosen.pop("router", None)
     certificate = chosen.pop("certificate", None)
     certified = chosen.pop("certified")
     how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
@@ -118,6 +129,6 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
                            dev={k: chosen[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
                            model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
                            risk=risk, certified=certified, certificate=certificate, command=command_line(),
-                           ensemble=fitted)
+                           ensemble=fitted, router=router)
     point.save(run, overwrite=overwrite)
     return point

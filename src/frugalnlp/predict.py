@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.ensemble import ExitEnsemble
-from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.early_exit.policies import check_policy, make_policy
+from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
 from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
 from frugalnlp.errors import FrugalError
@@ -35,12 +36,13 @@ class Predictor:
     def __init__(self, run: str | os.PathLike, threshold: float | list[float] | None = None, policy: str | None = None,
                  batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
                  max_drop: float | None = None, risk: float | None = None,
-                 ensemble: bool | ExitEnsemble = False) -> None:
+                 ensemble: bool | ExitEnsemble = False, router: ExitRouter | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
         (see `frugalnlp.evaluation.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
         `frugalnlp.certify`); the choice is kept in ``self.operating_point``. With none of the three, the
         run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
-        ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given."""
+        ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given.
+        ``router``: the learned policy's `ExitRouter` (default: the saved point's, else fitted on dev)."""
         chooses = target_speedup is not None or max_drop is not None
         saved = None if threshold is not None or chooses or ensemble is not False else load_operating_point(run)
         fitted = ensemble if isinstance(ensemble, ExitEnsemble) else None
@@ -48,7 +50,7 @@ class Predictor:
             if policy is not None and policy != saved.policy:
                 raise FrugalError(f"{run}'s saved operating point is for the {saved.policy} policy; give --threshold "
                                   f"with --policy {policy}, or calibrate the run for it")
-            threshold, policy, fitted = saved.threshold, saved.policy, saved.ensemble
+            threshold, policy, fitted, router = saved.threshold, saved.policy, saved.ensemble, saved.router
         policy = policy or "confidence"
         threshold = THRESHOLD if threshold is None else threshold
         self.check_args(threshold, policy, batch_size, target_speedup, max_drop, risk)
@@ -57,17 +59,18 @@ class Predictor:
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
         self.model, self.tokenizer = trained.model, trained.tokenizer
         self.operating_point = None if saved is None else {"saved": True, **saved.to_dict()}
-        if ensemble is True or chooses:  # one pass over dev serves the ensemble's fit and the choice
-            dev = dev_scores(trained, True if ensemble is True else fitted)
-            fitted = dev.ensemble
+        if ensemble is True or chooses or (policy == "learned" and router is None):
+            # one pass over dev serves the ensemble's fit, the router's and the choice
+            dev = dev_scores(trained, True if ensemble is True else fitted, policy)
+            fitted, router = dev.ensemble, dev.router
             if chooses:
                 self.operating_point = operating_threshold(dev, target_speedup, max_drop, policy, risk)
-                threshold = self.operating_point["threshold"]
-        self.ensemble = fitted
+                threshold, router = self.operating_point["threshold"], self.operating_point.pop("router", None)
+        self.ensemble, self.router = fitted, router
         self.threshold = threshold
-        self.args.update(threshold=threshold, ensemble=fitted if fitted is not None else False)
+        self.args.update(threshold=threshold, ensemble=fitted if fitted is not None else False, router=router)
         self.policy_name = policy
-        self.policy = make_policy(policy, threshold, self.model.num_exits, fitted)
+        self.policy = make_policy(policy, threshold, self.model.num_exits, fitted, router)
         self.max_length = trained.spec.max_length
         self.batch_size = batch_size
         self.is_pair = bool(trained.config["task"]["pair"])
@@ -82,7 +85,9 @@ class Predictor:
         if batch_size < 1:
             raise FrugalError(f"--batch-size {batch_size} must be at least 1")
         threshold = THRESHOLD if threshold is None else threshold
-        make_policy(policy or "confidence", threshold, 2 if isinstance(threshold, (int, float)) else len(threshold) + 1)
+        if check_policy(policy or "confidence") != "learned":  # a learned policy's router comes later
+            make_policy(policy or "confidence", threshold,
+                        2 if isinstance(threshold, (int, float)) else len(threshold) + 1)
         if target_speedup is not None or max_drop is not None or risk is not None:
             check_operating_target(target_speedup, max_drop, risk)
 

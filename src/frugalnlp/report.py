@@ -21,8 +21,11 @@ CURVE_COLUMNS = ["threshold", "accuracy", "macro_f1", "layers_share", "speedup_l
 
 COMPARISON_COLUMNS = [("speedup", "target", "{:.2f}x"), ("test_speedup", "test speedup", "{:.2f}x"),
                       ("adaptive", "adaptive (dev thr.)", "{:.3f}"), ("fixed_exit", "fixed exit", "{:.3f}"),
-                      ("static", "static", "{:.3f}"), ("oracle", "oracle", "{:.3f}"),
-                      ("gain_over_static", "gain over static (pts)", "{:+.1f}"), ("gap_closed", "gap closed", "{:.0%}")]
+                      ("static", "static", "{:.3f}"), ("static_corrected", "static, dev bias", "{:.3f}"),
+                      ("ceiling", "learnable ceiling", "{:.3f}"), ("oracle", "oracle", "{:.3f}"),
+                      ("gain_over_static", "gain over static (pts)", "{:+.1f}"),
+                      ("gain_over_corrected_static", "gain over static + dev bias (pts)", "{:+.1f}"),
+                      ("gap_closed", "gap closed", "{:.0%}")]
 
 
 def format_comparison(rows_by_method: dict[str, list[dict]]) -> str:
@@ -87,6 +90,10 @@ def plot_curves(curves: dict[str, list[dict] | tuple[list[dict], list[dict]]], p
         if oracle:
             ax.plot([p["speedup_layers"] for p in oracle], [p["accuracy"] for p in oracle], linestyle="--",
                     color="0.5", label="oracle")
+        ceiling = [p for p in baselines.get("ceiling") or [] if p["accuracy"] is not None]
+        if ceiling:
+            ax.plot([p["speedup_layers"] for p in ceiling], [p["accuracy"] for p in ceiling], linestyle=":",
+                    color="0.4", label="learnable ceiling (router fitted on test)")
     ax.set_xlabel("speedup (full depth / layers run)" if key == "speedup_layers" else "speedup (FLOPs)")
     ax.set_ylabel("accuracy")
     ax.set_title(title)

@@ -1,10 +1,13 @@
 """Exit ensembles (Zero Time Waste, Wołczyk et al. 2021): exit k answers from a learned mix of the
 calibrated log-probabilities of exits 1..k, at no extra layer cost.
 
-Exit k's logits are ``sum_{j<=k} weights[k, j] * log p_j + bias[k]``; each exit's weights and class bias
-are fitted on dev by cross-entropy, starting from exit k alone (weight 1 on itself, 0 elsewhere), so the
-fit can only lower dev cross-entropy. `EnsembledPolicy` puts an ensemble in front of any exit policy:
-the policy decides on the ensembled logits and a row that leaves answers with them.
+Exit k's logits are ``maps[k] @ concat(log p_1..log p_k) + bias[k]``. Two forms are fitted on dev by
+cross-entropy: *weights* (one scalar per earlier exit, ``sum_j w_kj log p_j``, plus a class bias) and the
+full *linear* map (a labels x labels block per earlier exit), whose L2 pull towards exit k alone is one of
+`LINEAR_L2`. Each exit's form and regularisation are chosen by cross-validated dev cross-entropy, then
+refitted on all of dev. Every fit starts from exit k alone (identity on itself, zero elsewhere) and is
+pulled towards it, so the fit can only lower dev cross-entropy. `EnsembledPolicy` puts an ensemble in
+front of any exit policy: the policy decides on the ensembled logits and a row that leaves answers with them.
 """
 
 from __future__ import annotations
@@ -16,63 +19,114 @@ import torch
 
 from frugalnlp.early_exit.policies import ExitPolicy
 
+WEIGHTS_L2 = 1e-3
+LINEAR_L2 = (1e-3, 1e-2, 1e-1, 1.0)
+
 
 @dataclass
 class ExitEnsemble:
-    """weights: [exits, exits], lower-triangular (exit k mixes exits 0..k); bias: [exits, labels]."""
+    """maps: [exits, labels, exits * labels] (exit k reads the first (k + 1) * labels columns); bias: [exits,
+    labels]; forms: how each exit's map was fitted ("weights" or "linear l2=..."), for the record."""
 
-    weights: torch.Tensor
+    maps: torch.Tensor
     bias: torch.Tensor
+    forms: list[str] | None = None
 
     @property
     def num_exits(self) -> int:
-        return self.weights.shape[0]
+        return self.maps.shape[0]
 
     def combine(self, exit_index: int, log_probs: torch.Tensor) -> torch.Tensor:
         """log_probs: [rows, exit_index + 1, labels] of exits 0..k -> ensembled logits [rows, labels]."""
-        w = self.weights[exit_index, : exit_index + 1].to(log_probs.dtype)
-        return torch.einsum("rjl,j->rl", log_probs, w) + self.bias[exit_index].to(log_probs.dtype)
+        columns = log_probs.shape[1] * log_probs.shape[2]
+        m = self.maps[exit_index, :, :columns].to(log_probs.dtype)
+        return log_probs.flatten(1) @ m.T + self.bias[exit_index].to(log_probs.dtype)
 
     def apply(self, exit_logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
         """Every exit ensembled at once: raw logits [exits, n, labels] -> ensembled logits [exits, n, labels]."""
-        log_probs = torch.stack([(exit_logits[e] / t).log_softmax(-1) for e, t in enumerate(temperatures)], 1)
+        log_probs = _log_probs(exit_logits, temperatures).to(exit_logits.dtype)
         return torch.stack([self.combine(e, log_probs[:, : e + 1]) for e in range(len(temperatures))])
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"ensemble.weights": self.weights.contiguous(), "ensemble.bias": self.bias.contiguous()}
+        return {"ensemble.maps": self.maps.contiguous(), "ensemble.bias": self.bias.contiguous()}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> ExitEnsemble:
-        return cls(tensors["ensemble.weights"].float(), tensors["ensemble.bias"].float())
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], forms: list[str] | None = None) -> ExitEnsemble:
+        if "ensemble.weights" in tensors:  # saved before the linear form: scalar weights per earlier exit
+            weights, bias = tensors["ensemble.weights"].float(), tensors["ensemble.bias"].float()
+            eye = torch.eye(bias.shape[1])
+            maps = torch.cat([torch.stack([w * eye for w in row], 1) for row in weights]).view(
+                len(weights), bias.shape[1], -1)
+            return cls(maps, bias, ["weights"] * len(weights))
+        return cls(tensors["ensemble.maps"].float(), tensors["ensemble.bias"].float(), forms)
 
 
-def fit_exit_ensemble(exit_logits: torch.Tensor, temperatures: list[float], gold: np.ndarray,
-                      l2: float = 1e-3) -> ExitEnsemble:
-    """Fit each exit's weights and class bias by cross-entropy (L-BFGS) on these examples (dev's, never
-    test's): raw logits [exits, n, labels], gold [n]. ``l2`` pulls the weights towards exit k alone."""
-    num_exits, _, labels = exit_logits.shape
-    log_probs = torch.stack([(exit_logits[e] / t).log_softmax(-1) for e, t in enumerate(temperatures)], 1).double()
-    target = torch.as_tensor(gold, dtype=torch.long)
-    weights = torch.zeros(num_exits, num_exits, dtype=torch.float64)
-    bias = torch.zeros(num_exits, labels, dtype=torch.float64)
-    for k in range(num_exits):
+def _log_probs(exit_logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
+    """Raw logits [exits, n, labels] -> calibrated log-probs [n, exits, labels] (float64)."""
+    return torch.stack([(exit_logits[e].double() / t).log_softmax(-1) for e, t in enumerate(temperatures)], 1)
+
+
+def _fit_exit(log_probs: torch.Tensor, target: torch.Tensor, k: int, form: str,
+              l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exit k's map [labels, (k + 1) * labels] and bias [labels] by L-BFGS on cross-entropy + l2 * ||params - exit k alone||^2."""
+    labels = log_probs.shape[2]
+    x = log_probs[:, : k + 1]
+    if form == "weights":
         start = torch.zeros(k + 1, dtype=torch.float64)
         start[k] = 1.0
-        w = start.clone().requires_grad_(True)
-        b = torch.zeros(labels, dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([w, b], lr=0.5, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                      line_search_fn="strong_wolfe")
+    else:
+        start = torch.zeros(labels, (k + 1) * labels, dtype=torch.float64)
+        start[:, k * labels:] = torch.eye(labels, dtype=torch.float64)
+    w = start.clone().requires_grad_(True)
+    b = torch.zeros(labels, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], lr=0.5, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-12,
+                                  line_search_fn="strong_wolfe")
 
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            logits = torch.einsum("rjl,j->rl", log_probs[:, : k + 1], w) + b
-            loss = torch.nn.functional.cross_entropy(logits, target) + l2 * ((w - start) ** 2).sum()
-            loss.backward()
-            return loss
+    def logits() -> torch.Tensor:
+        return (torch.einsum("rjl,j->rl", x, w) if form == "weights" else x.flatten(1) @ w.T) + b
 
-        optimizer.step(closure)
-        weights[k, : k + 1], bias[k] = w.detach(), b.detach()
-    return ExitEnsemble(weights.float(), bias.float())
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(logits(), target) + l2 * ((w - start) ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    w, b = w.detach(), b.detach()
+    if form == "weights":
+        w = torch.cat([wj * torch.eye(labels, dtype=torch.float64) for wj in w], 1)
+    return w, b
+
+
+def fit_exit_ensemble(exit_logits: torch.Tensor, temperatures: list[float], gold: np.ndarray, folds: int = 5,
+                      seed: int = 0) -> ExitEnsemble:
+    """Fit each exit's map and class bias on these examples (dev's, never test's): raw logits [exits, n,
+    labels], gold [n]. The form (weights, or the linear map with one of `LINEAR_L2`) is chosen per exit by
+    ``folds``-fold cross-validated cross-entropy, then refitted on all the examples."""
+    num_exits, n, labels = exit_logits.shape
+    log_probs = _log_probs(exit_logits, temperatures)
+    target = torch.as_tensor(gold, dtype=torch.long)
+    candidates = [("weights", WEIGHTS_L2), *(("linear", l2) for l2 in LINEAR_L2)]
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), max(2, min(folds, n)))
+    maps = torch.zeros(num_exits, labels, num_exits * labels, dtype=torch.float64)
+    bias = torch.zeros(num_exits, labels, dtype=torch.float64)
+    forms = []
+    for k in range(num_exits):
+        def cv_loss(form: str, l2: float) -> float:
+            total = 0.0
+            for held in parts:
+                rest = torch.as_tensor(np.setdiff1d(np.arange(n), held))
+                held = torch.as_tensor(held)
+                m, b = _fit_exit(log_probs[rest], target[rest], k, form, l2)
+                logits = log_probs[held, : k + 1].flatten(1) @ m.T + b
+                total += float(torch.nn.functional.cross_entropy(logits, target[held], reduction="sum"))
+            return total
+
+        form, l2 = min(candidates, key=lambda c: cv_loss(*c)) if n >= 2 * len(parts) else candidates[0]
+        m, b = _fit_exit(log_probs, target, k, form, l2)
+        maps[k, :, : (k + 1) * labels], bias[k] = m, b
+        forms.append("weights" if form == "weights" else f"linear l2={l2:g}")
+    return ExitEnsemble(maps.float(), bias.float(), forms)
 
 
 class EnsembledPolicy(ExitPolicy):
@@ -91,7 +145,7 @@ class EnsembledPolicy(ExitPolicy):
         exits, labels = self.ensemble.bias.shape
         history = torch.zeros(batch_size, exits * labels, device=device)
         inner = self.inner.start(batch_size, device)
-        self.inner_dtype = None if inner is None else inner.dtype
+        self.inner_dtype = torch.float32 if inner is None else inner.dtype  # a None state may become one
         return history if inner is None else torch.cat([history, inner.to(history.dtype)], 1)
 
     def _split(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -114,3 +168,25 @@ class EnsembledPolicy(ExitPolicy):
         history, inner = self._split(state)
         leave, inner = self.inner.step(logits, inner, exit_index)
         return leave, self._join(history, inner)
+
+
+def fit_class_bias(exit_logits: torch.Tensor, temperatures: list[float], gold: np.ndarray) -> torch.Tensor:
+    """A class bias per exit fitted on these examples (dev's) by cross-entropy, each exit's calibrated log-probs
+    left as they are: what the baselines (fixed exits, static models) get when an ensemble is fitted on dev.
+    Raw logits [exits, n, labels] -> bias [exits, labels]; the corrected logits are log p + bias."""
+    log_probs = _log_probs(exit_logits, temperatures)
+    target = torch.as_tensor(gold, dtype=torch.long)
+    out = torch.zeros(log_probs.shape[1], log_probs.shape[2], dtype=torch.float64)
+    for k in range(log_probs.shape[1]):
+        b = torch.zeros(log_probs.shape[2], dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(log_probs[:, k] + b, target)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        out[k] = b.detach()
+    return out.float()

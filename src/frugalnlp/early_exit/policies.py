@@ -20,6 +20,7 @@ from frugalnlp.errors import FrugalError
 
 if TYPE_CHECKING:
     from frugalnlp.early_exit.ensemble import ExitEnsemble
+    from frugalnlp.early_exit.router import ExitRouter
 
 
 def check_threshold(threshold: float) -> float:
@@ -134,19 +135,37 @@ class PerExitPolicy(ExitPolicy):
 
 POLICIES: dict[str, type[ExitPolicy]] = {"confidence": ConfidencePolicy, "entropy": EntropyPolicy,
                                          "patience": PatiencePolicy, "per-exit": PerExitPolicy}
+POLICY_NAMES = (*POLICIES, "learned")  # learned: `frugalnlp.early_exit.router.LearnedPolicy`, fitted on dev
+
+
+def check_policy(name: str) -> str:
+    """FrugalError unless ``name`` is a policy (checked before any model loads)."""
+    if name not in POLICY_NAMES:
+        raise FrugalError(f"unknown exit policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
+    return name
 
 
 def make_policy(name: str, threshold: float | Sequence[float], num_exits: int,
-                ensemble: ExitEnsemble | None = None) -> ExitPolicy:
+                ensemble: ExitEnsemble | None = None, router: ExitRouter | None = None) -> ExitPolicy:
     """A policy by name; patience is counted in exits, so it needs ``num_exits``. ``per-exit`` takes one
-    threshold per early exit (``num_exits - 1`` of them), or one for all. With an `ExitEnsemble` the policy
-    decides on its logits (`frugalnlp.early_exit.ensemble.EnsembledPolicy`)."""
+    threshold per early exit (``num_exits - 1`` of them), or one for all; ``learned`` needs its `ExitRouter`.
+    With an `ExitEnsemble` the policy decides on its logits (`frugalnlp.early_exit.ensemble.EnsembledPolicy`)."""
     if ensemble is not None:
         from frugalnlp.early_exit.ensemble import EnsembledPolicy  # it builds on this module
 
-        return EnsembledPolicy(make_policy(name, threshold, num_exits), ensemble)
-    if name not in POLICIES:
-        raise FrugalError(f"unknown exit policy '{name}'; choose one of {', '.join(POLICIES)}")
+        return EnsembledPolicy(make_policy(name, threshold, num_exits, router=router), ensemble)
+    check_policy(name)
+    if name == "learned":
+        from frugalnlp.early_exit.router import LearnedPolicy  # it builds on this module
+
+        if router is None:
+            raise FrugalError("the learned policy needs a router fitted on dev: calibrate the run with --policy learned, "
+                              "or let evaluate/predict/serve fit one")
+        if not isinstance(threshold, (int, float)):
+            raise FrugalError(f"exit policy 'learned' takes one threshold, not {len(threshold)}")
+        if router.num_exits != num_exits:
+            raise FrugalError(f"the router was fitted for {router.num_exits} exits, the model has {num_exits}")
+        return LearnedPolicy(threshold, router)
     if name == "per-exit":
         thresholds = [threshold] * (num_exits - 1) if isinstance(threshold, (int, float)) else list(threshold)
         if len(thresholds) != max(num_exits - 1, 1):
