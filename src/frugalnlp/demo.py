@@ -5,6 +5,9 @@ curve; rerunning with ``--resume`` skips the runs already finished. Every seed a
 Multi-Model run: its members alone are the static frontier (and its last member the plain
 full-depth model), and it teaches the variants that distil from a teacher.
 
+Every (variant, policy) pair is a candidate (``--policies``, each ``POLICY`` or ``POLICY+ensemble``),
+chosen on dev together; ``--certify`` adds each variant's Learn-then-Test points with their test drops.
+
 A variant is ``METHOD[:key=value...]`` with METHOD one of joint, sweet, two-stage, multi-model and
 keys boundary-grad, distill (self or teacher), distill-alpha, distill-temperature, exit-weights,
 e.g. ``joint:boundary-grad=0.5:distill=self``.
@@ -163,11 +166,11 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     candidates = {_candidate(v, p, len(policies)): (v, p) for v in names for p in policies}
     variants = {c: _Variant(specs[v]) for c, (v, _) in candidates.items()}
     certified: dict[str, dict[str, list[dict]]] = {v: {f"{eps:g}": [] for eps in spec.certify} for v in names}
-    for v, variant in ((v, _Variant(s)) for v, s in specs.items()):
-        if variant.spec.method == "plain":
+    for v, variant_spec in specs.items():
+        if variant_spec.method == "plain":
             raise FrugalError(f"demo variant '{v}': plain has no exits (the static frontier is trained anyway)")
-        check_spec(replace(variant.spec, teacher=variant.spec.teacher
-                           or ("static" if variant.spec.recipe.distill == "teacher" else None)))
+        check_spec(replace(variant_spec, teacher=variant_spec.teacher
+                           or ("static" if variant_spec.recipe.distill == "teacher" else None)))
     num_layers = AutoConfig.from_pretrained(resolve_model(base.model)).num_hidden_layers  # a bad model fails here
     if base.exit_layers is not None:
         check_exit_layers(base.exit_layers, num_layers)
