@@ -437,14 +437,16 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     def searched(target: float) -> list[float]:  # one search per target serves the dev and the test table
         return search_per_exit(dev, dev_curve, target_speedup=target)["threshold"]
 
+    # each static model's dev class bias is fitted once, for both splits
+    static_corrected = (corrected_static_points(static_runs, ["dev", split], trained.config, depth)
+                        if static_runs else {})
+
     def baselines(on: str, scored: SplitScores) -> dict:
         """Fixed exits and static frontier on ``on``, as trained and with a class bias fitted on dev."""
-        return {"fixed": exit_scores(model, scored.exit_logits, scored.gold),
-                "fixed_corrected": exit_scores(model, corrected_logits(scored.exit_logits, model.temperatures, bias),
+        return {"fixed_corrected": exit_scores(model, corrected_logits(scored.exit_logits, model.temperatures, bias),
                                                scored.gold),
                 "static": static_points(static_runs, on, trained.config, depth) if static_runs else None,
-                "static_corrected": corrected_static_points(static_runs, on, trained.config, depth)
-                if static_runs else None}
+                "static_corrected": static_corrected.get(on)}
 
     speedups = table_speedups(model.exit_layers)
     test_base, dev_base = baselines(split, reported_split), baselines("dev", dev)
@@ -462,7 +464,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                                     test_base["static_corrected"],
                                     lambda s: accuracy_at_speedup(ceiling_curve, s)),
               # The same on dev, where recipes may be compared and chosen without touching test.
-              "dev_comparison": compare(dev_curve, dev_curve, dev_base["fixed"], dev_base["static"],
+              "dev_comparison": compare(dev_curve, dev_curve, exit_scores(model, dev_logits, dev_gold), dev_base["static"],
                                         Oracle(dev_logits, dev_gold, model.layers_to_exit, depth), speedups,
                                         per_exit(dev), dev_base["fixed_corrected"], dev_base["static_corrected"]),
               "operating_point": operating,
@@ -612,21 +614,23 @@ def static_points(runs: list[str], split: str, config: dict, depth: int) -> list
     return _frontier_points(by_depth, depth)
 
 
-def corrected_static_points(runs: list[str], split: str, config: dict, depth: int) -> list[dict]:
-    """`static_points` with each static model given a class bias fitted on its dev split (`fit_class_bias`):
-    the baseline a policy that fits more than temperatures on dev labels is fairly compared with."""
-    by_depth: dict[int, list[tuple[float, float, str]]] = {}
+def corrected_static_points(runs: list[str], splits: list[str], config: dict, depth: int) -> dict[str, list[dict]]:
+    """`static_points` on each of ``splits`` with each static model given a class bias fitted on its dev split
+    (`fit_class_bias`): the baseline a policy that fits more than temperatures on dev labels is fairly
+    compared with. Returns split -> points."""
+    by_split: dict[str, dict[int, list[tuple[float, float, str]]]] = {split: {} for split in splits}
     for run in runs:
         _, layers = _static_members(run, config, depth)
         trained = load_run(run)
         dev = split_scores(trained, "dev")
         temperatures = trained.model.temperatures
         bias = fit_class_bias(dev.exit_logits, temperatures, dev.gold)
-        scored = dev if split == "dev" else split_scores(trained, split)
-        corrected = corrected_logits(scored.exit_logits, temperatures, bias)
-        for k, e in zip(layers, exit_scores(trained.model, corrected, scored.gold)):
-            by_depth.setdefault(k, []).append((e["accuracy"], e["macro_f1"], str(run)))
-    return _frontier_points(by_depth, depth)
+        for split, by_depth in by_split.items():
+            scored = dev if split == "dev" else split_scores(trained, split)
+            corrected = corrected_logits(scored.exit_logits, temperatures, bias)
+            for k, e in zip(layers, exit_scores(trained.model, corrected, scored.gold)):
+                by_depth.setdefault(k, []).append((e["accuracy"], e["macro_f1"], str(run)))
+    return {split: _frontier_points(by_depth, depth) for split, by_depth in by_split.items()}
 
 
 def oracle_speedups(exit_layers: list[int]) -> list[float]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from frugalnlp.early_exit.calibration import minimize
 from frugalnlp.early_exit.policies import ExitPolicy
 
 WEIGHTS_L2 = 1e-3
@@ -79,19 +80,11 @@ def _fit_exit(log_probs: torch.Tensor, target: torch.Tensor, k: int, form: str,
         start[:, k * labels:] = torch.eye(labels, dtype=torch.float64)
     w = start.clone().requires_grad_(True)
     b = torch.zeros(labels, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], lr=0.5, max_iter=100, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                  line_search_fn="strong_wolfe")
 
     def logits() -> torch.Tensor:
         return (torch.einsum("rjl,j->rl", x, w) if form == "weights" else x.flatten(1) @ w.T) + b
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits(), target) + l2 * ((w - start) ** 2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    minimize([w, b], lambda: torch.nn.functional.cross_entropy(logits(), target) + l2 * ((w - start) ** 2).sum())
     w, b = w.detach(), b.detach()
     if form == "weights":
         w = torch.cat([wj * torch.eye(labels, dtype=torch.float64) for wj in w], 1)
@@ -179,14 +172,7 @@ def fit_class_bias(exit_logits: torch.Tensor, temperatures: list[float], gold: n
     out = torch.zeros(log_probs.shape[1], log_probs.shape[2], dtype=torch.float64)
     for k in range(log_probs.shape[1]):
         b = torch.zeros(log_probs.shape[2], dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([b], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(log_probs[:, k] + b, target)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        minimize([b], lambda: torch.nn.functional.cross_entropy(log_probs[:, k] + b, target),
+                 tolerance_grad=1e-7, tolerance_change=1e-9)
         out[k] = b.detach()
     return out.float()

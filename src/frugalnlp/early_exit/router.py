@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from frugalnlp.early_exit.calibration import minimize
 from frugalnlp.early_exit.policies import ExitPolicy
 
 
@@ -90,18 +91,9 @@ def fit_exit_router(logits: torch.Tensor, gold: np.ndarray, l2: float = 1e-2) ->
         x = (x - mean[k]) / scale[k]
         w = torch.zeros(width, dtype=torch.float64, requires_grad=True)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-        optimizer = torch.optim.LBFGS([w, b], lr=0.5, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
-                                      line_search_fn="strong_wolfe")
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            # a small pull on the bias too keeps it finite when every (or no) example is right
-            loss = (torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
-                    + l2 * (w ** 2).sum() + 1e-4 * b ** 2)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
+        # a small pull on the bias too keeps it finite when every (or no) example is right
+        minimize([w, b], lambda: (torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y)
+                                  + l2 * (w ** 2).sum() + 1e-4 * b ** 2), max_iter=200)
         weights[k], bias[k] = w.detach(), b.detach()
     return ExitRouter(weights.float(), bias.float(), mean.float(), scale.float())
 
