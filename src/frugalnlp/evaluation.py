@@ -39,7 +39,7 @@ def collect_exit_logits(model: EarlyExitModel | Cascade, data: EncodedSplit, tok
     from tqdm.auto import tqdm
 
     model.eval()
-    device = model.models[0].device if isinstance(model, Cascade) else model.device
+    device = model.device
     out = torch.empty(model.num_exits, len(data), model.config.num_labels)
     total = (len(data) + batch_size - 1) // batch_size
     for index, batch in tqdm(batches(data, tokenizer, batch_size, device), total=total, disable=not progress,

@@ -36,13 +36,16 @@ class Predictor:
     def __init__(self, run: str | os.PathLike, threshold: float | list[float] | None = None, policy: str | None = None,
                  batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
                  max_drop: float | None = None, risk: float | None = None,
-                 ensemble: bool | ExitEnsemble = False, router: ExitRouter | None = None) -> None:
+                 ensemble: bool | ExitEnsemble = False, router: ExitRouter | None = None,
+                 max_tokens: int | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
         (see `frugalnlp.evaluation.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
         `frugalnlp.certify`); the choice is kept in ``self.operating_point``. With none of the three, the
         run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
         ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given.
-        ``router``: the learned policy's `ExitRouter` (default: the saved point's, else fitted on dev)."""
+        ``router``: the learned policy's `ExitRouter` (default: the saved point's, else fitted on dev).
+        ``max_tokens``: every segment of a ``batch_size`` block runs in length-sorted runs of at most that
+        many padded tokens (`frugalnlp.early_exit.modeling.length_runs`)."""
         chooses = target_speedup is not None or max_drop is not None
         saved = None if threshold is not None or chooses or ensemble is not False else load_operating_point(run)
         fitted = ensemble if isinstance(ensemble, ExitEnsemble) else None
@@ -53,10 +56,11 @@ class Predictor:
             threshold, policy, fitted, router = saved.threshold, saved.policy, saved.ensemble, saved.router
         policy = policy or "confidence"
         threshold = THRESHOLD if threshold is None else threshold
-        self.check_args(threshold, policy, batch_size, target_speedup, max_drop, risk)
+        self.check_args(threshold, policy, batch_size, target_speedup, max_drop, risk, max_tokens)
         trained = load_run(run, trust_pickle=trust_pickle)
         # What another process needs to rebuild this predictor (Ray actors), with the threshold as chosen.
-        self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle}
+        self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle,
+                     "max_tokens": max_tokens}
         self.model, self.tokenizer = trained.model, trained.tokenizer
         self.operating_point = None if saved is None else {"saved": True, **saved.to_dict()}
         if ensemble is True or chooses or (policy == "learned" and router is None):
@@ -72,7 +76,7 @@ class Predictor:
         self.policy_name = policy
         self.policy = make_policy(policy, threshold, self.model.num_exits, fitted, router)
         self.max_length = trained.spec.max_length
-        self.batch_size = batch_size
+        self.batch_size, self.max_tokens = batch_size, max_tokens
         self.is_pair = bool(trained.config["task"]["pair"])
         self.id2label = {int(k): v for k, v in self.model.config.id2label.items()}
         self.exit_layers = self.model.exit_layers
@@ -80,10 +84,12 @@ class Predictor:
     @staticmethod
     def check_args(threshold: float | list[float] | None = None, policy: str | None = None, batch_size: int = 32,
                    target_speedup: float | None = None, max_drop: float | None = None,
-                   risk: float | None = None) -> None:
+                   risk: float | None = None, max_tokens: int | None = None) -> None:
         """FrugalError for settings out of range, before the run loads and its dev split is scored."""
         if batch_size < 1:
             raise FrugalError(f"--batch-size {batch_size} must be at least 1")
+        if max_tokens is not None and max_tokens < 1:
+            raise FrugalError(f"--max-tokens {max_tokens} must be at least 1")
         threshold = THRESHOLD if threshold is None else threshold
         if check_policy(policy or "confidence") != "learned":  # a learned policy's router comes later
             make_policy(policy or "confidence", threshold,
@@ -103,7 +109,7 @@ class Predictor:
         results: list[dict] = [{} for _ in texts]
         for index, batch in batches(data, self.tokenizer, self.batch_size):
             pred = self.model.predict(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
-                                      policy=self.policy)
+                                      policy=self.policy, max_tokens=self.max_tokens)
             for i, label, conf, exit_index, layers in zip(index.tolist(), pred.labels.tolist(),
                                                           pred.confidence.tolist(), pred.exit_index.tolist(),
                                                           pred.layers_run.tolist()):

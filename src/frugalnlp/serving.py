@@ -44,6 +44,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalnlp.backbones.base import used_length
+from frugalnlp.early_exit.modeling import length_runs
 from frugalnlp.early_exit.policies import exit_step, needs_head
 from frugalnlp.errors import FrugalError
 from frugalnlp.predict import Predictor
@@ -58,6 +59,7 @@ class ServeSettings:
     max_batch: int = 64  # texts per micro-batch (and per segment run)
     max_wait_ms: float = 5.0  # how long the oldest waiting text may wait for a batch to fill
     length_bucket: int = 16  # a run's rows go through the model sorted by length, this many at a time
+    max_tokens: int | None = None  # instead: as many sorted rows at a time as fit in this many padded tokens
     batching: str = "segment"  # or "request"
     max_texts: int = 256  # per request
     max_chars: int = 20_000  # per text
@@ -74,6 +76,8 @@ class ServeSettings:
                      "max_connections"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise FrugalError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be a whole number >= 1")
+        if self.max_tokens is not None and not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
+            raise FrugalError(f"--max-tokens {self.max_tokens!r} must be a whole number >= 1")
         if not 0 <= self.max_wait_ms < float("inf"):
             raise FrugalError(f"--max-wait-ms {self.max_wait_ms!r} must be a finite number >= 0")
         for name in ("body_timeout_s", "idle_timeout_s"):
@@ -245,9 +249,8 @@ class ModelWorker:
                      [owner for g in groups for owner in g.owners], min(g.since for g in groups))
 
     def _buckets(self, attention_mask: torch.Tensor) -> list[torch.Tensor]:
-        """Rows [n] sorted by length, in runs of ``length_bucket``: a padded batch costs its longest row."""
-        order = torch.argsort(attention_mask.sum(1), stable=True)
-        return list(order.split(self.settings.length_bucket))
+        """Rows [n] sorted by length, in runs of ``length_bucket`` rows or ``max_tokens`` padded tokens."""
+        return length_runs(attention_mask, self.settings.length_bucket, self.settings.max_tokens)
 
     def _start(self, rows: list[tuple[Job, int]]) -> None:
         """Tokenise a micro-batch and run it: to the end (request batching) or one segment (segment)."""

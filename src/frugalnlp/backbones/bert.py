@@ -27,7 +27,7 @@ class BertBackbone(Backbone):
         project = getattr(self.model, "embeddings_project", None)  # ELECTRA with embedding_size != hidden
         if project is not None:
             hidden = project(hidden)
-        return State(hidden=hidden, attention_mask=attention_mask, layer_mask=self.layer_mask(hidden, attention_mask))
+        return self.resume(hidden, attention_mask)
 
     def layer_mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)

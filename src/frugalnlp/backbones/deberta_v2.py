@@ -14,8 +14,11 @@ class DebertaV2Backbone(Backbone):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> State:
-        encoder = self.model.encoder
         hidden = self.model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
+        return self.resume(hidden, attention_mask)
+
+    def resume(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> State:
+        encoder = self.model.encoder
         shared = {}
         rel_embeddings = encoder.get_rel_embedding()  # one LayerNorm of a parameter all layers use
         if rel_embeddings is not None:

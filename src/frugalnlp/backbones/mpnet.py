@@ -19,7 +19,9 @@ class MPNetBackbone(BertBackbone):
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> State:
-        hidden = self.model.embeddings(input_ids=input_ids)  # MPNet has no token types
+        return self.resume(self.model.embeddings(input_ids=input_ids), attention_mask)  # MPNet has no token types
+
+    def resume(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> State:
         # [1, heads, seq, seq]: depends on positions only, so one copy serves every row.
         bias = self.model.encoder.compute_position_bias(hidden[:1])
         return State(hidden=hidden, attention_mask=attention_mask, layer_mask=self.layer_mask(hidden, attention_mask),

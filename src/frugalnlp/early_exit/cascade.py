@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from frugalnlp.backbones.base import used_length
+from frugalnlp.backbones.base import Tokens, keep_padded_rows, merge_padded
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction, adaptive_predict
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_json
 
+if TYPE_CHECKING:
+    from frugalnlp.export import OnnxModel
+
 MANIFEST = "cascade.json"
-
-
-class Tokens(NamedTuple):
-    """A cascade's state between models: the rows' tokens, [batch, seq] each (token types may be None)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    token_type_ids: torch.Tensor | None
 
 
 class Cascade:
@@ -63,6 +57,10 @@ class Cascade:
     @property
     def num_exits(self) -> int:
         return len(self.models)
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[0].device
 
     @property
     def config(self):
@@ -100,25 +98,19 @@ class Cascade:
 
     def keep_rows(self, tokens: Tokens, rows: torch.Tensor) -> Tokens:
         """Only ``rows`` of the batch, cut to the columns they use."""
-        length = used_length(tokens.attention_mask.index_select(0, rows))
-        return Tokens(*(None if t is None else t.index_select(0, rows)[:, :length] for t in tokens))
+        return keep_padded_rows(tokens, rows)
 
     def merge(self, parts: list[Tokens]) -> Tokens:
         """One batch of several batches' rows, right-padded to the longest."""
-        length = max(p.input_ids.shape[1] for p in parts)
-        pad = self.config.backbone_config.get("pad_token_id") or 0
-        fill = {"input_ids": pad, "attention_mask": 0, "token_type_ids": 0}
-        merged = {name: torch.cat([F.pad(getattr(p, name), (0, length - getattr(p, name).shape[1]), value=value)
-                                   for p in parts])
-                  for name, value in fill.items() if getattr(parts[0], name) is not None}
-        return Tokens(**{"token_type_ids": None, **merged})
+        return merge_padded(parts, {"input_ids": self.config.backbone_config.get("pad_token_id") or 0})
 
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, threshold: float = THRESHOLD,
-                policy: ExitPolicy | None = None) -> Prediction:
+                policy: ExitPolicy | None = None, max_tokens: int | None = None) -> Prediction:
         """Cascade inference: each model runs only on the rows that earlier models passed on."""
-        return adaptive_predict(self, input_ids, attention_mask, token_type_ids, policy or ConfidencePolicy(threshold))
+        return adaptive_predict(self, input_ids, attention_mask, token_type_ids, policy or ConfidencePolicy(threshold),
+                                max_tokens)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -138,9 +130,13 @@ class Cascade:
                     for name in manifest["members"]])
 
 
-def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> EarlyExitModel | Cascade:
-    """An early-exit model or a cascade, whichever the directory holds."""
+def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> EarlyExitModel | Cascade | OnnxModel:
+    """An early-exit model, a cascade or an ONNX export of either, whichever the directory holds."""
     directory = Path(directory)
+    from frugalnlp.export import OnnxModel, is_export  # onnxruntime loads only for an export
+
+    if is_export(directory):
+        return OnnxModel(directory)
     if (directory / MANIFEST).exists():
         return Cascade.from_pretrained(directory, trust_pickle=trust_pickle)
     return EarlyExitModel.from_pretrained(directory, trust_pickle=trust_pickle)

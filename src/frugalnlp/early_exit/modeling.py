@@ -147,6 +147,11 @@ class Departures:
             self.state = None if self.state is None else self.state[stay]
         return stay
 
+    def reorder(self, order: torch.Tensor) -> None:
+        """The running rows now stand in ``order`` ([rows] positions in the current batch)."""
+        self.rows = self.rows[order]
+        self.state = None if self.state is None else self.state[order]
+
     def prediction(self, layers_to_exit: list[int]) -> Prediction:
         rows = torch.cat([r for r, _, _ in self.left])
         logits = torch.cat([l for _, l, _ in self.left])
@@ -160,20 +165,51 @@ class Departures:
                           confidence=probs.amax(-1), logits=logits)
 
 
+def length_runs(attention_mask: torch.Tensor, max_rows: int | None = None,
+                max_tokens: int | None = None) -> list[torch.Tensor]:
+    """The rows of a [batch, seq] mask sorted by length and cut into runs: a padded run costs its longest row.
+
+    Runs hold at most ``max_rows`` rows, or with ``max_tokens`` as many as fit in that many padded tokens
+    (rows x the run's longest row; a row longer than the budget runs alone). Returns [k] row tensors.
+    """
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    if max_tokens is None:
+        return list(order.split(max_rows or len(order)))
+    ordered = lengths[order].cpu()
+    runs, start = [], 0
+    while start < len(order):
+        # sorted lengths make the padded cost of a growing run nondecreasing: the fitting rows are a prefix
+        cost = torch.arange(1, len(order) - start + 1) * ordered[start:]
+        size = max(1, int((cost <= max_tokens).sum()))
+        runs.append(order[start:start + size])
+        start += size
+    return runs
+
+
 def adaptive_predict(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     token_type_ids: torch.Tensor | None, policy: ExitPolicy) -> Prediction:
-    """Batched adaptive inference for any model with the segment interface (`EarlyExitModel`, `Cascade`).
+                     token_type_ids: torch.Tensor | None, policy: ExitPolicy,
+                     max_tokens: int | None = None) -> Prediction:
+    """Batched adaptive inference for any model with the segment interface (`EarlyExitModel`, `Cascade`,
+    `frugalnlp.export.OnnxModel`).
 
     ``start`` the batch, then ``advance`` it one segment (the layers up to the next exit and its
     head) at a time; at each exit the rows the policy lets go leave and ``keep_rows`` shrinks the
-    batch to the others. Decisions do not depend on the batch: a row decides on its own logits alone.
+    batch to the others. With ``max_tokens``, every segment runs the rows still going sorted by length
+    in runs of at most that many padded tokens (`length_runs`), so the rows that continue past an exit
+    are packed into full runs again. Decisions do not depend on the batch: a row decides on its own
+    logits alone.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     departures = Departures(policy, input_ids.shape[0], model.temperatures, input_ids.device)
     state = model.start(input_ids, attention_mask, token_type_ids)
     for e in range(model.num_exits):
-        state, logits = model.advance(e, state, head=not departures.skips(e))
+        head = not departures.skips(e)
+        if max_tokens is None:
+            state, logits = model.advance(e, state, head=head)
+        else:
+            state, logits = _advance_packed(model, e, state, head, max_tokens, departures)
         if logits is None:
             continue
         stay = departures.decide(e, logits)
@@ -182,6 +218,18 @@ def adaptive_predict(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
         if departures.dropped:
             state = model.keep_rows(state, stay)
     return departures.prediction(model.layers_to_exit)
+
+
+def _advance_packed(model, exit_index: int, state, head: bool, max_tokens: int,
+                    departures: Departures) -> tuple[object, torch.Tensor | None]:
+    """`advance` in runs of at most ``max_tokens`` padded tokens; the rows come back in run order."""
+    runs = length_runs(state.attention_mask, max_tokens=max_tokens)
+    if len(runs) == 1:
+        return model.advance(exit_index, state, head=head)
+    parts = [model.advance(exit_index, model.keep_rows(state, rows), head=head) for rows in runs]
+    departures.reorder(torch.cat(runs))
+    logits = None if parts[0][1] is None else torch.cat([out for _, out in parts])
+    return model.merge([part for part, _ in parts]), logits
 
 
 class EarlyExitModel(PreTrainedModel):
@@ -369,11 +417,12 @@ class EarlyExitModel(PreTrainedModel):
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, threshold: float = THRESHOLD,
-                policy: ExitPolicy | None = None) -> Prediction:
+                policy: ExitPolicy | None = None, max_tokens: int | None = None) -> Prediction:
         """Adaptive inference over a batch, running only the layers each example needs.
 
         At each exit the rows that the policy (default: calibrated max-probability >= ``threshold``)
-        lets go leave; the others continue as a smaller, possibly shorter batch (`adaptive_predict`).
+        lets go leave; the others continue as a smaller, possibly shorter batch (`adaptive_predict`;
+        ``max_tokens``: in runs of at most that many padded tokens).
         """
         return adaptive_predict(self, input_ids, attention_mask, token_type_ids,
-                                policy or ConfidencePolicy(threshold))
+                                policy or ConfidencePolicy(threshold), max_tokens)

@@ -1,0 +1,205 @@
+"""ONNX export: every family's segments match torch's exit logits, `--runtime onnx` decides as torch does
+(batch 1, batched, token-budget packing, the real server), int8 keeps its own logits and temperatures."""
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+from conftest import run_cli
+from test_backbones import make_backbone, padded_batch
+
+from frugalnlp import EarlyExitModel
+from frugalnlp.early_exit.cascade import Cascade
+from frugalnlp.early_exit.modeling import length_runs
+from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.errors import FrugalError
+from frugalnlp.export import OnnxModel, export_model, export_run, runtime_path
+from frugalnlp.predict import Predictor
+from frugalnlp.tasks import load_task
+
+FAMILIES = ["bert", "roberta", "deberta-v2", "mpnet"]
+
+
+def _decisions(prediction):
+    return prediction.exit_index.tolist(), prediction.labels.tolist()
+
+
+def _middle_threshold(model, ids, mask, types):
+    """A confidence threshold at which rows leave at different exits, halfway between two rows' confidences
+    (a row within float error of a threshold may go either way)."""
+    with torch.no_grad():
+        logits = model.exit_logits(ids, mask, types)[0] / model.temperatures[0]
+    confidence = logits.softmax(-1).amax(-1).sort().values
+    middle = len(confidence) // 2
+    return float(confidence[middle - 1:middle + 1].mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_exports_segments_that_match_torch_and_decide_alike(family, tmp_path):
+    torch.manual_seed(0)
+    model = EarlyExitModel.from_backbone(make_backbone(family), exit_layers=[2, 4], num_labels=3).eval()
+    export_model(model, tmp_path)
+    exported = OnnxModel(tmp_path)
+    for n, seq, seed in ((12, 14, 1), (1, 5, 2), (5, 30, 3)):  # batch and length unlike the traced example
+        ids, mask, types = padded_batch(n=n, seq=seq, pad=1 if family != "bert" else 0, seed=seed)
+        types = None if family == "mpnet" else types
+        with torch.no_grad():
+            expected = model.exit_logits(ids, mask, types)
+        got = exported.exit_logits(ids, mask, types)
+        assert len(got) == 2
+        for e, (g, x) in enumerate(zip(got, expected)):
+            assert (g - x).abs().max() <= 1e-4, (family, e)
+    ids, mask, types = padded_batch(n=24, seq=20, pad=1 if family != "bert" else 0, seed=4)
+    types = None if family == "mpnet" else types
+    threshold = _middle_threshold(model, ids, mask, types)
+    for policy_name in ("confidence", "patience"):
+        policy = make_policy(policy_name, threshold, 2)
+        reference = _decisions(model.predict(ids, mask, types, policy=policy))
+        assert len(set(reference[0])) > 1 or policy_name == "patience"
+        assert _decisions(exported.predict(ids, mask, types, policy=policy)) == reference
+        assert _decisions(exported.predict(ids, mask, types, policy=policy, max_tokens=60)) == reference
+        assert _decisions(model.predict(ids, mask, types, policy=policy, max_tokens=60)) == reference
+
+
+def test_a_cascade_exports_one_graph_per_member(tmp_path):
+    torch.manual_seed(0)
+    members = [EarlyExitModel.from_backbone(make_backbone("bert"), num_layers=k, num_labels=2).eval() for k in (1, 2)]
+    cascade = Cascade(members)
+    manifest = export_model(cascade, tmp_path)
+    assert manifest["graphs"] == ["layers-1/segment.onnx", "layers-2/segment.onnx"]
+    exported = OnnxModel(tmp_path)
+    assert exported.layers_to_exit == [1, 3]
+    ids, mask, types = padded_batch(n=10, seq=12, seed=5)
+    with torch.no_grad():
+        expected = cascade.exit_logits(ids, mask, types)
+    for g, x in zip(exported.exit_logits(ids, mask, types), expected):
+        assert (g - x).abs().max() <= 1e-4
+    policy = make_policy("confidence", _middle_threshold(cascade, ids, mask, types), 2)
+    assert _decisions(exported.predict(ids, mask, types, policy=policy)) == \
+        _decisions(cascade.predict(ids, mask, types, policy=policy))
+
+
+def test_a_family_that_cannot_be_exported_is_refused_naming_why(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("Could not guard on data-dependent expression u0 > 1")
+
+    monkeypatch.setattr(torch.onnx, "export", fail)
+    model = EarlyExitModel.from_backbone(make_backbone("mpnet"), exit_layers=[2, 4], num_labels=2).eval()
+    with pytest.raises(FrugalError, match=r"mpnet family cannot be exported.*data-dependent.*--runtime torch"):
+        export_model(model, tmp_path)
+
+
+def test_length_runs_pack_sorted_rows_within_the_token_budget():
+    lengths = torch.tensor([9, 3, 3, 20, 5, 1, 7, 7, 2, 4])
+    mask = (torch.arange(20)[None] < lengths[:, None]).long()
+    runs = length_runs(mask, max_tokens=16)
+    order = torch.cat(runs)
+    assert sorted(order.tolist()) == list(range(10))
+    assert lengths[order].tolist() == sorted(lengths.tolist())
+    for run in runs:
+        assert len(run) * int(lengths[run].max()) <= 16 or len(run) == 1  # a row over the budget runs alone
+    for a, b in zip(runs, runs[1:]):  # greedy: the next row would not have fitted
+        assert (len(a) + 1) * int(lengths[b[0]]) > 16
+    assert [len(r) for r in length_runs(mask, max_rows=4)] == [4, 4, 2]
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_run, tmp_path_factory):
+    path = tmp_path_factory.mktemp("exports") / "onnx"
+    export_run(tiny_run, output=path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_threshold(tiny_run):
+    texts = load_task("mr").test.texts[:40]
+    confidence = sorted(p["confidence"] for p in Predictor(tiny_run, threshold=0.0)(texts))
+    for t in (confidence[len(confidence) // 2], confidence[len(confidence) // 4], 0.55, 0.51):
+        if len({p["exit_layer"] for p in Predictor(tiny_run, threshold=t)(texts)}) > 1:
+            return t
+    return confidence[len(confidence) // 2]
+
+
+def test_predict_with_runtime_onnx_gives_the_torch_decisions(tiny_run, exported_run, mixed_threshold, tmp_path, capsys):
+    rows = load_task("mr").test.texts[:60]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(f'{{"text": {__import__("json").dumps(t)}}}\n' for t in rows))
+    outputs = {}
+    for name, args in (("torch", []), ("onnx", ["--runtime", "onnx", "--batch-size", "64", "--max-tokens", "300"])):
+        run = exported_run if name == "onnx" else tiny_run
+        out = tmp_path / f"{name}.jsonl"
+        status, _, err = run_cli(["predict", run, "--input", source, "--output", out, "--threshold",
+                                  mixed_threshold, *args], capsys)
+        assert status == 0, err
+        outputs[name] = [__import__("json").loads(line) for line in out.read_text().splitlines()]
+    assert len({r["exit_layer"] for r in outputs["torch"]}) > 1
+    for a, b in zip(outputs["torch"], outputs["onnx"]):
+        assert (a["label"], a["exit_layer"]) == (b["label"], b["exit_layer"])
+        assert a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+    status, _, err = run_cli(["predict", exported_run, "--runtime", "torch", "--input", source, "--output",
+                              tmp_path / "x.jsonl"], capsys)
+    assert status == 2 and "is an ONNX export" in err
+    with pytest.raises(FrugalError, match="has no ONNX export: run `frugalnlp export"):
+        runtime_path(tmp_path, "onnx")
+    assert runtime_path(exported_run, None) == exported_run
+
+
+def test_int8_curve_comes_from_its_own_logits_and_temperatures(tiny_run, exported_run, tmp_path):
+    from frugalnlp.early_exit.calibration import fit_temperatures
+    from frugalnlp.evaluation import evaluate_run, replay, split_scores
+    from frugalnlp.run import load_run
+
+    int8 = tmp_path / "int8"
+    record = export_run(tiny_run, output=int8, quantize="int8")
+    assert record["precision"] == "int8"
+    quantized, fp32, torch_run = load_run(int8), load_run(exported_run), load_run(tiny_run)
+    dev8, dev32 = split_scores(quantized, "dev"), split_scores(fp32, "dev")
+    assert (dev8.exit_logits - dev32.exit_logits).abs().max() > 1e-4  # int8 logits really differ
+    assert (dev32.exit_logits - split_scores(torch_run, "dev").exit_logits).abs().max() <= 1e-4
+    assert quantized.model.temperatures == pytest.approx(fit_temperatures(dev8.exit_logits, torch.as_tensor(dev8.gold)))
+    assert fp32.model.temperatures == torch_run.model.temperatures
+    _, result = evaluate_run(int8, thresholds=5)
+    test8 = split_scores(quantized, "test")
+    for point in result["points"]:
+        exits, labels = replay(test8.exit_logits, quantized.model.temperatures,
+                               make_policy("confidence", point["threshold"], 3))
+        assert point["accuracy"] == pytest.approx(float((labels.numpy() == test8.gold).mean()))
+
+
+def test_server_with_runtime_onnx_and_max_tokens_answers_as_predict_one_at_a_time(exported_run, mixed_threshold):
+    from test_serving import Server
+
+    texts = load_task("mr").test.texts[:40]
+    single = Predictor(exported_run, threshold=mixed_threshold, batch_size=1)
+    expected = [single([t])[0] for t in texts]
+    assert len({e["exit_layer"] for e in expected}) > 1
+    requests = [texts[i:i + 2] for i in range(0, len(texts), 2)]  # 20 requests
+    server = Server(exported_run, "--runtime", "onnx", "--threshold", str(mixed_threshold), "--max-tokens", "96",
+                    "--max-batch", "16", "--max-wait-ms", "50")
+    try:
+        async def send_all():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                return await asyncio.gather(*(client.post("/predict", json={"texts": r}) for r in requests))
+
+        responses = asyncio.run(send_all())
+        assert [r.status_code for r in responses] == [200] * 20
+        got = [p for r in responses for p in r.json()["predictions"]]
+        for g, e in zip(got, expected):
+            assert (g["label"], g["exit_layer"], g["layers_run"]) == (e["label"], e["exit_layer"], e["layers_run"])
+            assert g["confidence"] == pytest.approx(e["confidence"], abs=1e-5)
+    finally:
+        assert server.stop() == 0
+
+
+def test_the_real_checkpoint_exports_within_tolerance(tmp_path):
+    torch.manual_seed(0)
+    model = EarlyExitModel.from_backbone("minilm", exit_layers=[3, 6], num_labels=2).eval()
+    export_model(model, tmp_path)
+    exported = OnnxModel(tmp_path)
+    ids, mask, types = padded_batch(n=6, seq=40, seed=6)
+    ids[ids >= 120] = 100
+    with torch.no_grad():
+        expected = model.exit_logits(ids, mask, types)
+    for g, x in zip(exported.exit_logits(ids, mask, types), expected):
+        assert (g - x).abs().max() <= 1e-4
