@@ -1,9 +1,8 @@
 """ONNX export: every family's segments match torch's exit logits, `--runtime onnx` decides as torch does
 (batch 1, batched, token-budget packing, the real server), int8 keeps its own logits and temperatures."""
 
-import asyncio
+import json
 
-import httpx
 import pytest
 import torch
 from conftest import run_cli
@@ -124,7 +123,7 @@ def mixed_threshold(tiny_run):
 def test_predict_with_runtime_onnx_gives_the_torch_decisions(tiny_run, exported_run, mixed_threshold, tmp_path, capsys):
     rows = load_task("mr").test.texts[:60]
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(f'{{"text": {__import__("json").dumps(t)}}}\n' for t in rows))
+    source.write_text("".join(f'{{"text": {json.dumps(t)}}}\n' for t in rows))
     outputs = {}
     for name, args in (("torch", []), ("onnx", ["--runtime", "onnx", "--batch-size", "64", "--max-tokens", "300"])):
         run = exported_run if name == "onnx" else tiny_run
@@ -132,7 +131,7 @@ def test_predict_with_runtime_onnx_gives_the_torch_decisions(tiny_run, exported_
         status, _, err = run_cli(["predict", run, "--input", source, "--output", out, "--threshold",
                                   mixed_threshold, *args], capsys)
         assert status == 0, err
-        outputs[name] = [__import__("json").loads(line) for line in out.read_text().splitlines()]
+        outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
     assert len({r["exit_layer"] for r in outputs["torch"]}) > 1
     for a, b in zip(outputs["torch"], outputs["onnx"]):
         assert (a["label"], a["exit_layer"]) == (b["label"], b["exit_layer"])
@@ -168,7 +167,7 @@ def test_int8_curve_comes_from_its_own_logits_and_temperatures(tiny_run, exporte
 
 
 def test_server_with_runtime_onnx_and_max_tokens_answers_as_predict_one_at_a_time(exported_run, mixed_threshold):
-    from test_serving import Server
+    from test_serving import Server, post_all
 
     texts = load_task("mr").test.texts[:40]
     single = Predictor(exported_run, threshold=mixed_threshold, batch_size=1)
@@ -178,11 +177,7 @@ def test_server_with_runtime_onnx_and_max_tokens_answers_as_predict_one_at_a_tim
     server = Server(exported_run, "--runtime", "onnx", "--threshold", str(mixed_threshold), "--max-tokens", "96",
                     "--max-batch", "16", "--max-wait-ms", "50")
     try:
-        async def send_all():
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/predict", json={"texts": r}) for r in requests))
-
-        responses = asyncio.run(send_all())
+        responses = post_all(server.url, requests)
         assert [r.status_code for r in responses] == [200] * 20
         got = [p for r in responses for p in r.json()["predictions"]]
         for g, e in zip(got, expected):

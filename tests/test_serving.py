@@ -28,6 +28,15 @@ class Server(ServerProcess):
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def post_all(url: str, requests: list[list[str]]) -> list[httpx.Response]:
+    """Send every request at once and wait for all the answers."""
+    async def send_all():
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/predict", json={"texts": r}) for r in requests))
+
+    return asyncio.run(send_all())
+
+
 @pytest.fixture(scope="module")
 def texts():
     return load_task("mr").test.texts[:40]
@@ -53,11 +62,7 @@ def test_concurrent_requests_get_the_answers_of_predict_one_text_at_a_time(tiny_
     server = Server(tiny_run, "--threshold", str(threshold), "--batching", batching, "--max-batch", "8",
                     "--max-wait-ms", "50")
     try:
-        async def send_all():
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/predict", json={"texts": r}) for r in requests))
-
-        responses = asyncio.run(send_all())
+        responses = post_all(server.url, requests)
         assert [r.status_code for r in responses] == [200] * 20
         got = [p for r in responses for p in r.json()["predictions"]]
         assert len(got) == len(expected)
@@ -165,16 +170,21 @@ def test_bench_serve_drives_real_servers_and_compares_each_with_threshold_1(tiny
     from conftest import run_cli
 
     status, out, err = run_cli(["bench", "--serve", "--quick", "--run", tiny_run, "--seconds", 0.5, "--clients", 4,
-                                "--json", tmp_path / "serve.json"], capsys)
+                                "--texts", "full,short", "--batchings", "segment", "--json", tmp_path / "serve.json"],
+                               capsys)
     assert status == 0, err
     results = json.loads((tmp_path / "serve.json").read_text())
     configs = results["configs"]
-    assert [(c["threshold"] == 1.0, c["batching"]) for c in configs][:2] == [(True, "request"), (True, "segment")]
-    assert len(configs) == 4 and all(c["saturated"]["texts_per_second"] > 0 for c in configs)
-    offered = {round(c["loads"][0]["offered_texts_per_second"], 6) for c in configs}
-    assert len(offered) == 1  # every server gets the same offered load
-    assert all(c["throughput_vs_threshold_1"] == 1.0 for c in configs if c["threshold"] == 1.0)
-    assert "| threshold | ideal speedup | batching | saturated texts/s |" in out
+    assert [(c["texts"], c["threshold"] == 1.0) for c in configs] == \
+        [("full", True), ("full", False), ("short", True), ("short", False)]
+    assert all(c["saturated"]["texts_per_second"] > 0 and c["saturated"]["client_cpu_cores"] > 0 for c in configs)
+    for name in ("full", "short"):
+        offered = {round(c["loads"][0]["offered_texts_per_second"], 6) for c in configs if c["texts"] == name}
+        assert len(offered) == 1  # every server of a text set gets the same offered load
+        assert results["in_process"][name]["1.0"] > 0
+    assert all(c["throughput_vs_threshold_1"] == 1.0 and c["in_process_vs_threshold_1"] == 1.0
+               for c in configs if c["threshold"] == 1.0)
+    assert "| texts | threshold | ideal speedup | batching | packing | saturated texts/s |" in out
 
 
 def _rss_kib(pid: int) -> int:
@@ -350,12 +360,8 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
                        model_sha256=run_weights_sha256(run), ensemble=ensemble, router=router).save(run)
         server = Server(run, "--max-batch", "8", "--max-wait-ms", "50")
     try:
-        async def send_all():
-            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
-                return await asyncio.gather(*(client.post("/predict", json={"texts": texts[i:i + 2]})
-                                              for i in range(0, len(texts), 2)))
-
-        served = [p for r in asyncio.run(send_all()) for p in r.json()["predictions"]]
+        served = [p for r in post_all(server.url, [texts[i:i + 2] for i in range(0, len(texts), 2)])
+                  for p in r.json()["predictions"]]
     finally:
         assert server.stop() == 0
     assert [(p["label"], p["exit_layer"]) for p in served] == decisions

@@ -8,6 +8,7 @@ the measured one; their ratio is the efficiency of turning skipped layers into s
 
 from __future__ import annotations
 
+import copy
 import statistics
 import tempfile
 import time
@@ -60,6 +61,22 @@ def median_times(configs: dict[str, Callable[[], None]], repeats: int) -> dict[s
             configs[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def unsorted_batches(data, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches in the data's own order: real traffic is not sorted by length."""
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    batches = [dict(collate([data[i] for i in range(s, min(s + batch_size, len(data)))]))
+               for s in range(0, len(data), batch_size)]
+    for b in batches:
+        b.pop("labels", None)
+    return batches
+
+
+def plain_forward(model: EarlyExitModel) -> Callable[[dict], torch.Tensor]:
+    """The plain classifier's forward: the HF encoder's own forward, then the last exit's head."""
+    backbone, last_head = model.backbone, model.heads[-1]
+    return lambda batch: last_head(backbone(**batch).last_hidden_state, batch["attention_mask"])
 
 
 def _threshold_for(curve: list[dict], target: float) -> float:
@@ -117,20 +134,11 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
     # Ideal speedups and the cascade's FLOPs-predicted cost (recomputation, heads, real lengths counted).
     ee_points = {p["threshold"]: p for p in ee_curve}
     cascade_points = {p["threshold"]: p for p in cascade_curve}
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    backbone, last_head = model.backbone, model.heads[-1]
-
-    def plain(batch):
-        hidden = backbone(**batch).last_hidden_state  # the HF model's own forward
-        return last_head(hidden, batch["attention_mask"])
+    plain = plain_forward(model)
 
     for batch_size in settings.batch_sizes:
         progress(f"batch size {batch_size}")
-        # Batches in the data's own order: real traffic is not sorted by length.
-        batches = [dict(collate([data[i] for i in range(s, min(s + batch_size, len(data)))]))
-                   for s in range(0, len(data), batch_size)]
-        for b in batches:
-            b.pop("labels", None)
+        batches = unsorted_batches(data, tokenizer, batch_size)
 
         def over_batches(fn):
             return lambda: [fn(b) for b in batches]
@@ -178,4 +186,177 @@ def format_bench(results: dict) -> str:
             lines.append(f"| {bs} | cascade, threshold {p['threshold']:g} | {p['seconds'] * 1e3:.1f} | "
                          f"{p['ideal_speedup']:.2f} | {1 / p['measured_cost']:.2f} | "
                          f"cost {p['measured_cost']:.2f} vs FLOPs {p['predicted_cost']:.2f} ({p['cost_ratio']:.2f}) |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- deployment
+
+
+@dataclass
+class DeploySettings:
+    batch_sizes: tuple[int, ...] = (1, 32)
+    examples: int = 512  # MR test sentences timed in process
+    repeats: int = 3
+    target: float = 2.0  # the early-exit point: chosen on dev at this speedup (layers)
+    server_seconds: float = 10.0  # per saturated measurement
+    clients: int = 32
+    texts_per_request: int = 4
+    server_rounds: int = 1
+    task: str = "mr"
+    max_length: int = DEMO_MAX_LENGTH
+    static_layers: int = 3  # of the static model trained when none is given
+    train_size: int = 320  # of the small runs trained when none are given
+
+
+QUICK_DEPLOY = DeploySettings(batch_sizes=(1, 32), examples=64, repeats=1, server_seconds=2.0, clients=8,
+                              train_size=64)
+RUNTIME_NAMES = {"torch": "torch fp32", "onnx": "ONNX fp32", "onnx-int8": "ONNX int8"}
+
+
+def plain_view(model: EarlyExitModel) -> EarlyExitModel:
+    """The same weights as a plain classifier: the backbone and the last exit's head alone."""
+    config = copy.deepcopy(model.config)
+    config.exit_layers, config.temperatures = [model.exit_layers[-1]], [model.temperatures[-1]]
+    plain = EarlyExitModel(config, backbone=model.backbone)
+    plain.heads = torch.nn.ModuleList([model.heads[-1]])
+    return plain.eval()
+
+
+def _exports(run: str, folder: Path, progress) -> dict[str, str]:
+    """The run's directory per runtime: its own ``RUN/onnx`` and ``RUN/onnx-int8`` if exported, else exports
+    written into ``folder``."""
+    from frugalnlp.export import export_run, is_export
+
+    dirs = {"torch": run}
+    for runtime, quantize in (("onnx", None), ("onnx-int8", "int8")):
+        own = Path(run) / runtime
+        if is_export(own / "model"):
+            dirs[runtime] = str(own)
+        else:
+            progress(f"exporting {run} ({RUNTIME_NAMES[runtime]})")
+            dirs[runtime] = export_run(run, output=folder / f"{Path(run).name}-{runtime}", quantize=quantize)["output"]
+    return dirs
+
+
+def run_deploy_bench(run: str | None = None, static_run: str | None = None, quick: bool = False,
+                     settings: DeploySettings | None = None, progress: Callable[[str], None] = print) -> dict:
+    """Plain, early exit at the dev-chosen point and a static model, each in torch fp32, ONNX fp32 and ONNX
+    int8: texts/s in process per batch size and behind the server, test accuracy; every speed as a ratio to
+    plain torch fp32 measured in the same run. JSON-ready results."""
+    from frugalnlp.export import OnnxModel, export_model
+
+    settings = settings or (QUICK_DEPLOY if quick else DeploySettings())
+    if run is not None and load_run_config(run)["spec"]["method"] not in early_exit_methods():
+        raise FrugalError(f"--run {run} is not a {' or '.join(early_exit_methods())} run")
+    if static_run is not None and load_run_config(static_run)["spec"]["method"] != "plain":
+        raise FrugalError(f"--static-run {static_run} is not a plain run (train one with --num-layers K)")
+    with tempfile.TemporaryDirectory(prefix="frugalnlp-deploy-") as tmp:
+        tmp = Path(tmp)
+        if run is None or static_run is None:
+            progress("training small joint and static runs to time (pass --run/--static-run to use yours)")
+            run = run or str(train_run(RunSpec(output=str(tmp / "joint"), task=settings.task, method="joint",
+                                               train_size=settings.train_size, epochs=1, max_length=settings.max_length)))
+            static_run = static_run or str(train_run(RunSpec(
+                output=str(tmp / "static"), task=settings.task, method="plain", num_layers=settings.static_layers,
+                train_size=settings.train_size, epochs=1, max_length=settings.max_length)))
+        early = _exports(run, tmp, progress)
+        static = _exports(static_run, tmp, progress)
+        plain_torch = plain_view(load_run(run).model)
+        plain = {"torch": plain_torch}
+        for runtime, quantize in (("onnx", None), ("onnx-int8", "int8")):
+            export_model(plain_torch, tmp / f"plain-{runtime}", quantize)
+            plain[runtime] = OnnxModel(tmp / f"plain-{runtime}")
+        return _deploy(early, static, plain, settings, progress)
+
+
+def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings: DeploySettings, progress) -> dict:
+    import asyncio
+
+    from frugalnlp.evaluation import dev_scores, operating_threshold, split_scores
+    from frugalnlp.loadtest import ServerProcess, closed_loop
+
+    split = load_task(settings.task).test
+    timed = split.take(range(min(settings.examples, len(split))))
+    loaded = {runtime: load_run(path) for runtime, path in early.items()}
+    statics = {runtime: load_run(path) for runtime, path in static.items()}
+    tokenizer = loaded["torch"].tokenizer
+    rows: dict[str, dict] = {}
+    for runtime, trained in loaded.items():
+        chosen = operating_threshold(dev_scores(trained), target_speedup=settings.target)
+        test = split_scores(trained, "test").point("confidence", chosen["threshold"])
+        rows[f"early exit, {RUNTIME_NAMES[runtime]}"] = {
+            "kind": "early exit", "runtime": runtime, "threshold": chosen["threshold"], "accuracy": test["accuracy"],
+            "speedup_layers": test["speedup_layers"], "path": early[runtime],
+            "model": trained.model}
+    full = split_scores(loaded["torch"], "test")
+    data = encode_split(split, tokenizer, settings.max_length)
+    for runtime, model in plain.items():
+        logits = collect_exit_logits(model, data, tokenizer)[-1]
+        rows[f"plain, {RUNTIME_NAMES[runtime]}"] = {
+            "kind": "plain", "runtime": runtime, "accuracy": float((logits.argmax(-1).numpy() == full.gold).mean()),
+            "speedup_layers": 1.0, "model": model, "path": early[runtime]}
+    for runtime, trained in statics.items():
+        rows[f"static {trained.model.exit_layers[-1]}-layer, {RUNTIME_NAMES[runtime]}"] = {
+            "kind": "static", "runtime": runtime, "accuracy": split_scores(trained, "test").point("confidence", 1.0)["accuracy"],
+            "speedup_layers": loaded["torch"].model.exit_layers[-1] / trained.model.exit_layers[-1],
+            "model": trained.model, "path": static[runtime]}
+    encoded = encode_split(timed, tokenizer, settings.max_length)
+
+    def runner(row: dict) -> Callable[[dict], object]:
+        model = row["model"]
+        if row["kind"] == "plain" and row["runtime"] == "torch":
+            return plain_forward(model)
+        if row["kind"] == "early exit":
+            return lambda b: model.predict(**b, threshold=row["threshold"])
+        return lambda b: model.exit_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+
+    results: dict = {"settings": settings.__dict__, "examples": len(timed), "threads": torch.get_num_threads(),
+                     "rows": {}, "batch_sizes": {}}
+    base = "plain, torch fp32"
+    with torch.inference_mode():
+        for batch_size in settings.batch_sizes:
+            progress(f"in process, batch size {batch_size}")
+            batches = unsorted_batches(encoded, tokenizer, batch_size)
+            configs = {name: (lambda fn=runner(row): [fn(b) for b in batches]) for name, row in rows.items()}
+            times = median_times(configs, settings.repeats)
+            results["batch_sizes"][str(batch_size)] = {
+                name: {"texts_per_second": len(timed) / t, "vs_plain_torch": times[base] / t} for name, t in times.items()}
+    n = settings.texts_per_request
+    requests = [timed.texts[i:i + n] for i in range(0, len(timed.texts) - n + 1, n)]
+    served: dict[str, list[float]] = {name: [] for name in rows}
+    for r in range(settings.server_rounds):
+        names = list(rows)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            row = rows[name]
+            threshold = 1.0 if row["kind"] != "early exit" else row["threshold"]  # plain: its run at threshold 1
+            progress(f"server round {r + 1}/{settings.server_rounds}: {name}")
+            with ServerProcess(row["path"], "--threshold", str(threshold), "--max-texts", str(n)) as server:
+                asyncio.run(closed_loop(server.url, requests, settings.clients, min(1.0, settings.server_seconds)))
+                served[name].append(asyncio.run(closed_loop(server.url, requests, settings.clients,
+                                                            settings.server_seconds))["texts_per_second"])
+    for name, row in rows.items():  # server_rounds 0: no server measured
+        results["rows"][name] = {k: v for k, v in row.items() if k != "model"}
+        results["rows"][name]["server_texts_per_second"] = statistics.median(served[name]) if served[name] else None
+        results["rows"][name]["server_vs_plain_torch"] = \
+            statistics.median(served[name]) / statistics.median(served[base]) if served[name] else None
+    return results
+
+
+def format_deploy_bench(results: dict) -> str:
+    s = results["settings"]
+    sizes = list(results["batch_sizes"])
+    lines = [f"{results['examples']} {s['task']} test sentences in process ({results['threads']} threads, medians of "
+             f"{s['repeats']} interleaved repeats, tokenisation not counted); server: {s['clients']} closed-loop "
+             f"clients, {s['texts_per_request']} texts per request, {s['server_seconds']:g} s, {s['server_rounds']} "
+             "round(s); every speed is a ratio to plain torch fp32 measured in this run", "",
+             "| configuration | test accuracy | layers speedup | "
+             + " | ".join(f"batch {b}: texts/s (vs plain torch)" for b in sizes)
+             + " | server texts/s (vs plain torch) |", "|---|---|---|" + "---|" * (len(sizes) + 1)]
+    for name, row in results["rows"].items():
+        cells = [f"{results['batch_sizes'][b][name]['texts_per_second']:.0f} "
+                 f"({results['batch_sizes'][b][name]['vs_plain_torch']:.2f}x)" for b in sizes]
+        server = "—" if row["server_texts_per_second"] is None else \
+            f"{row['server_texts_per_second']:.0f} ({row['server_vs_plain_torch']:.2f}x)"
+        lines.append(f"| {name} | {row['accuracy']:.4f} | {row['speedup_layers']:.2f} | " + " | ".join(cells)
+                     + f" | {server} |")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -42,6 +42,9 @@ from frugalnlp.training import train_run
 class LoadSettings:
     targets: tuple[float, ...] = (2.0, 3.0)  # ideal speedups (layers) the thresholds aim at
     batchings: tuple[str, ...] = ("request", "segment")
+    text_sets: tuple[str, ...] = ("full",)  # full: MR test sentences; short: their first `short_words` words
+    short_words: int = 10
+    max_tokens: tuple[int | None, ...] = (None,)  # servers' --max-tokens (None: --length-bucket rows)
     clients: int = 32  # closed-loop clients for the saturated measurement
     texts_per_request: int = 4
     seconds: float = 10.0  # per measurement
@@ -106,10 +109,12 @@ class ServerProcess:
         self.stop()
 
 
-def _summary(latencies: list[float], texts: int, seconds: float) -> dict:
+def _summary(latencies: list[float], texts: int, seconds: float, client_cpu: float) -> dict:
+    """``client_cpu``: CPU seconds the load client itself spent (its share of the cores it shares with the server)."""
     ms = np.array(latencies) * 1e3
     return {"texts_per_second": texts / seconds, "requests": len(latencies),
-            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+            "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "client_cpu_cores": client_cpu / seconds}
 
 
 async def closed_loop(url: str, requests: list[list[str]], clients: int, seconds: float) -> dict:
@@ -118,7 +123,7 @@ async def closed_loop(url: str, requests: list[list[str]], clients: int, seconds
     texts = 0
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         end = start + seconds
 
         async def one_client(k: int) -> None:
@@ -134,7 +139,7 @@ async def closed_loop(url: str, requests: list[list[str]], clients: int, seconds
 
         await asyncio.gather(*(one_client(k) for k in range(clients)))
         elapsed = time.perf_counter() - start
-    return _summary(latencies, texts, elapsed)
+    return _summary(latencies, texts, elapsed, time.process_time() - cpu)
 
 
 async def open_loop(url: str, requests: list[list[str]], rate: float, seconds: float, seed: int = 0) -> dict:
@@ -150,7 +155,7 @@ async def open_loop(url: str, requests: list[list[str]], rate: float, seconds: f
     texts = 0
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
 
         async def one(i: int, at: float) -> None:
             nonlocal texts
@@ -162,7 +167,7 @@ async def open_loop(url: str, requests: list[list[str]], rate: float, seconds: f
 
         await asyncio.gather(*(one(i, at) for i, at in enumerate(schedule)))
         elapsed = time.perf_counter() - start
-    summary = _summary(latencies, texts, elapsed)
+    summary = _summary(latencies, texts, elapsed, time.process_time() - cpu)
     summary["offered_texts_per_second"] = rate * len(requests[0])
     return summary
 
@@ -181,9 +186,32 @@ def _thresholds(run: str, settings: LoadSettings, texts_split) -> dict[float, di
             for t, p in sorted(points.items(), key=lambda kv: -kv[0])}
 
 
+def text_set(split, name: str, settings: LoadSettings):
+    """The texts a load test sends: the split's sentences (``full``) or their first ``short_words`` words."""
+    if name == "full":
+        return split
+    if name != "short":
+        raise FrugalError(f"unknown text set '{name}'; choose full or short")
+    return replace(split, texts=[" ".join(t.split()[:settings.short_words]) for t in split.texts])
+
+
+def in_process_speeds(run: str, texts: list[str], thresholds: list[float], batch_size: int, repeats: int = 2) -> dict:
+    """`Predictor` texts/s (tokenisation included) at each threshold on ``texts``: the server's ceiling."""
+    from frugalnlp.bench import median_times
+    from frugalnlp.predict import Predictor
+
+    predictors = {t: Predictor(run, threshold=t, batch_size=batch_size) for t in thresholds}
+    times = median_times({t: (lambda p=p: p(texts)) for t, p in predictors.items()}, repeats)
+    return {str(t): len(texts) / seconds for t, seconds in times.items()}
+
+
 def run_serve_bench(run: str | None = None, quick: bool = False, settings: LoadSettings | None = None,
                     progress: Callable[[str], None] = print) -> dict:
-    """Load-test a joint/sweet run (default: train a small one) behind `frugalnlp serve`; JSON-ready results."""
+    """Load-test a joint/sweet run (default: train a small one) behind `frugalnlp serve`; JSON-ready results.
+
+    One server per (text set, threshold, batching, --max-tokens); each is compared with the threshold-1
+    server of the same text set, batching and packing, and with `Predictor`'s in-process ratio on the same texts.
+    """
     settings = settings or (QUICK_LOAD if quick else LoadSettings())
     if run is not None and load_run_config(run)["spec"]["method"] not in early_exit_methods():
         raise FrugalError(f"--run {run} is not a {' or '.join(early_exit_methods())} run")
@@ -195,35 +223,45 @@ def run_serve_bench(run: str | None = None, quick: bool = False, settings: LoadS
         split = load_task(settings.task).test
         split = split.take(range(min(settings.examples, len(split))))
         n = settings.texts_per_request
-        requests = [split.texts[i:i + n] for i in range(0, len(split.texts) - n + 1, n)]
-        thresholds = _thresholds(run, settings, split)
-        configs = [(point, batching) for point in thresholds.values() for batching in settings.batchings]
-        results = {"settings": asdict(settings), "run": run, "cpus": os.cpu_count(), "configs": []}
+        results = {"settings": asdict(settings), "run": run, "cpus": os.cpu_count(), "configs": [], "in_process": {}}
+        configs, requests = [], {}
+        for name in settings.text_sets:
+            texts = text_set(split, name, settings)
+            requests[name] = [texts.texts[i:i + n] for i in range(0, len(texts.texts) - n + 1, n)]
+            thresholds = _thresholds(run, settings, texts)
+            progress(f"{name} texts: in-process Predictor speeds")
+            results["in_process"][name] = in_process_speeds(run, texts.texts, list(thresholds), settings.max_batch)
+            configs += [({**point, "texts": name}, batching, max_tokens) for point in thresholds.values()
+                        for batching in settings.batchings for max_tokens in settings.max_tokens]
         samples: list[list[dict]] = [[] for _ in configs]
-        rates: list[float] | None = None
+        rates: dict[str, list[float]] = {}
         for r in range(settings.repeats):
-            # Rounds rotate who goes first; threshold 1 with the first batching opens round 0 and sets the loads.
-            for k in [(k + r) % len(configs) for k in range(len(configs))]:
-                point, batching = configs[k]
-                name = f"round {r + 1}/{settings.repeats}, threshold {point['threshold']:g}, {batching} batching"
+            # Rounds rotate who goes first; a text set's first threshold-1 server in round 0 sets its loads.
+            for k in [(k + r) % len(configs) for k in range(len(configs))] if r else range(len(configs)):
+                point, batching, max_tokens = configs[k]
+                packing = ["--length-bucket", str(settings.length_bucket)] if max_tokens is None else \
+                    ["--max-tokens", str(max_tokens)]
+                name = (f"round {r + 1}/{settings.repeats}, {point['texts']} texts, threshold {point['threshold']:g}, "
+                        f"{batching} batching, {' '.join(packing)}")
                 progress(f"{name}: saturated ({settings.clients} clients)")
+                sent = requests[point["texts"]]
                 with ServerProcess(run, "--threshold", str(point["threshold"]), "--batching", batching,
                                    "--max-batch", str(settings.max_batch), "--max-wait-ms",
-                                   str(settings.max_wait_ms), "--length-bucket", str(settings.length_bucket),
-                                   "--max-texts", str(n)) as server:
-                    asyncio.run(closed_loop(server.url, requests, settings.clients, min(1.0, settings.seconds)))
-                    saturated = asyncio.run(closed_loop(server.url, requests, settings.clients, settings.seconds))
-                    if rates is None:
-                        rates = [share * saturated["texts_per_second"] for share in settings.loads]
+                                   str(settings.max_wait_ms), *packing, "--max-texts", str(n)) as server:
+                    asyncio.run(closed_loop(server.url, sent, settings.clients, min(1.0, settings.seconds)))
+                    saturated = asyncio.run(closed_loop(server.url, sent, settings.clients, settings.seconds))
+                    if point["texts"] not in rates:
+                        rates[point["texts"]] = [share * saturated["texts_per_second"] for share in settings.loads]
                     loads = []
-                    for rate in rates:
+                    for rate in rates[point["texts"]]:
                         progress(f"{name}: offered {rate:.0f} texts/s")
-                        loads.append(asyncio.run(open_loop(server.url, requests, rate / n, settings.seconds, seed=r)))
+                        loads.append(asyncio.run(open_loop(server.url, sent, rate / n, settings.seconds, seed=r)))
                 samples[k].append({"saturated": saturated, "loads": loads})
-        for (point, batching), runs in zip(configs, samples):
-            results["configs"].append({**point, "batching": batching,
+        for (point, batching, max_tokens), runs in zip(configs, samples):
+            results["configs"].append({**point, "batching": batching, "max_tokens": max_tokens,
                                        "saturated": _median_of([s["saturated"] for s in runs]),
-                                       "loads": [_median_of([s["loads"][i] for s in runs]) for i in range(len(rates))],
+                                       "loads": [_median_of([s["loads"][i] for s in runs])
+                                                 for i in range(len(settings.loads))],
                                        "rounds": runs})
     _compare(results)
     return results
@@ -235,29 +273,44 @@ def _median_of(summaries: list[dict]) -> dict:
 
 
 def _compare(results: dict) -> None:
-    """Each configuration against the threshold-1 server with the same batching: throughput and p99 ratios."""
-    base = {c["batching"]: c for c in results["configs"] if c["threshold"] == 1.0}
+    """Each configuration against the threshold-1 server with the same texts, batching and packing (throughput
+    and p99 ratios), and its throughput ratio against `Predictor`'s in-process one on the same texts."""
+    def key(c: dict) -> tuple:
+        return c.get("texts", "full"), c["batching"], c.get("max_tokens")
+
+    base = {key(c): c for c in results["configs"] if c["threshold"] == 1.0}
     for c in results["configs"]:
-        b = base[c["batching"]]
+        b = base[key(c)]
         c["throughput_vs_threshold_1"] = c["saturated"]["texts_per_second"] / b["saturated"]["texts_per_second"]
         c["p99_vs_threshold_1"] = [load["p99_ms"] / ref["p99_ms"] for load, ref in zip(c["loads"], b["loads"])]
+        speeds = results.get("in_process", {}).get(c.get("texts", "full"))
+        if speeds:
+            c["in_process_vs_threshold_1"] = speeds[str(c["threshold"])] / speeds["1.0"]
+            c["share_of_in_process_ratio"] = c["throughput_vs_threshold_1"] / c["in_process_vs_threshold_1"]
 
 
 def format_serve_bench(results: dict) -> str:
     s = results["settings"]
-    lines = [f"{s['task']} test sentences, {s['texts_per_request']} per request; saturated: {s['clients']} "
-             f"closed-loop clients; offered loads: Poisson arrivals; {s['seconds']:g} s each, medians of "
-             f"{s.get('repeats', 1)} rounds; max batch "
-             f"{s['max_batch']}, max wait {s['max_wait_ms']:g} ms, length bucket {s.get('length_bucket', 16)}; {results['cpus']} CPUs shared by client and server",
-             "", "| threshold | ideal speedup | batching | saturated texts/s | vs threshold 1 | p50 ms | p99 ms | "
-             + " | ".join(f"at {load['offered_texts_per_second']:.0f}/s: p50 / p99 ms (vs thr. 1)"
-                          for load in results["configs"][0]["loads"]) + " |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(results["configs"][0]["loads"])]
+    loads = results["configs"][0]["loads"]
+    lines = [f"{s['task']} test sentences (short: first {s.get('short_words', 10)} words), {s['texts_per_request']} per "
+             f"request; saturated: {s['clients']} closed-loop clients; offered loads: Poisson arrivals; {s['seconds']:g} s "
+             f"each, medians of {s.get('repeats', 1)} rounds; max batch {s['max_batch']}, max wait {s['max_wait_ms']:g} ms; "
+             f"{results['cpus']} CPUs shared by client and server (client CPU: cores the load client used)",
+             "", "| texts | threshold | ideal speedup | batching | packing | saturated texts/s | vs threshold 1 | "
+             "in-process ratio | share of it | client CPU | p50 ms | p99 ms | "
+             + " | ".join(f"at {load['offered_texts_per_second']:.0f}/s: p50 / p99 ms (vs thr. 1)" for load in loads)
+             + " |", "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(loads)]
     for c in results["configs"]:
         sat = c["saturated"]
         cells = [f"{load['p50_ms']:.0f} / {load['p99_ms']:.0f} ({ratio:.2f})"
                  for load, ratio in zip(c["loads"], c["p99_vs_threshold_1"])]
-        lines.append(f"| {c['threshold']:g} | {c['ideal_speedup']:.2f} | {c['batching']} | "
-                     f"{sat['texts_per_second']:.0f} | {c['throughput_vs_threshold_1']:.2f}x | {sat['p50_ms']:.0f} | "
-                     f"{sat['p99_ms']:.0f} | " + " | ".join(cells) + " |")
+        packing = f"{c['max_tokens']} tokens" if c.get("max_tokens") else f"{s.get('length_bucket', 16)} rows"
+        in_process = c.get("in_process_vs_threshold_1")
+        share = c.get("share_of_in_process_ratio")
+        cpu = sat.get("client_cpu_cores")
+        lines.append(f"| {c.get('texts', 'full')} | {c['threshold']:g} | {c['ideal_speedup']:.2f} | {c['batching']} | "
+                     f"{packing} | {sat['texts_per_second']:.0f} | {c['throughput_vs_threshold_1']:.2f}x | "
+                     f"{'—' if in_process is None else f'{in_process:.2f}x'} | {'—' if share is None else f'{share:.2f}'} | "
+                     f"{'—' if cpu is None else f'{cpu:.2f}'} | {sat['p50_ms']:.0f} | {sat['p99_ms']:.0f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
