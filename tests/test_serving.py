@@ -324,13 +324,20 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
         seen = ensemble.apply(logits, model.temperatures) if ensemble is not None else logits / torch.tensor(
             model.temperatures)[:, None, None]
         routed = router.score(0, seen[:1].log_softmax(-1).transpose(0, 1))
-    candidates = {"confidence": [[float(q)] for q in confidence[0].quantile(torch.tensor([0.5, 0.25, 0.75]))],
-                  "entropy": [[float(q)] for q in entropy.quantile(torch.tensor([0.5, 0.25, 0.75]))],
+    def between(values: torch.Tensor, q: float) -> float:
+        """A threshold near quantile ``q`` of ``values``, halfway across the nearest gap wider than float noise
+        (the tiny model's scores crowd together: a threshold within 1e-6 of a row would flip with batch padding)."""
+        ordered = values.flatten().sort().values
+        gaps = (ordered[1:] - ordered[:-1] > 1e-4).nonzero().squeeze(1)
+        k = int(gaps[(gaps - q * (len(ordered) - 1)).abs().argmin()]) if len(gaps) else len(ordered) // 2
+        return float(ordered[k:k + 2].mean())
+
+    candidates = {"confidence": [[between(confidence[0], q)] for q in (0.5, 0.25, 0.75)],
+                  "entropy": [[between(entropy, q)] for q in (0.5, 0.25, 0.75)],
                   "patience": [[0.5], [1.0]],
                   "per-exit": [[float(confidence[0].quantile(0.6)), float(confidence[1].quantile(0.4))],
                                [float(confidence[0].quantile(0.4)), float(confidence[1].quantile(0.6))]],
-                  "learned": [[float(q)] for q in routed.quantile(torch.tensor([0.5, 0.25, 0.75]))]
-                  if router is not None else None}[policy]
+                  "learned": [[between(routed, q)] for q in (0.5, 0.25, 0.75)] if router is not None else None}[policy]
 
     def exits(value):
         return set(replay(logits, model.temperatures, make_policy(policy, value if len(value) > 1 else value[0],

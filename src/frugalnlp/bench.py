@@ -321,6 +321,11 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
             times = median_times(configs, settings.repeats)
             results["batch_sizes"][str(batch_size)] = {
                 name: {"texts_per_second": len(timed) / t, "vs_plain_torch": times[base] / t} for name, t in times.items()}
+        size = max(settings.batch_sizes)
+        batches = unsorted_batches(encoded, tokenizer, size)
+        results["segments"] = {"batch_size": size, **{
+            name: segment_times(row["model"], batches, row["threshold"])
+            for name, row in rows.items() if row["kind"] == "early exit"}}
     n = settings.texts_per_request
     requests = [timed.texts[i:i + n] for i in range(0, len(timed.texts) - n + 1, n)]
     served: dict[str, list[float]] = {name: [] for name in rows}
@@ -342,6 +347,38 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
     return results
 
 
+def segment_times(model, batches: list[dict], threshold: float) -> dict:
+    """Where adaptive inference's time goes: seconds in each segment's runs (and rows they ran), in
+    shrinking the batch, and the rest (decisions, bookkeeping), over one pass of ``batches``."""
+    advance, keep_rows = model.advance, model.keep_rows
+    seconds, rows = [0.0] * model.num_exits, [0] * model.num_exits
+    spent = {"keep_rows": 0.0}
+
+    def timed_advance(e, state, head=True):
+        start = time.perf_counter()
+        out = advance(e, state, head=head)
+        seconds[e] += time.perf_counter() - start
+        rows[e] += state.attention_mask.shape[0]
+        return out
+
+    def timed_keep_rows(state, kept):
+        start = time.perf_counter()
+        out = keep_rows(state, kept)
+        spent["keep_rows"] += time.perf_counter() - start
+        return out
+
+    model.advance, model.keep_rows = timed_advance, timed_keep_rows  # instance attributes shadow the methods
+    try:
+        start = time.perf_counter()
+        for b in batches:
+            model.predict(**b, threshold=threshold)
+        total = time.perf_counter() - start
+    finally:
+        del model.advance, model.keep_rows
+    return {"total_seconds": total, "segment_seconds": seconds, "segment_rows": rows,
+            "keep_rows_seconds": spent["keep_rows"], "other_seconds": total - sum(seconds) - spent["keep_rows"]}
+
+
 def format_deploy_bench(results: dict) -> str:
     s = results["settings"]
     sizes = list(results["batch_sizes"])
@@ -359,4 +396,15 @@ def format_deploy_bench(results: dict) -> str:
             f"{row['server_texts_per_second']:.0f} ({row['server_vs_plain_torch']:.2f}x)"
         lines.append(f"| {name} | {row['accuracy']:.4f} | {row['speedup_layers']:.2f} | " + " | ".join(cells)
                      + f" | {server} |")
+    segments = {k: v for k, v in results.get("segments", {}).items() if k != "batch_size"}
+    if segments:
+        exits = len(next(iter(segments.values()))["segment_seconds"])
+        lines += ["", f"Early exit, batch {results['segments']['batch_size']}: where one pass's time goes "
+                      "(ms; rows run per segment)", "",
+                  "| configuration | total | " + " | ".join(f"segment {e + 1}" for e in range(exits))
+                  + " | shrinking the batch | decisions and the rest |", "|---|---|" + "---|" * (exits + 2)]
+        for name, t in segments.items():
+            cells = [f"{s * 1e3:.0f} ({r})" for s, r in zip(t["segment_seconds"], t["segment_rows"])]
+            lines.append(f"| {name} | {t['total_seconds'] * 1e3:.0f} | " + " | ".join(cells)
+                         + f" | {t['keep_rows_seconds'] * 1e3:.0f} | {t['other_seconds'] * 1e3:.0f} |")
     return "\n".join(lines)

@@ -264,8 +264,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         check_output_file(args.json, args.overwrite, flag="--json")
     progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
+    from frugalnlp.export import runtime_path
+
     if args.serve + args.papa + args.deploy > 1:
         raise FrugalError("bench: give one of --serve, --papa and --deploy")
+    if args.runtime is not None and not args.serve:
+        raise FrugalError("bench: --runtime goes with --serve (--deploy times every runtime)")
     if args.deploy:
         from frugalnlp.bench import QUICK_DEPLOY, DeploySettings, format_deploy_bench, run_deploy_bench
 
@@ -296,7 +300,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
             if value < 1:
                 raise FrugalError(f"{flag} {value} must be at least 1")
         check_positive(settings.seconds, "--seconds")
-        results = run_serve_bench(run=args.run, settings=settings, progress=progress)
+        run = args.run if args.run is None or args.runtime is None else str(runtime_path(args.run, args.runtime))
+        results = run_serve_bench(run=run, settings=settings, progress=progress)
         print(format_serve_bench(results))
     elif args.papa:
         from frugalnlp.papa.bench import QUICK_PAPA, PapaBenchSettings, format_papa_bench, run_papa_bench
@@ -555,6 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deploy", action="store_true",
                    help="plain, early exit at the dev-chosen 2x point and a static model in torch fp32, ONNX fp32 and "
                         "ONNX int8: texts/s at batch 1 and 32, server throughput, test accuracy")
+    p.add_argument("--runtime", default=None, help="--serve: torch, or onnx (the run's export, `frugalnlp export`)")
     p.add_argument("--static-run", default=None, help="--deploy: a plain --num-layers K run (default: train a small one)")
     p.add_argument("--model", default=None, help="--papa: the encoder (default minilm)")
     p.add_argument("--ranking", default=None, help="--papa: a `papa rank` output choosing the constant heads "

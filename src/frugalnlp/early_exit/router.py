@@ -58,9 +58,10 @@ class ExitRouter:
 
     def score(self, exit_index: int, log_probs: torch.Tensor) -> torch.Tensor:
         """log_probs: [rows, exit_index + 1, labels] -> predicted P(exit's answer is right) [rows]."""
-        x = router_features(log_probs, self.num_exits).to(self.weights.dtype)
-        z = ((x - self.mean[exit_index]) / self.scale[exit_index]) @ self.weights[exit_index] + self.bias[exit_index]
-        return torch.sigmoid(z)
+        # float64: the features are differences of probabilities, and float32 rounding must not decide a row
+        x = router_features(log_probs.double(), self.num_exits)
+        mean, scale, weights = (t[exit_index].double() for t in (self.mean, self.scale, self.weights))
+        return torch.sigmoid(((x - mean) / scale) @ weights + self.bias[exit_index].double()).to(log_probs.dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"router.{name}": getattr(self, name).contiguous() for name in ("weights", "bias", "mean", "scale")}
@@ -87,7 +88,8 @@ def fit_exit_router(logits: torch.Tensor, gold: np.ndarray, l2: float = 1e-2) ->
     for k in range(num_exits - 1):
         x = router_features(log_probs[:, : k + 1], num_exits)
         y = (log_probs[:, k].argmax(-1) == gold).double()
-        mean[k], scale[k] = x.mean(0), x.std(0).clamp_min(1e-6)
+        # features are probabilities: one that varies by less than 1e-3 over dev is noise, not to be magnified
+        mean[k], scale[k] = x.mean(0), x.std(0).clamp_min(1e-3)
         x = (x - mean[k]) / scale[k]
         w = torch.zeros(width, dtype=torch.float64, requires_grad=True)
         b = torch.zeros((), dtype=torch.float64, requires_grad=True)
