@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from frugalnlp.backbones.base import Tokens, keep_padded_rows, merge_padded
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.config import EarlyExitConfig
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
@@ -42,10 +41,19 @@ _OUTPUTS = ("next_hidden", "logits")
 
 
 class Hidden(NamedTuple):
-    """An exported shared-backbone model's state between segments: hidden [batch, seq, hidden], mask [batch, seq]."""
+    """An exported shared-backbone model's state between segments: hidden [batch, seq, hidden], mask [batch, seq]
+    (NumPy arrays, as ONNX Runtime takes and gives them)."""
 
-    hidden: torch.Tensor
-    attention_mask: torch.Tensor
+    hidden: np.ndarray
+    attention_mask: np.ndarray
+
+
+class Tokens(NamedTuple):
+    """An exported model's state before its first segment (a cascade's between members): [batch, seq] NumPy arrays."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -343,18 +351,21 @@ class OnnxModel:
                             for g in self.manifest["graphs"]])
         return EarlyExitModel(self.config).eval()
 
-    def _run(self, exit_index: int, **inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, exit_index: int, **inputs: np.ndarray | None) -> tuple[np.ndarray, torch.Tensor]:
         wanted = self._inputs[exit_index]
         if "token_type_ids" in wanted and inputs.get("token_type_ids") is None:
-            inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-        feed = {k: np.ascontiguousarray(v.numpy()) for k, v in inputs.items() if k in wanted}
+            inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
+        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items() if k in wanted}
         hidden, logits = self.sessions[exit_index].run(None, feed)
-        return torch.from_numpy(hidden), torch.from_numpy(logits).float()
+        return hidden, torch.from_numpy(logits).float()
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> Tokens:
-        """The state before the first segment: the tokens ([batch, seq] each)."""
-        return Tokens(input_ids.cpu(), attention_mask.cpu(), None if token_type_ids is None else token_type_ids.cpu())
+        """The state before the first segment: the tokens ([batch, seq] each).
+
+        The state stays in NumPy between the graphs: torch ops on it would wake torch's own thread pool
+        to compete with ONNX Runtime's for the same cores."""
+        return Tokens(*(None if t is None else t.cpu().numpy() for t in (input_ids, attention_mask, token_type_ids)))
 
     def advance(self, exit_index: int, state: Tokens | Hidden,
                 head: bool = True) -> tuple[Tokens | Hidden, torch.Tensor | None]:
@@ -372,12 +383,23 @@ class OnnxModel:
         return Hidden(hidden, state.attention_mask), logits if head else None
 
     def keep_rows(self, state: Tokens | Hidden, rows: torch.Tensor) -> Tokens | Hidden:
-        """Only ``rows`` of the batch, cut to the columns they use."""
-        return keep_padded_rows(state, rows)
+        """Only ``rows`` ([k] positions) of the batch, cut to the columns they use."""
+        rows = rows.cpu().numpy()
+        mask = state.attention_mask[rows]
+        length = int(np.flatnonzero(mask.any(0)).max()) + 1 if mask.any() else mask.shape[1]
+        return type(state)(*(None if t is None else t[rows, :length] for t in state))
 
     def merge(self, parts: list[Tokens | Hidden]) -> Tokens | Hidden:
-        """One batch of several batches' rows at the same exit, right-padded to the longest."""
-        return merge_padded(parts, {"input_ids": self._pad})
+        """One batch of several batches' rows at the same exit, right-padded to the longest (masked)."""
+        length = max(p.attention_mask.shape[1] for p in parts)
+
+        def pad(t: np.ndarray, value: int) -> np.ndarray:
+            return np.pad(t, [(0, 0), (0, length - t.shape[1])] + [(0, 0)] * (t.ndim - 2), constant_values=value)
+
+        fill = {"input_ids": self._pad}
+        return type(parts[0])(*(None if parts[0][i] is None else
+                                np.concatenate([pad(p[i], fill.get(name, 0)) for p in parts])
+                                for i, name in enumerate(parts[0]._fields)))
 
     def exit_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:

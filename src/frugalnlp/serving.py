@@ -138,7 +138,7 @@ class Job:
 class Group:
     """Rows standing at the same exit: the model's state for them, the policy's, and whose they are."""
 
-    state: Any  # State (early exit) or Tokens (cascade)
+    state: Any  # the model's segment state: State (early exit), Tokens (cascade), an export's NumPy tuples
     policy_state: torch.Tensor | None
     owners: list[tuple[Job, int]]
     since: float

@@ -132,9 +132,9 @@ class Cascade:
 
 def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> EarlyExitModel | Cascade | OnnxModel:
     """An early-exit model, a cascade or an ONNX export of either, whichever the directory holds."""
-    directory = Path(directory)
-    from frugalnlp.export import OnnxModel, is_export  # onnxruntime loads only for an export
+    from frugalnlp.export import OnnxModel, is_export  # onnxruntime itself loads only for an export
 
+    directory = Path(directory)
     if is_export(directory):
         return OnnxModel(directory)
     if (directory / MANIFEST).exists():

@@ -7,7 +7,9 @@ exit, drops the rows whose policy says leave, so the rest continue as a smaller 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -165,14 +167,14 @@ class Departures:
                           confidence=probs.amax(-1), logits=logits)
 
 
-def length_runs(attention_mask: torch.Tensor, max_rows: int | None = None,
+def length_runs(attention_mask: torch.Tensor | np.ndarray, max_rows: int | None = None,
                 max_tokens: int | None = None) -> list[torch.Tensor]:
     """The rows of a [batch, seq] mask sorted by length and cut into runs: a padded run costs its longest row.
 
     Runs hold at most ``max_rows`` rows, or with ``max_tokens`` as many as fit in that many padded tokens
     (rows x the run's longest row; a row longer than the budget runs alone). Returns [k] row tensors.
     """
-    lengths = attention_mask.sum(1)
+    lengths = torch.as_tensor(attention_mask).sum(1)  # an ONNX model's state holds NumPy arrays
     order = torch.argsort(lengths, stable=True)
     if max_tokens is None:
         return list(order.split(max_rows or len(order)))
@@ -221,7 +223,7 @@ def adaptive_predict(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def _advance_packed(model, exit_index: int, state, head: bool, max_tokens: int,
-                    departures: Departures) -> tuple[object, torch.Tensor | None]:
+                    departures: Departures) -> tuple[Any, torch.Tensor | None]:
     """`advance` in runs of at most ``max_tokens`` padded tokens; the rows come back in run order."""
     runs = length_runs(state.attention_mask, max_tokens=max_tokens)
     if len(runs) == 1:
