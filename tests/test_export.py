@@ -38,7 +38,7 @@ def _middle_threshold(model, ids, mask, types):
 def test_every_family_exports_segments_that_match_torch_and_decide_alike(family, tmp_path):
     torch.manual_seed(0)
     model = EarlyExitModel.from_backbone(make_backbone(family), exit_layers=[2, 4], num_labels=3).eval()
-    export_model(model, tmp_path)
+    export_model(model, tmp_path, optimize=False)  # the exporter's optimizer only costs time here
     exported = OnnxModel(tmp_path)
     for n, seq, seed in ((12, 14, 1), (1, 5, 2), (5, 30, 3)):  # batch and length unlike the traced example
         ids, mask, types = padded_batch(n=n, seq=seq, pad=1 if family != "bert" else 0, seed=seed)
@@ -65,7 +65,7 @@ def test_a_cascade_exports_one_graph_per_member(tmp_path):
     torch.manual_seed(0)
     members = [EarlyExitModel.from_backbone(make_backbone("bert"), num_layers=k, num_labels=2).eval() for k in (1, 2)]
     cascade = Cascade(members)
-    manifest = export_model(cascade, tmp_path)
+    manifest = export_model(cascade, tmp_path, optimize=False)
     assert manifest["graphs"] == ["layers-1/segment.onnx", "layers-2/segment.onnx"]
     exported = OnnxModel(tmp_path)
     assert exported.layers_to_exit == [1, 3]

@@ -88,7 +88,8 @@ class _NextSegment(nn.Module):
         return state.hidden, logits
 
 
-def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: tuple[str, ...], path: Path) -> None:
+def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: tuple[str, ...], path: Path,
+                  optimize: bool = True) -> None:
     """One segment to ONNX with dynamic batch and sequence axes, checked by `onnx.checker`."""
     import onnx
 
@@ -99,7 +100,7 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
         try:
             torch.onnx.export(module, args, str(path), dynamo=True, input_names=list(input_names),
                               output_names=list(_OUTPUTS), dynamic_shapes=tuple({0: batch, 1: seq} for _ in args),
-                              external_data=False, verbose=False, report=False)
+                              external_data=False, verbose=False, report=False, optimize=optimize)
         except Exception as error:  # torch.export names the construct it could not trace
             family = module.model.config.backbone_config.get("model_type")
             summary = str(error).strip().splitlines()
@@ -108,7 +109,7 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _segment_graphs(model, folder: Path, prefix: str = "segment") -> list[str]:
+def _segment_graphs(model, folder: Path, optimize: bool = True) -> list[str]:
     """Export each segment of an `EarlyExitModel` into ``folder``; returns the graph file names."""
     model = model.eval()
     ids = torch.tensor([[2, 5, 6, 7, 8, 9, 3, 0], [2, 10, 11, 12, 3, 0, 0, 0]])  # batch 2, seq 8: not 0/1-specialised
@@ -118,12 +119,12 @@ def _segment_graphs(model, folder: Path, prefix: str = "segment") -> list[str]:
     with torch.no_grad():
         hidden = None
         for e in range(model.num_exits):
-            name = f"{prefix}-{e}.onnx" if model.num_exits > 1 else f"{prefix}.onnx"
+            name = f"segment-{e}.onnx" if model.num_exits > 1 else "segment.onnx"
             if e == 0:
                 module, args, inputs = _FirstSegment(model), tokens, _FIRST_INPUTS
             else:
                 module, args, inputs = _NextSegment(model, e), (hidden, mask), _NEXT_INPUTS
-            _export_graph(module, args, inputs, folder / name)
+            _export_graph(module, args, inputs, folder / name, optimize)
             hidden = module(*args)[0]
             names.append(name)
     return names
@@ -151,9 +152,10 @@ def _quantize(folder: Path, graphs: list[str]) -> None:
         root.setLevel(level)
 
 
-def export_model(model, folder: str | Path, quantize: str | None = None) -> dict:
+def export_model(model, folder: str | Path, quantize: str | None = None, optimize: bool = True) -> dict:
     """Write an `EarlyExitModel`'s segments (a `Cascade`: each member's one graph, in ``layers-K/``) and their
-    configs into ``folder``, with ``export.json``; returns that record (`OnnxModel` loads the folder)."""
+    configs into ``folder``, with ``export.json``; returns that record (`OnnxModel` loads the folder).
+    ``optimize=False`` skips the exporter's own graph optimizer (faster; ONNX Runtime still optimizes on load)."""
     from frugalnlp.early_exit.cascade import Cascade
 
     if quantize is not None and quantize not in QUANTIZATIONS:
@@ -168,7 +170,7 @@ def export_model(model, folder: str | Path, quantize: str | None = None) -> dict
         sub = f"layers-{member.config.exit_layers[-1]}" if cascade else ""
         (folder / sub).mkdir(parents=True, exist_ok=True)
         member.config.save_pretrained(folder / sub)
-        names = _segment_graphs(member, folder / sub)
+        names = _segment_graphs(member, folder / sub, optimize)
         if quantize:
             _quantize(folder / sub, names)
         graphs += [str(Path(sub) / n) for n in names]

@@ -230,7 +230,8 @@ def run_serve_bench(run: str | None = None, quick: bool = False, settings: LoadS
             requests[name] = [texts.texts[i:i + n] for i in range(0, len(texts.texts) - n + 1, n)]
             thresholds = _thresholds(run, settings, texts)
             progress(f"{name} texts: in-process Predictor speeds")
-            results["in_process"][name] = in_process_speeds(run, texts.texts, list(thresholds), settings.max_batch)
+            results["in_process"][name] = in_process_speeds(run, texts.texts, list(thresholds), settings.max_batch,
+                                                            settings.repeats)
             configs += [({**point, "texts": name}, batching, max_tokens) for point in thresholds.values()
                         for batching in settings.batchings for max_tokens in settings.max_tokens]
         samples: list[list[dict]] = [[] for _ in configs]
