@@ -117,11 +117,12 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
                         "ONNX anyway)")
 
 
-def _run_path(args: argparse.Namespace) -> str:
-    """The directory the command loads: ``args.run``, or its ONNX export under ``--runtime onnx``."""
+def _run_path(args: argparse.Namespace) -> str | None:
+    """The directory the command loads: ``args.run``, or its ONNX export under ``--runtime onnx`` (``--runtime
+    torch`` on an export is refused)."""
     from frugalnlp.export import runtime_path
 
-    return str(runtime_path(args.run, args.runtime))
+    return args.run if args.run is None or args.runtime is None else str(runtime_path(args.run, args.runtime))
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -264,8 +265,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         check_output_file(args.json, args.overwrite, flag="--json")
     progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    from frugalnlp.export import runtime_path
-
     if args.serve + args.papa + args.deploy > 1:
         raise FrugalError("bench: give one of --serve, --papa and --deploy")
     if args.runtime is not None and not args.serve:
@@ -300,8 +299,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
             if value < 1:
                 raise FrugalError(f"{flag} {value} must be at least 1")
         check_positive(settings.seconds, "--seconds")
-        run = args.run if args.run is None or args.runtime is None else str(runtime_path(args.run, args.runtime))
-        results = run_serve_bench(run=run, settings=settings, progress=progress)
+        results = run_serve_bench(run=_run_path(args), settings=settings, progress=progress)
         print(format_serve_bench(results))
     elif args.papa:
         from frugalnlp.papa.bench import QUICK_PAPA, PapaBenchSettings, format_papa_bench, run_papa_bench
@@ -366,7 +364,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                           "(make install has it)") from None
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, batching=args.batching,
-                             length_bucket=args.length_bucket, max_tokens=args.max_tokens, max_texts=args.max_texts, max_chars=args.max_chars,
+                             length_bucket=args.length_bucket, max_tokens=args.max_tokens, max_texts=args.max_texts,
+                             max_chars=args.max_chars,
                              max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout,
                              idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     if not 0 <= args.port <= 65535:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -23,36 +22,6 @@ def used_length(attention_mask: torch.Tensor) -> int:
     """Columns up to the last real token of any row of a [batch, seq] mask: the rest is padding to cut."""
     real_columns = attention_mask.any(0).nonzero()
     return int(real_columns.max()) + 1 if len(real_columns) else attention_mask.shape[1]
-
-
-class Tokens(NamedTuple):
-    """A batch before the first layer: [batch, seq] each (token types may be None)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    token_type_ids: torch.Tensor | None
-
-
-Padded = TypeVar("Padded", bound=tuple)  # a NamedTuple of [batch, seq, ...] tensors with an ``attention_mask``
-
-
-def keep_padded_rows(batch: Padded, rows: torch.Tensor) -> Padded:
-    """Only ``rows`` ([k] positions) of every tensor, cut to the columns the kept rows' mask uses."""
-    length = used_length(batch.attention_mask.index_select(0, rows))
-    return type(batch)(*(None if t is None else t.index_select(0, rows)[:, :length] for t in batch))
-
-
-def merge_padded(parts: list[Padded], fill: dict[str, int] | None = None) -> Padded:
-    """One batch of several batches' rows, each tensor right-padded along dim 1 to the longest with
-    ``fill[name]`` (default 0, so padding is masked)."""
-    length = max(p.attention_mask.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return F.pad(t, (0, 0) * (t.dim() - 2) + (0, length - t.shape[1]), value=value)
-
-    fill = fill or {}
-    return type(parts[0])(*(None if parts[0][i] is None else torch.cat([pad(p[i], fill.get(name, 0)) for p in parts])
-                            for i, name in enumerate(parts[0]._fields)))
 
 
 @dataclass

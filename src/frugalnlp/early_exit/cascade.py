@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from frugalnlp.backbones.base import Tokens, keep_padded_rows, merge_padded
+from frugalnlp.backbones.base import used_length
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction, adaptive_predict
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
     from frugalnlp.export import OnnxModel
 
 MANIFEST = "cascade.json"
+
+
+class Tokens(NamedTuple):
+    """A cascade's state between models: the rows' tokens, [batch, seq] each (token types may be None)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None
 
 
 class Cascade:
@@ -98,11 +107,18 @@ class Cascade:
 
     def keep_rows(self, tokens: Tokens, rows: torch.Tensor) -> Tokens:
         """Only ``rows`` of the batch, cut to the columns they use."""
-        return keep_padded_rows(tokens, rows)
+        length = used_length(tokens.attention_mask.index_select(0, rows))
+        return Tokens(*(None if t is None else t.index_select(0, rows)[:, :length] for t in tokens))
 
     def merge(self, parts: list[Tokens]) -> Tokens:
         """One batch of several batches' rows, right-padded to the longest."""
-        return merge_padded(parts, {"input_ids": self.config.backbone_config.get("pad_token_id") or 0})
+        length = max(p.input_ids.shape[1] for p in parts)
+        pad = self.config.backbone_config.get("pad_token_id") or 0
+        fill = {"input_ids": pad, "attention_mask": 0, "token_type_ids": 0}
+        merged = {name: torch.cat([F.pad(getattr(p, name), (0, length - getattr(p, name).shape[1]), value=value)
+                                   for p in parts])
+                  for name, value in fill.items() if getattr(parts[0], name) is not None}
+        return Tokens(**{"token_type_ids": None, **merged})
 
     @torch.inference_mode()
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
