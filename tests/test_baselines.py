@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 from frugalnlp.early_exit.policies import POLICIES, make_policy
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import Oracle, choose_threshold, replay, static_frontier
+from frugalnlp.evaluation import CurvePoint, Oracle, choose_threshold, replay, static_frontier
 
 
 class Layers:
@@ -52,13 +52,13 @@ def test_static_frontier_interpolates_linearly_in_cost():
 
 
 def test_choose_threshold_on_dev():
-    curve = [{"threshold": t, "accuracy": a, "speedup_layers": s}
+    curve = [CurvePoint(threshold=t, accuracy=a, macro_f1=a, layers_share=1 / s, flops_share=1 / s, exit_histogram=[])
              for t, a, s in [(0.0, 0.70, 4.0), (0.5, 0.78, 2.5), (0.8, 0.80, 1.6), (0.9, 0.82, 1.2), (1.0, 0.83, 1.0)]]
-    assert choose_threshold(curve, target_speedup=2.0)["threshold"] == 0.5
-    assert choose_threshold(curve, target_speedup=1.5)["threshold"] == 0.8
-    assert choose_threshold(curve, max_drop=0.01)["threshold"] == 0.9
-    assert choose_threshold(curve, max_drop=0.0)["threshold"] == 1.0
-    assert choose_threshold(curve, max_drop=0.2)["threshold"] == 0.0
+    assert choose_threshold(curve, target_speedup=2.0).threshold == 0.5
+    assert choose_threshold(curve, target_speedup=1.5).threshold == 0.8
+    assert choose_threshold(curve, max_drop=0.01).threshold == 0.9
+    assert choose_threshold(curve, max_drop=0.0).threshold == 1.0
+    assert choose_threshold(curve, max_drop=0.2).threshold == 0.0
     with pytest.raises(FrugalError, match="at most 4.00x"):
         choose_threshold(curve, target_speedup=5)
     for bad in ({"target_speedup": 0.5}, {"max_drop": -0.1}, {"max_drop": float("nan")}, {}):

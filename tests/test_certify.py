@@ -9,7 +9,7 @@ import torch
 from frugalnlp.certify import certify_threshold, learn_then_test, p_value
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import choose_threshold, replay
+from frugalnlp.evaluation import CurvePoint, choose_threshold, replay
 
 EPSILON, DELTA, DRAWS, DEV = 0.02, 0.1, 500, 2000
 CANDIDATES = np.linspace(0.5, 1.0, 26).round(6).tolist()
@@ -38,14 +38,15 @@ def drops(exit_logits: torch.Tensor, gold: np.ndarray) -> dict[float, float]:
                             .double().mean()) for t in CANDIDATES}
 
 
-def dev_curve(exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
+def dev_curve(exit_logits: torch.Tensor, gold: np.ndarray) -> list[CurvePoint]:
     gold_t = torch.as_tensor(gold)
     points = []
     for t in CANDIDATES:
         exit_index, labels = replay(exit_logits, [1.0, 1.0], make_policy("confidence", t, 2))
         layers = float(torch.tensor([1.0, 2.0])[exit_index].mean())
-        points.append({"threshold": t, "accuracy": float((labels == gold_t).double().mean()),
-                       "speedup_layers": 2.0 / layers})
+        accuracy = float((labels == gold_t).double().mean())
+        points.append(CurvePoint(threshold=t, accuracy=accuracy, macro_f1=accuracy, layers_share=layers / 2.0,
+                                 flops_share=layers / 2.0, exit_histogram=torch.bincount(exit_index, minlength=2).tolist()))
     return points
 
 
@@ -61,7 +62,7 @@ def test_the_certified_drop_exceeds_epsilon_in_at_most_delta_of_the_draws_and_th
                                         seed=int(rng.integers(1 << 30)))
         certified_over += population[certificate.threshold] > EPSILON
         deployed.append(certificate.threshold)
-        dev_over += population[choose_threshold(dev_curve(logits, gold), max_drop=EPSILON)["threshold"]] > EPSILON
+        dev_over += population[choose_threshold(dev_curve(logits, gold), max_drop=EPSILON).threshold] > EPSILON
     tolerance = 3 * math.sqrt(DELTA * (1 - DELTA) / DRAWS)  # three binomial standard deviations: 0.040
     assert certified_over / DRAWS <= DELTA + tolerance, certified_over
     assert dev_over / DRAWS > DELTA + tolerance and dev_over > certified_over, (dev_over, certified_over)

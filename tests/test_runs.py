@@ -38,7 +38,7 @@ def test_sweet_model_reloads_with_the_same_curve(tiny_dir, tmp_path):
     model.save_pretrained(tmp_path / "m")
     after = curve(EarlyExitModel.from_pretrained(tmp_path / "m"))
     assert before == after
-    assert len({p["layers_share"] for p in before}) > 1
+    assert len({p.layers_share for p in before}) > 1
 
 
 def test_train_and_evaluate_cli(tiny_dir, tmp_path, capsys):
@@ -93,7 +93,7 @@ def test_cascade_curve_is_not_flat(tiny_bert):
     logits = torch.stack(cascade.exit_logits(ids, torch.ones_like(ids)))
     gold = logits[-1].argmax(-1).numpy()  # the last model is right by construction
     curve = speed_accuracy_curve(cascade, logits, gold, np.full(64, 10), [0.0, 1.0])
-    assert curve[-1]["accuracy"] == 1.0 and curve[0]["accuracy"] < 1.0
+    assert curve[-1].accuracy == 1.0 and curve[0].accuracy < 1.0
 
 
 def test_predict_cli_reports_bad_rows_and_predictor(tiny_dir, tmp_path, capsys):

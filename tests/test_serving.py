@@ -348,8 +348,8 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
         assert len(exits(value)) > 1
     threshold = value if len(value) > 1 else value[0]
     mixed = ensemble if ensemble is not None else False
-    alone = [p for t in texts for p in Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=1,
-                                                 ensemble=mixed, router=router)([t])]
+    one_at_a_time = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=1, ensemble=mixed, router=router)
+    alone = [p for t in texts for p in one_at_a_time([t])]
     decisions = [(p["label"], p["exit_layer"]) for p in alone]
     batched = Predictor(tiny_run, threshold=threshold, policy=policy, batch_size=16, ensemble=mixed,
                         router=router)(texts)

@@ -25,7 +25,7 @@ from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.encoding import encode_split, encode_texts
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
+from frugalnlp.evaluation import CurvePoint, collect_exit_logits, speed_accuracy_curve
 from frugalnlp.methods import early_exit_methods
 from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
@@ -79,9 +79,11 @@ def plain_forward(model: EarlyExitModel) -> Callable[[dict], torch.Tensor]:
     return lambda batch: last_head(backbone(**batch).last_hidden_state, batch["attention_mask"])
 
 
-def _threshold_for(curve: list[dict], target: float) -> float:
-    """The curve's threshold whose ideal speedup (full depth / mean layers run) is nearest ``target``."""
-    return min(curve, key=lambda point: abs(point["speedup_layers"] - target))["threshold"]
+def _points_for(curve: list[CurvePoint], targets: tuple[float, ...]) -> list[CurvePoint]:
+    """Per target, the curve point whose ideal speedup (full depth / mean layers run) is nearest it; each
+    point once, by threshold."""
+    nearest = [min(curve, key=lambda point: abs(point.speedup_layers - s)) for s in targets]
+    return sorted((p for i, p in enumerate(nearest) if p not in nearest[:i]), key=lambda p: p.threshold)
 
 
 def _quick_runs(folder: Path, settings: BenchSettings) -> tuple[Path, Path]:
@@ -129,11 +131,8 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
     grid = np.linspace(0.0, 1.0, 201).tolist()
     ee_curve, cascade_curve = (speed_accuracy_curve(m, collect_exit_logits(m, data, tokenizer), split.labels,
                                                     lengths, grid) for m in (model, cascade))
-    ee_thresholds = sorted({_threshold_for(ee_curve, s) for s in settings.targets})
-    cascade_thresholds = sorted({_threshold_for(cascade_curve, s) for s in settings.cascade_targets})
     # Ideal speedups and the cascade's FLOPs-predicted cost (recomputation, heads, real lengths counted).
-    ee_points = {p["threshold"]: p for p in ee_curve}
-    cascade_points = {p["threshold"]: p for p in cascade_curve}
+    ee_points, cascade_points = _points_for(ee_curve, settings.targets), _points_for(cascade_curve, settings.cascade_targets)
     plain = plain_forward(model)
 
     for batch_size in settings.batch_sizes:
@@ -145,24 +144,24 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
 
         configs = {"plain": over_batches(plain)}
         configs["early-exit@1.0"] = over_batches(lambda b: model.predict(**b, threshold=1.0))
-        for t in ee_thresholds:
-            configs[f"early-exit@{t:g}"] = over_batches(lambda b, t=t: model.predict(**b, threshold=t))
-        for t in cascade_thresholds:
-            configs[f"cascade@{t:g}"] = over_batches(lambda b, t=t: cascade.predict(**b, threshold=t))
+        for p in ee_points:
+            configs[f"early-exit@{p.threshold:g}"] = over_batches(lambda b, t=p.threshold: model.predict(**b, threshold=t))
+        for p in cascade_points:
+            configs[f"cascade@{p.threshold:g}"] = over_batches(lambda b, t=p.threshold: cascade.predict(**b, threshold=t))
         times = median_times(configs, settings.repeats)
         row = {"plain_seconds": times["plain"], "machinery_seconds": times["early-exit@1.0"],
                "machinery_overhead": times["early-exit@1.0"] / times["plain"] - 1.0,
                "early_exit": [], "cascade": []}
-        for t in ee_thresholds:
-            ideal = ee_points[t]["speedup_layers"]
+        for p in ee_points:
+            t, ideal = p.threshold, p.speedup_layers
             measured = times["plain"] / times[f"early-exit@{t:g}"]
             row["early_exit"].append({"threshold": t, "seconds": times[f"early-exit@{t:g}"], "ideal_speedup": ideal,
                                       "measured_speedup": measured, "efficiency": measured / ideal})
-        for t in cascade_thresholds:
-            predicted = cascade_points[t]["flops_share"]
+        for p in cascade_points:
+            t, predicted = p.threshold, p.flops_share
             measured = times[f"cascade@{t:g}"] / times["plain"]
             row["cascade"].append({"threshold": t, "seconds": times[f"cascade@{t:g}"],
-                                   "ideal_speedup": cascade_points[t]["speedup_layers"],
+                                   "ideal_speedup": p.speedup_layers,
                                    "predicted_cost": predicted, "measured_cost": measured,
                                    "cost_ratio": measured / predicted})
         results["batch_sizes"][str(batch_size)] = row
@@ -282,11 +281,11 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
     tokenizer = loaded["torch"].tokenizer
     rows: dict[str, dict] = {}
     for runtime, trained in loaded.items():
-        chosen = operating_threshold(dev_scores(trained), target_speedup=settings.target)
-        test = split_scores(trained, "test").point("confidence", chosen["threshold"])
+        threshold = operating_threshold(dev_scores(trained), target_speedup=settings.target).point.threshold
+        test = split_scores(trained, "test").point("confidence", threshold)
         rows[f"early exit, {RUNTIME_NAMES[runtime]}"] = {
-            "kind": "early exit", "runtime": runtime, "threshold": chosen["threshold"], "accuracy": test["accuracy"],
-            "speedup_layers": test["speedup_layers"], "path": early[runtime],
+            "kind": "early exit", "runtime": runtime, "threshold": threshold, "accuracy": test.accuracy,
+            "speedup_layers": test.speedup_layers, "path": early[runtime],
             "model": trained.model}
     full = split_scores(loaded["torch"], "test")
     data = encode_split(split, tokenizer, settings.max_length)
@@ -297,7 +296,7 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
             "speedup_layers": 1.0, "model": model, "path": early[runtime]}
     for runtime, trained in statics.items():
         rows[f"static {trained.model.exit_layers[-1]}-layer, {RUNTIME_NAMES[runtime]}"] = {
-            "kind": "static", "runtime": runtime, "accuracy": split_scores(trained, "test").point("confidence", 1.0)["accuracy"],
+            "kind": "static", "runtime": runtime, "accuracy": split_scores(trained, "test").point("confidence", 1.0).accuracy,
             "speedup_layers": loaded["torch"].model.exit_layers[-1] / trained.model.exit_layers[-1],
             "model": trained.model, "path": static[runtime]}
     encoded = encode_split(timed, tokenizer, settings.max_length)

@@ -339,14 +339,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
                           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop,
                           risk=args.risk, ensemble=args.ensemble)
     point = predictor.operating_point
-    if point and point.get("saved"):
-        print(f"the run's saved operating point: {point['policy']} threshold {point['threshold']} ({point['chosen_by']}; "
-              f"dev accuracy {point['dev']['accuracy']:.4f} at {point['dev']['speedup_layers']:.2f}x)", file=sys.stderr)
+    if point and predictor.operating_point_saved:
+        print(f"the run's saved operating point: {point.policy} threshold {point.threshold} ({point.chosen_by}; "
+              f"dev accuracy {point.dev['accuracy']:.4f} at {point.dev['speedup_layers']:.2f}x)", file=sys.stderr)
     elif point:
-        print(f"threshold {_thresholds_text(point['threshold'])} chosen on dev: accuracy {point['accuracy']:.4f} at "
-              f"{point['speedup_layers']:.2f}x", file=sys.stderr)
-    if point and point["certified"] is not None:
-        print(_certificate_line(point["certificate"]), file=sys.stderr)
+        print(f"threshold {_thresholds_text(point.threshold)} chosen on dev: accuracy {point.dev['accuracy']:.4f} at "
+              f"{point.dev['speedup_layers']:.2f}x", file=sys.stderr)
+    if point and point.certified is not None:
+        print(_certificate_line(point.certificate), file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
                                 progress=True, engine=args.engine, ray_actors=args.ray_actors,

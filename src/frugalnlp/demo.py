@@ -31,7 +31,7 @@ from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.early_exit.policies import check_policy
-from frugalnlp.evaluation import (accuracy_at_speedup, check_operating_target, evaluate_run, evaluation_dir,
+from frugalnlp.evaluation import (CurvePoint, accuracy_at_speedup, check_operating_target, evaluate_run, evaluation_dir,
                                   table_speedups)
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
@@ -116,7 +116,7 @@ class _Variant:
 
     spec: RunSpec
     exits: list[list[float]] = field(default_factory=list)
-    curves: list[list[dict]] = field(default_factory=list)
+    curves: list[list[CurvePoint]] = field(default_factory=list)
     comparisons: list[list[dict]] = field(default_factory=list)
     dev_comparisons: list[list[dict]] = field(default_factory=list)
     last_vs_plain: list[float] = field(default_factory=list)
@@ -124,7 +124,7 @@ class _Variant:
 
     def add(self, metrics: dict, plain: dict, evaluation: dict) -> None:
         self.exits.append([e["accuracy"] for e in metrics["test"]["exits"]])
-        self.curves.append(evaluation["points"])
+        self.curves.append([CurvePoint.from_dict(p) for p in evaluation["points"]])
         self.comparisons.append(evaluation["comparison"])
         self.dev_comparisons.append(evaluation["dev_comparison"])
         self.last_vs_plain.append(100 * (metrics["test"]["accuracy"] - plain["test"]["accuracy"]))
@@ -372,10 +372,10 @@ def _mean_comparison(per_seed: list[list[dict]]) -> list[dict]:
             for rows in zip(*per_seed)]
 
 
-def _mean_curve(curves: list[list[dict]]) -> dict:
+def _mean_curve(curves: list[list[CurvePoint]]) -> dict:
     """Point-wise mean and std over seeds (same thresholds in every curve)."""
     keys = ("accuracy", "speedup_layers", "speedup_flops", "layers_share")
-    return {name: [{"threshold": pts[0]["threshold"], **{k: float(stat([p[k] for p in pts])) for k in keys}}
+    return {name: [{"threshold": pts[0].threshold, **{k: float(stat([getattr(p, k) for p in pts])) for k in keys}}
                    for pts in zip(*curves)]
             for name, stat in (("mean", np.mean), ("std", np.std))}
 

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,53 @@ def scores(predicted: np.ndarray | torch.Tensor, gold: np.ndarray, num_labels: i
     denominator = confusion.sum(0) + confusion.sum(1)  # 2 TP + FP + FN
     f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
     return {"accuracy": float(tp.sum() / len(gold)), "macro_f1": float(f1.mean())}
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One point of a split's speed-accuracy curve: a policy at ``threshold`` (one per exit but the last
+    for per-exit thresholds), its scores, the share of layers run (the paper's speed measure: mean layers
+    run, a cascade's recomputation included, over the full depth), the FLOPs share (heads and per-example
+    lengths counted) and how many examples left at each exit."""
+
+    threshold: float | list[float]
+    accuracy: float
+    macro_f1: float
+    layers_share: float
+    flops_share: float
+    exit_histogram: list[int]
+
+    @property
+    def speedup_layers(self) -> float:
+        return 1.0 / self.layers_share
+
+    @property
+    def speedup_flops(self) -> float:
+        return 1.0 / self.flops_share
+
+    def to_dict(self) -> dict:
+        """The JSON record (speedups included)."""
+        return {"threshold": self.threshold, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
+                "layers_share": self.layers_share, "speedup_layers": self.speedup_layers,
+                "flops_share": self.flops_share, "speedup_flops": self.speedup_flops,
+                "exit_histogram": self.exit_histogram}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> CurvePoint:
+        """A point read back from its JSON record (curve.json's ``points``)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class DevChoice:
+    """The dev point chosen to operate at (`choose_operating_point`): ``certified`` is None when the choice
+    is not certified, else whether Learn-then-Test certified it (its record in ``certificate``); ``router``
+    is the learned policy's router to deploy with it."""
+
+    point: CurvePoint
+    certified: bool | None = None
+    certificate: dict | None = None
+    router: ExitRouter | None = None
 
 
 def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
@@ -154,48 +202,42 @@ class SplitScores:
         return SplitScores(self.model, self.exit_logits[:, index], np.asarray(self.gold)[rows],
                            np.asarray(self.lengths)[rows], self.ensemble)
 
-    def point(self, policy: str, threshold: float | list[float]) -> dict:
-        """Scores, share of layers run, FLOPs share, speedups and exit histogram at one operating point."""
+    def point(self, policy: str, threshold: float | list[float]) -> CurvePoint:
+        """The curve point of ``policy`` at ``threshold`` on this split."""
         model = self.model
         exit_index, labels = self.decide(policy, threshold)
-        layers_share = float(self.layers_to_exit[exit_index].mean()) / self.depth
-        flops_share = float(self.flops_to_exit[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops)
-        return {
-            "threshold": round(float(threshold), 6) if isinstance(threshold, (int, float))
+        return CurvePoint(
+            threshold=round(float(threshold), 6) if isinstance(threshold, (int, float))
             else [round(float(t), 6) for t in threshold],
             **scores(labels, self.gold, model.config.num_labels),
-            "layers_share": layers_share, "speedup_layers": 1.0 / layers_share,
-            "flops_share": flops_share, "speedup_flops": 1.0 / flops_share,
-            "exit_histogram": torch.bincount(exit_index, minlength=model.num_exits).tolist(),
-        }
+            layers_share=float(self.layers_to_exit[exit_index].mean()) / self.depth,
+            flops_share=float(self.flops_to_exit[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops),
+            exit_histogram=torch.bincount(exit_index, minlength=model.num_exits).tolist())
 
 
 def speed_accuracy_curve(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray,
-                         lengths: np.ndarray, thresholds: list[float], policy: str = "confidence") -> list[dict]:
-    """One point per threshold: scores, share of layers run, FLOPs share, speedups, exit histogram.
-
-    ``layers_share`` is the paper's speed measure: mean layers run (a cascade's recomputation
-    included) over the full depth. ``flops_share`` counts heads and per-example lengths exactly.
-    """
+                         lengths: np.ndarray, thresholds: list[float], policy: str = "confidence") -> list[CurvePoint]:
+    """One `CurvePoint` per threshold, from raw exit logits [exits, n, labels], gold labels [n] and token
+    lengths [n]."""
     split = SplitScores(model, exit_logits, gold, lengths)
     return [split.point(policy, threshold) for threshold in thresholds]
 
 
-def search_per_exit(dev: SplitScores, dev_curve: list[dict], target_speedup: float | None = None,
-                    max_drop: float | None = None, grid: int = 101, passes: int = 2) -> dict:
+def search_per_exit(dev: SplitScores, dev_curve: list[CurvePoint], target_speedup: float | None = None,
+                    max_drop: float | None = None, grid: int = 101, passes: int = 2) -> CurvePoint:
     """Per-exit thresholds chosen on dev (``dev_curve``: the confidence curve of the same split) by coordinate
     descent from the best single threshold: one exit's threshold at a time over ``grid`` values, ``passes``
     times. With ``target_speedup``: the best dev accuracy at that speedup or more; with ``max_drop``: the
     fastest point within that accuracy drop of the last exit. Returns the dev point of the thresholds found."""
-    start = choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop)["threshold"]
-    reference = next(p["accuracy"] for p in dev_curve if p["threshold"] >= 1.0)
+    start = choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop).threshold
+    reference = last_exit_accuracy(dev_curve)
 
-    def value(point: dict) -> tuple[float, float] | None:
+    def value(point: CurvePoint) -> tuple[float, float] | None:
         if target_speedup is not None:
-            ok = point["speedup_layers"] >= target_speedup - 1e-9
-            return (point["accuracy"], point["speedup_layers"]) if ok else None
-        ok = point["accuracy"] >= reference - max_drop - 1e-12
-        return (point["speedup_layers"], point["accuracy"]) if ok else None
+            ok = point.speedup_layers >= target_speedup - 1e-9
+            return (point.accuracy, point.speedup_layers) if ok else None
+        ok = point.accuracy >= reference - max_drop - 1e-12
+        return (point.speedup_layers, point.accuracy) if ok else None
 
     thresholds = [start] * (dev.model.num_exits - 1)
     best = dev.point("per-exit", thresholds)
@@ -205,14 +247,19 @@ def search_per_exit(dev: SplitScores, dev_curve: list[dict], target_speedup: flo
                 candidate = dev.point("per-exit", thresholds[:k] + [t] + thresholds[k + 1:])
                 score = value(candidate)
                 if score is not None and score > value(best):
-                    best, thresholds = candidate, list(candidate["threshold"])
+                    best, thresholds = candidate, list(candidate.threshold)
     return best
 
 
-def accuracy_at_speedup(curve: list[dict], speedup: float, key: str = "speedup_layers") -> float | None:
-    """Best accuracy among curve points at least ``speedup`` times faster (None if none is)."""
-    reachable = [p["accuracy"] for p in curve if p[key] >= speedup - 1e-9]
+def accuracy_at_speedup(curve: list[CurvePoint], speedup: float) -> float | None:
+    """Best accuracy among curve points at least ``speedup`` times faster in layers (None if none is)."""
+    reachable = [p.accuracy for p in curve if p.speedup_layers >= speedup - 1e-9]
     return max(reachable) if reachable else None
+
+
+def last_exit_accuracy(curve: list[CurvePoint]) -> float:
+    """The curve's accuracy at threshold 1, where every example runs to the last exit."""
+    return next(p.accuracy for p in curve if not isinstance(p.threshold, list) and p.threshold >= 1.0)
 
 
 # ----------------------------------------------------------------------------------------------- baselines
@@ -265,9 +312,9 @@ class Oracle:
         return len(self.extra) / self.n
 
 
-def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], static: list[dict] | None,
+def compare(test_curve: list[CurvePoint], dev_curve: list[CurvePoint], fixed: list[dict], static: list[dict] | None,
             oracle: Oracle, speedups: list[float],
-            operating: Callable[[float], dict] | None = None, fixed_corrected: list[dict] | None = None,
+            operating: Callable[[float], CurvePoint] | None = None, fixed_corrected: list[dict] | None = None,
             static_corrected: list[dict] | None = None,
             ceiling: Callable[[float], float | None] | None = None) -> list[dict]:
     """Per target speedup: the adaptive curve at a threshold chosen on dev, beside the baselines.
@@ -280,13 +327,12 @@ def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], st
     fitted on dev (``static_corrected``; ``fixed_corrected`` are the fixed exits so corrected);
     ``gap_closed`` = (adaptive - static) / (oracle - static), the share of the way from the static
     frontier to the oracle that the curve covers; ``ceiling`` (speedup -> accuracy) is the learnable
-    ceiling. Both curves need the same thresholds. ``operating`` (target speedup -> test point) replaces
-    the threshold chosen on the dev curve (e.g. per-exit thresholds).
+    ceiling. Both curves hold the same thresholds in the same order. ``operating`` (target speedup -> test
+    point) replaces the threshold chosen on the dev curve (e.g. per-exit thresholds).
     """
-    by_threshold = {p["threshold"]: p for p in test_curve}
     if operating is None:
-        def operating(target: float) -> dict:
-            return by_threshold[choose_threshold(dev_curve, target_speedup=target)["threshold"]]
+        def operating(target: float) -> CurvePoint:
+            return test_curve[dev_curve.index(choose_threshold(dev_curve, target_speedup=target))]
 
     def at_speedup(points: list[dict] | None, s: float) -> float | None:
         return next((f["accuracy"] for f in points or [] if abs(f["speedup_layers"] - s) < 1e-6), None)
@@ -300,8 +346,8 @@ def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], st
             point = operating(s)
         except FrugalError:  # the dev curve never gets that fast
             point = None
-        adaptive = None if point is None else point["accuracy"]
-        at = s if point is None else point["speedup_layers"]
+        adaptive = None if point is None else point.accuracy
+        at = s if point is None else point.speedup_layers
         frontier = static_frontier(static, at) if static else None
         corrected = static_frontier(static_corrected, at) if static_corrected else None
         bound = oracle.accuracy(at)
@@ -309,7 +355,7 @@ def compare(test_curve: list[dict], dev_curve: list[dict], fixed: list[dict], st
         gap = None
         if gain is not None and bound is not None and bound - frontier > 1e-12:
             gap = (adaptive - frontier) / (bound - frontier)
-        rows.append({"speedup": s, "threshold": None if point is None else point["threshold"], "test_speedup": at,
+        rows.append({"speedup": s, "threshold": None if point is None else point.threshold, "test_speedup": at,
                      "adaptive": adaptive, "adaptive_best_on_test": accuracy_at_speedup(test_curve, s),
                      "fixed_exit": at_speedup(fixed, s), "fixed_exit_corrected": at_speedup(fixed_corrected, s),
                      "static": frontier, "static_corrected": corrected, "oracle": bound,
@@ -342,8 +388,8 @@ def check_operating_target(target_speedup: float | None, max_drop: float | None,
         raise FrugalError(f"--max-drop {max_drop!r} is outside [0, 1] (an accuracy drop, e.g. 0.01)")
 
 
-def choose_threshold(dev_curve: list[dict], target_speedup: float | None = None,
-                     max_drop: float | None = None) -> dict:
+def choose_threshold(dev_curve: list[CurvePoint], target_speedup: float | None = None,
+                     max_drop: float | None = None) -> CurvePoint:
     """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more, or the fastest
     point whose dev accuracy is at most ``max_drop`` below the last exit's (threshold 1).
 
@@ -351,14 +397,14 @@ def choose_threshold(dev_curve: list[dict], target_speedup: float | None = None,
     """
     check_operating_target(target_speedup, max_drop)
     if target_speedup is not None:
-        reachable = [p for p in dev_curve if p["speedup_layers"] >= target_speedup - 1e-9]
+        reachable = [p for p in dev_curve if p.speedup_layers >= target_speedup - 1e-9]
         if not reachable:
-            fastest = max(p["speedup_layers"] for p in dev_curve)
+            fastest = max(p.speedup_layers for p in dev_curve)
             raise FrugalError(f"no threshold reaches a {target_speedup:g}x speedup on dev (at most {fastest:.2f}x)")
-        return max(reachable, key=lambda p: (p["accuracy"], p["speedup_layers"]))
-    reference = next(p["accuracy"] for p in dev_curve if p["threshold"] >= 1.0)
-    allowed = [p for p in dev_curve if p["accuracy"] >= reference - max_drop - 1e-12]
-    return max(allowed, key=lambda p: (p["speedup_layers"], p["accuracy"]))
+        return max(reachable, key=lambda p: (p.accuracy, p.speedup_layers))
+    reference = last_exit_accuracy(dev_curve)
+    allowed = [p for p in dev_curve if p.accuracy >= reference - max_drop - 1e-12]
+    return max(allowed, key=lambda p: (p.speedup_layers, p.accuracy))
 
 
 # ----------------------------------------------------------------------------------------------- evaluating a run
@@ -406,28 +452,27 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     full_curve = [reported_split.point(policy, threshold) for threshold in fine]
     dev_logits, dev_gold, logits, gold = dev.exit_logits, dev.gold, reported_split.exit_logits, reported_split.gold
     shown = set(grid)
-    curve = [p for p in full_curve if p["threshold"] in shown]
+    curve = [p for p in full_curve if p.threshold in shown]
     fixed = exit_scores(model, logits, gold)
     bias = fit_class_bias(dev_logits, model.temperatures, dev_gold)
     operating = None
     if target_speedup is not None or max_drop is not None:
         chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
-        router = chosen.pop("router", None)
-        if router is not None and router is not dev.router:  # certified: the router fitted on dev's fit part
+        if chosen.router is not None and chosen.router is not dev.router:  # certified: fitted on dev's fit part
             read = reported_split.subset()
-            read.use_router(router)
+            read.use_router(chosen.router)
         else:
             read = reported_split
-        reported = read.point(policy, chosen["threshold"])
+        reported = read.point(policy, chosen.point.threshold)
         operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop, "risk": risk,
-                     "certified": chosen.pop("certified"), "certificate": chosen.pop("certificate", None),
-                     "threshold": chosen["threshold"], "dev": chosen, split: reported,
+                     "certified": chosen.certified, "certificate": chosen.certificate,
+                     "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: reported.to_dict(),
                      # against the full model, whatever the policy answers with
-                     f"{split}_drop": fixed[-1]["accuracy"] - reported["accuracy"]}
+                     f"{split}_drop": fixed[-1]["accuracy"] - reported.accuracy}
     oracle = Oracle(logits, gold, model.layers_to_exit, depth)
     ceiling_curve = learnable_ceiling(reported_split)
 
-    def per_exit(scored: SplitScores) -> Callable[[float], dict] | None:
+    def per_exit(scored: SplitScores) -> Callable[[float], CurvePoint] | None:
         """Per-exit thresholds searched on dev for each target speedup, read on ``scored`` (other policies: None)."""
         if policy != "per-exit":
             return None
@@ -435,7 +480,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
 
     @functools.lru_cache(maxsize=None)
     def searched(target: float) -> list[float]:  # one search per target serves the dev and the test table
-        return search_per_exit(dev, dev_curve, target_speedup=target)["threshold"]
+        return search_per_exit(dev, dev_curve, target_speedup=target).threshold
 
     # each static model's dev class bias is fitted once, for both splits
     static_corrected = (corrected_static_points(static_runs, ["dev", split], trained.config, depth)
@@ -451,7 +496,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     speedups = table_speedups(model.exit_layers)
     test_base, dev_base = baselines(split, reported_split), baselines("dev", dev)
     result = {"run": str(run), "split": split, "policy": policy, "method": spec.method, "examples": len(gold),
-              "points": curve,
+              "points": [p.to_dict() for p in curve],
               "baselines": {"fixed_exits": fixed, "fixed_exits_corrected": test_base["fixed_corrected"],
                             "static": test_base["static"], "static_corrected": test_base["static_corrected"],
                             "oracle_best": oracle.best,
@@ -474,14 +519,14 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                   "dev_fixed_exits": exit_scores(model, fitted.apply(dev_logits, model.temperatures), dev_gold)}}
     out.open()
     write_json(out.path / "curve.json", result)
-    write_bytes(out.path / "curve.csv", curve_csv(curve).encode())
+    write_bytes(out.path / "curve.csv", curve_csv(result["points"]).encode())
     write_json(out.path / "exits.json", fixed)
-    plot_curves({spec.method: curve}, out.path / "curve.png", title=f"{spec.task} ({split})",
+    plot_curves({spec.method: result["points"]}, out.path / "curve.png", title=f"{spec.task} ({split})",
                 baselines=result["baselines"])
     return out.commit(), result
 
 
-def learnable_ceiling(scored: SplitScores, thresholds: int = 101) -> list[dict]:
+def learnable_ceiling(scored: SplitScores, thresholds: int = 101) -> list[CurvePoint]:
     """The learned router cross-fitted on ``scored`` itself (test): its curve, which no policy chosen on dev
     can be expected to beat; how much of the oracle a router on these features could reach. Reported only."""
     own = scored.subset()
@@ -523,43 +568,41 @@ def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None,
 
 
 def operating_threshold(dev: SplitScores, target_speedup: float | None = None, max_drop: float | None = None,
-                        policy: str = "confidence", risk: float | None = None) -> dict:
-    """The dev point to predict with (its ``threshold``), on `OPERATING_GRID`: see `choose_operating_point`."""
+                        policy: str = "confidence", risk: float | None = None) -> DevChoice:
+    """The dev point to predict with, on `OPERATING_GRID`: see `choose_operating_point`."""
     curve = [dev.point(policy, threshold) for threshold in OPERATING_GRID]
     return choose_operating_point(curve, dev, target_speedup, max_drop, policy, risk)
 
 
-def choose_operating_point(dev_curve: list[dict], dev: SplitScores, target_speedup: float | None,
-                           max_drop: float | None, policy: str, risk: float | None) -> dict:
+def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target_speedup: float | None,
+                           max_drop: float | None, policy: str, risk: float | None) -> DevChoice:
     """The dev point to operate at: `choose_threshold`'s on the dev curve; per-exit thresholds found by
     `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
-    certifies (`frugalnlp.certify`; its record under ``certificate``). ``certified`` is None when uncertified.
-    For the learned policy ``router`` is the router to deploy: dev's, or with ``risk`` one fitted on the
-    fit part alone. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
+    certifies (`frugalnlp.certify`). For the learned policy the choice's ``router`` is the router to
+    deploy: dev's, or with ``risk`` one fitted on the fit part alone. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
     thresholds searched on the fit part at a ladder of target speedups."""
     if risk is not None:
         fit, _ = split_dev(len(dev.gold))
-        scored, candidates = dev, [p["threshold"] for p in dev_curve]
+        scored, candidates = dev, [p.threshold for p in dev_curve]
         if policy == "learned":
             scored = dev.subset()
             scored.fit_router(cross_fitted=False, rows=fit)
         if policy == "per-exit":
             part = dev.subset(fit)
             curve = [part.point("confidence", t) for t in OPERATING_GRID[::4]]
-            fastest = max(p["speedup_layers"] for p in curve)
+            fastest = max(p.speedup_layers for p in curve)
             ladder = np.linspace(1.0, fastest, 12)[1:]
             candidates = ([[t] * (dev.model.num_exits - 1) for t in candidates]
-                          + [search_per_exit(part, curve, target_speedup=s, grid=51)["threshold"] for s in ladder])
+                          + [search_per_exit(part, curve, target_speedup=s, grid=51).threshold for s in ladder])
         model = dev.model
         certificate = certify_threshold(dev.exit_logits, dev.gold, model.temperatures, model.layers_to_exit, max_drop,
                                         risk, policy=policy, candidates=candidates,
                                         decide=lambda threshold: scored.decide(policy, threshold))
-        return {**scored.point(policy, certificate.threshold), "certified": certificate.certified,
-                "certificate": certificate.to_dict(), "router": scored.router}
+        return DevChoice(scored.point(policy, certificate.threshold), certificate.certified, certificate.to_dict(),
+                         scored.router)
     if policy == "per-exit":
-        return {**search_per_exit(dev, dev_curve, target_speedup, max_drop), "certified": None}
-    return {**choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), "certified": None,
-            "router": dev.router}
+        return DevChoice(search_per_exit(dev, dev_curve, target_speedup, max_drop))
+    return DevChoice(choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), router=dev.router)
 
 
 def corrected_logits(exit_logits: torch.Tensor, temperatures: list[float], bias: torch.Tensor) -> torch.Tensor:

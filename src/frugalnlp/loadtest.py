@@ -178,11 +178,11 @@ def _thresholds(run: str, settings: LoadSettings, texts_split) -> dict[float, di
     data = encode_split(texts_split, trained.tokenizer, settings.max_length)
     curve = speed_accuracy_curve(trained.model, collect_exit_logits(trained.model, data, trained.tokenizer),
                                  texts_split.labels, data.lengths(), np.linspace(0.0, 1.0, 201).tolist())
-    points = {1.0: min(curve, key=lambda p: -p["threshold"])}
+    points = {1.0: min(curve, key=lambda p: -p.threshold)}
     for target in settings.targets:
-        point = min(curve, key=lambda p: abs(p["speedup_layers"] - target))
-        points.setdefault(point["threshold"], point)
-    return {t: {"threshold": t, "ideal_speedup": p["speedup_layers"], "accuracy": p["accuracy"]}
+        point = min(curve, key=lambda p: abs(p.speedup_layers - target))
+        points.setdefault(point.threshold, point)
+    return {t: {"threshold": t, "ideal_speedup": p.speedup_layers, "accuracy": p.accuracy}
             for t, p in sorted(points.items(), key=lambda kv: -kv[0])}
 
 

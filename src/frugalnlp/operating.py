@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from safetensors.torch import load_file, save
 
@@ -19,6 +20,9 @@ from frugalnlp.early_exit.ensemble import ExitEnsemble
 from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_bytes, write_json
+
+if TYPE_CHECKING:  # evaluation imports the models; this module is imported by the server at start
+    from frugalnlp.evaluation import DevChoice, SplitScores
 
 OPERATING_POINT = "operating-point.json"
 FITTED_TENSORS = "operating-point.safetensors"  # an exit ensemble's and a router's tensors, when the point has them
@@ -106,7 +110,6 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
     the policy decides on an exit ensemble fitted on dev; the learned policy's router is fitted on dev, its
     threshold chosen on cross-fitted dev scores) and save it."""
     from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
-    from frugalnlp.report import command_line
     from frugalnlp.run import load_run
 
     from frugalnlp.early_exit.policies import check_policy
@@ -117,18 +120,25 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
     if path.exists() and not overwrite:  # before minutes of dev logits
         raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
     dev = dev_scores(load_run(run), ensemble, policy)
-    fitted = dev.ensemble
-    chosen = operating_threshold(dev, target_speedup, max_drop, policy, risk)
-    router = chosen.pop("router", None)
-    certificate = chosen.pop("certificate", None)
-    certified = chosen.pop("certified")
+    point = operating_point(run, dev, operating_threshold(dev, target_speedup, max_drop, policy, risk), policy,
+                            target_speedup, max_drop, risk)
+    point.save(run, overwrite=overwrite)
+    return point
+
+
+def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy: str,
+                    target_speedup: float | None = None, max_drop: float | None = None,
+                    risk: float | None = None) -> OperatingPoint:
+    """The run's operating point for a choice made on its dev scores (`frugalnlp.evaluation.operating_threshold`),
+    bound to the run's weights: what `calibrate_run` saves and what `Predictor` keeps when it chooses itself."""
+    from frugalnlp.report import command_line
+
     how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
     if risk is not None:
         how = f"learn-then-test on dev: max drop {max_drop:g} with risk {risk:g}"
-    point = OperatingPoint(policy=policy, threshold=chosen["threshold"], chosen_by=how,
-                           dev={k: chosen[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
-                           model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
-                           risk=risk, certified=certified, certificate=certificate, command=command_line(),
-                           ensemble=fitted, router=router)
-    point.save(run, overwrite=overwrite)
-    return point
+    figures = chosen.point.to_dict()
+    return OperatingPoint(policy=policy, threshold=chosen.point.threshold, chosen_by=how,
+                          dev={k: figures[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
+                          model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
+                          risk=risk, certified=chosen.certified, certificate=chosen.certificate, command=command_line(),
+                          ensemble=dev.ensemble, router=chosen.router)

@@ -19,7 +19,7 @@ from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
 from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
 from frugalnlp.errors import FrugalError
-from frugalnlp.operating import load_operating_point
+from frugalnlp.operating import load_operating_point, operating_point
 from frugalnlp.run import load_run
 from frugalnlp.rundir import check_output_file
 from frugalnlp.tasks import Columns, iter_rows, row_example
@@ -40,7 +40,8 @@ class Predictor:
                  max_tokens: int | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
         (see `frugalnlp.evaluation.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
-        `frugalnlp.certify`); the choice is kept in ``self.operating_point``. With none of the three, the
+        `frugalnlp.certify`); the choice is kept in ``self.operating_point`` (an `OperatingPoint`, as the saved
+        one is; ``self.operating_point_saved`` tells them apart). With none of the three, the
         run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
         ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given.
         ``router``: the learned policy's `ExitRouter` (default: the saved point's, else fitted on dev).
@@ -62,14 +63,16 @@ class Predictor:
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle,
                      "max_tokens": max_tokens}
         self.model, self.tokenizer = trained.model, trained.tokenizer
-        self.operating_point = None if saved is None else {"saved": True, **saved.to_dict()}
+        self.operating_point, self.operating_point_saved = saved, saved is not None
         if ensemble is True or chooses or (policy == "learned" and router is None):
             # one pass over dev serves the ensemble's fit, the router's and the choice
             dev = dev_scores(trained, True if ensemble is True else fitted, policy)
             fitted, router = dev.ensemble, dev.router
             if chooses:
-                self.operating_point = operating_threshold(dev, target_speedup, max_drop, policy, risk)
-                threshold, router = self.operating_point["threshold"], self.operating_point.pop("router", None)
+                self.operating_point = operating_point(run, dev, operating_threshold(dev, target_speedup, max_drop,
+                                                                                     policy, risk),
+                                                       policy, target_speedup, max_drop, risk)
+                threshold, router = self.operating_point.threshold, self.operating_point.router
         self.ensemble, self.router = fitted, router
         self.threshold = threshold
         self.args.update(threshold=threshold, ensemble=fitted if fitted is not None else False, router=router)

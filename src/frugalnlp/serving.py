@@ -430,6 +430,8 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
     settings = settings or ServeSettings()
     metrics = Metrics(predictor.exit_layers, settings.max_batch)
     worker = ModelWorker(predictor, settings, metrics)
+    point = predictor.operating_point
+    operating = None if point is None else {"saved": predictor.operating_point_saved, **point.to_dict()}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -471,7 +473,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "run": run_name, "threshold": predictor.threshold,
-                "operating_point": predictor.operating_point, "batching": settings.batching,
+                "operating_point": operating, "batching": settings.batching,
                 "exit_layers": predictor.exit_layers, "pair": predictor.is_pair}
 
     @app.get("/metrics")
