@@ -259,7 +259,7 @@ def accuracy_at_speedup(curve: list[CurvePoint], speedup: float) -> float | None
 
 def last_exit_accuracy(curve: list[CurvePoint]) -> float:
     """The curve's accuracy at threshold 1, where every example runs to the last exit."""
-    return next(p.accuracy for p in curve if not isinstance(p.threshold, list) and p.threshold >= 1.0)
+    return next(p.accuracy for p in curve if p.threshold >= 1.0)
 
 
 # ----------------------------------------------------------------------------------------------- baselines

@@ -21,7 +21,7 @@ from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_bytes, write_json
 
-if TYPE_CHECKING:  # evaluation imports the models; this module is imported by the server at start
+if TYPE_CHECKING:  # annotations only: loading a saved point needs none of evaluation's imports (scipy, the models)
     from frugalnlp.evaluation import DevChoice, SplitScores
 
 OPERATING_POINT = "operating-point.json"
