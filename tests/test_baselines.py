@@ -178,3 +178,35 @@ def test_the_dev_choice_can_be_no_and_names_the_static_model_instead():
     deploy = {c["speedup"]: c["deploy"] for c in selected["per_target"]}
     assert "static 4-layer model" in deploy[1.5] and "--num-layers 4" in deploy[1.5]
     assert "static 2-layer model" in deploy[3.0] and "static 2- and 4-layer models" in deploy[2.0]
+
+
+def test_a_deployed_point_is_never_below_its_own_fixed_exit_on_dev(tiny_bert):
+    """Exit 1 is overconfident and always wrong, exit 2 right but unsure: no confidence threshold reaches 2x
+    without sending rows to exit 1, so the fixed exit 2 (2x, every row) is what is deployed, as per-exit
+    thresholds [1, 0] that skip exit 1's head."""
+    from transformers import BertModel
+
+    from frugalnlp import EarlyExitModel
+    from frugalnlp.evaluation import SplitScores, choose_operating_point, fixed_exit_thresholds
+    from frugalnlp.operating import operating_point
+
+    backbone = BertModel(tiny_bert.config)
+    model = EarlyExitModel.from_backbone(backbone, method="joint", exit_layers=[1, 2, 4], num_labels=2).eval()
+    gold = np.arange(200) % 2
+    right = torch.nn.functional.one_hot(torch.as_tensor(gold), 2).float()
+    logits = torch.stack([(1 - right) * 8.0, right * 0.5, right * 3.0])  # [exits, n, labels]
+    dev = SplitScores(model, logits, gold, np.full(200, 12))
+    curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
+    assert max(p.accuracy for p in curve if p.speedup_layers >= 2.0) < 0.5
+    for target, drop in ((2.0, None), (None, 0.0)):
+        chosen = choose_operating_point(curve, dev, target, drop, "confidence", None)
+        assert chosen.policy == "per-exit" and chosen.point.threshold == fixed_exit_thresholds(3, 1) == [1.0, 0.0]
+        assert chosen.point.accuracy == 1.0 and chosen.point.speedup_layers == 2.0
+        assert chosen.point.exit_histogram == [0, 200, 0]
+    point = operating_point("unused", dev, chosen, "confidence", max_drop=0.0)
+    assert point.policy == "per-exit" and "fixed exit 2 (layer 2) beats the confidence policy" in point.chosen_by
+    # at equal accuracy the faster point wins (the fixed exit over threshold 1 at 1x); a policy that does as
+    # well as every fixed exit at its speed keeps its own point (threshold 0 is the fixed exit 1)
+    assert choose_operating_point(curve, dev, 1.0, None, "confidence", None).policy == "per-exit"
+    kept = choose_operating_point(curve, dev, 4.0, None, "confidence", None)
+    assert kept.policy == "confidence" and kept.point.threshold == 0.0

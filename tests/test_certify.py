@@ -84,9 +84,28 @@ def test_nothing_certified_runs_to_the_last_exit_and_says_so():
     logits, gold = simulated_exits(60, np.random.default_rng(1))  # 30 calibration examples: (1 - 0.01)^30 > 0.1
     certificate = certify_threshold(logits, gold, [1.0, 1.0], [1, 2], 0.01, 0.1, candidates=CANDIDATES)
     assert not certificate.certified and certificate.threshold == 1.0
-    assert certificate.tested[0]["threshold"] == 1.0 and certificate.tested[0]["p_value"] > 0.1
+    # candidates that save nothing on the fit part are not tested: the first tested is the most conservative
+    # one that does, and it fails
+    first = certificate.tested[0]
+    assert len(certificate.tested) == 1 and first["fit_layers"] < 2.0 and first["p_value"] > 0.1
     with pytest.raises(FrugalError, match="--risk"):
         certify_threshold(logits, gold, [1.0, 1.0], [1, 2], 0.01, 1.5)
+
+
+def test_a_cascade_is_certified_against_its_last_model_alone():
+    """A cascade's fallback (threshold 1) runs its last model alone; candidates that recompute more than that
+    on the fit part are never tested, so a certified cascade point is always faster than the fallback."""
+    logits, gold = simulated_exits(DEV, np.random.default_rng(2))
+    from frugalnlp.early_exit.cascade import cascade_layers_to_exit
+
+    def layers(threshold):  # members of 1 and 6 layers: the first is skipped at threshold 1
+        return cascade_layers_to_exit([1, 6], [make_policy("confidence", threshold, 2).uses_exit(0), True])
+
+    assert layers(1.0) == [0, 6] and layers(0.9) == [1, 7]
+    certificate = certify_threshold(logits, gold, [1.0, 1.0], layers, EPSILON, DELTA, candidates=CANDIDATES)
+    assert certificate.certified and certificate.tested
+    assert all(t["fit_layers"] < 6.0 for t in certificate.tested)  # the high thresholds recompute: never tested
+    assert certificate.tested[0]["threshold"] < max(t for t in CANDIDATES if t < 1.0)
 
 
 def test_evaluate_and_predict_deploy_the_certified_point(tiny_run, tmp_path, capsys):

@@ -7,7 +7,7 @@ from frugalnlp import EarlyExitModel
 from frugalnlp.early_exit.cascade import Cascade, load_adaptive
 from frugalnlp.early_exit.policies import make_policy
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import replay
+from frugalnlp.evaluation import fixed_exit_thresholds, replay
 
 EXITS = [1, 2, 4]
 
@@ -181,13 +181,42 @@ def test_cascade_thresholds_and_cost(tiny_bert, tmp_path):
     ids, mask, _ = batch(32)
     assert (cascade.predict(ids, mask, threshold=0.0).exit_index == 0).all()
     assert (cascade.predict(ids, mask, threshold=1.0).exit_index == 2).all()
-    assert cascade.layers_to_exit == [1, 3, 7]  # a later model recomputes from the input
+    assert cascade.layers_to_exit() == [1, 3, 7]  # a later model recomputes from the input
+    # a model whose exit the policy never uses is skipped: threshold 1 runs the last model alone, and the
+    # fixed exit 1 (per-exit thresholds [1, 0]) runs the 2-layer model alone
+    assert torch.equal(cascade.predict(ids, mask, threshold=1.0).layers_run, torch.full((32,), 4))
+    fixed = cascade.predict(ids, mask, policy=make_policy("per-exit", fixed_exit_thresholds(3, 1), 3))
+    assert (fixed.exit_index == 1).all() and (fixed.layers_run == 2).all()
     pred = cascade.predict(ids, mask, threshold=0.5)
     exit_index, labels = replay(torch.stack(cascade.exit_logits(ids, mask)), cascade.temperatures,
                                 make_policy("confidence", 0.5, 3))
     assert torch.equal(exit_index, pred.exit_index) and torch.equal(labels, pred.labels)
     assert torch.equal(pred.layers_run, torch.tensor([1, 3, 7])[pred.exit_index])
+    calls = []
+    for member in cascade.models:  # a skipped model is never called
+        member.register_forward_hook(lambda module, args, out: calls.append(module.config.exit_layers[-1]))
+    cascade.predict(ids, mask, threshold=1.0)
+    assert calls == [4]
     cascade.save_pretrained(tmp_path / "c")
     again = load_adaptive(tmp_path / "c").eval()
     assert isinstance(again, Cascade) and again.temperatures == cascade.temperatures
     assert torch.equal(again.predict(ids, mask, threshold=0.5).labels, pred.labels)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_an_exit_ensemble_reads_every_exit_even_where_no_row_may_leave(tiny_bert, cascade):
+    """At threshold 1 (and at a fixed exit) an ensembled answer still mixes the earlier exits' log-probs, so
+    predict must run their heads: its answers equal the replay's on the same logits."""
+    from frugalnlp.early_exit.ensemble import fit_exit_ensemble
+
+    model = make_cascade(tiny_bert) if cascade else make(tiny_bert, "joint").eval()
+    sharpen(model.models if cascade else [model])
+    ids, mask, gold = batch(32)
+    logits = torch.stack(model.exit_logits(ids, mask)).detach()
+    ensemble = fit_exit_ensemble(logits, model.temperatures, gold.numpy())
+    assert ensemble.maps[-1, :, :6].abs().sum() > 0  # the last exit's mix reads the earlier exits
+    for threshold in (1.0, fixed_exit_thresholds(3, 1)):
+        policy = make_policy("per-exit" if isinstance(threshold, list) else "confidence", threshold, 3, ensemble)
+        pred = model.predict(ids, mask, policy=policy)
+        exit_index, labels = replay(logits, model.temperatures, policy)
+        assert torch.equal(pred.exit_index, exit_index) and torch.equal(pred.labels, labels), threshold

@@ -68,7 +68,7 @@ def test_a_cascade_exports_one_graph_per_member(tmp_path):
     manifest = export_model(cascade, tmp_path, optimize=False)
     assert manifest["graphs"] == ["layers-1/segment.onnx", "layers-2/segment.onnx"]
     exported = OnnxModel(tmp_path)
-    assert exported.layers_to_exit == [1, 3]
+    assert exported.layers_to_exit() == [1, 3] and exported.layers_to_exit([False, True]) == [0, 2]
     ids, mask, types = padded_batch(n=10, seq=12, seed=5)
     with torch.no_grad():
         expected = cascade.exit_logits(ids, mask, types)

@@ -99,5 +99,5 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
     assert (run / "operating-point.safetensors").exists()
     saved = Predictor(run)
     texts = ["a fine film", "dull and long", "tedious"]
-    fresh = Predictor(run, threshold=saved.threshold, ensemble=saved.ensemble)
+    fresh = Predictor(run, threshold=saved.threshold, policy=saved.policy_name, ensemble=saved.ensemble)
     assert saved.ensemble is not None and saved(texts) == fresh(texts)

@@ -23,6 +23,7 @@ from transformers import DataCollatorWithPadding
 from frugalnlp.defaults import DEMO_MAX_LENGTH
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.early_exit.policies import ExitPolicy, make_policy
 from frugalnlp.encoding import encode_split, encode_texts
 from frugalnlp.errors import FrugalError
 from frugalnlp.evaluation import CurvePoint, collect_exit_logits, speed_accuracy_curve
@@ -281,10 +282,12 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
     tokenizer = loaded["torch"].tokenizer
     rows: dict[str, dict] = {}
     for runtime, trained in loaded.items():
-        threshold = operating_threshold(dev_scores(trained), target_speedup=settings.target).point.threshold
-        test = split_scores(trained, "test").point("confidence", threshold)
+        chosen = operating_threshold(dev_scores(trained), target_speedup=settings.target)
+        threshold = chosen.point.threshold
+        test = split_scores(trained, "test").point(chosen.policy, threshold)
         rows[f"early exit, {RUNTIME_NAMES[runtime]}"] = {
-            "kind": "early exit", "runtime": runtime, "threshold": threshold, "accuracy": test.accuracy,
+            "kind": "early exit", "runtime": runtime, "policy": chosen.policy, "threshold": threshold,
+            "accuracy": test.accuracy,
             "speedup_layers": test.speedup_layers, "path": early[runtime],
             "model": trained.model}
     full = split_scores(loaded["torch"], "test")
@@ -306,7 +309,8 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
         if row["kind"] == "plain" and row["runtime"] == "torch":
             return plain_forward(model)
         if row["kind"] == "early exit":
-            return lambda b: model.predict(**b, threshold=row["threshold"])
+            policy = make_policy(row["policy"], row["threshold"], model.num_exits)
+            return lambda b: model.predict(**b, policy=policy)
         return lambda b: model.exit_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
 
     results: dict = {"settings": settings.__dict__, "examples": len(timed), "threads": torch.get_num_threads(),
@@ -323,7 +327,7 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
         size = max(settings.batch_sizes)
         batches = unsorted_batches(encoded, tokenizer, size)
         results["segments"] = {"batch_size": size, **{
-            name: segment_times(row["model"], batches, row["threshold"])
+            name: segment_times(row["model"], batches, make_policy(row["policy"], row["threshold"], row["model"].num_exits))
             for name, row in rows.items() if row["kind"] == "early exit"}}
     n = settings.texts_per_request
     requests = [timed.texts[i:i + n] for i in range(0, len(timed.texts) - n + 1, n)]
@@ -333,8 +337,10 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
         for name in names[r % len(names):] + names[:r % len(names)]:
             row = rows[name]
             threshold = 1.0 if row["kind"] != "early exit" else row["threshold"]  # plain: its run at threshold 1
+            policy = "confidence" if row["kind"] != "early exit" else row["policy"]
+            threshold = ",".join(map(str, threshold)) if isinstance(threshold, list) else str(threshold)
             progress(f"server round {r + 1}/{settings.server_rounds}: {name}")
-            with ServerProcess(row["path"], "--threshold", str(threshold), "--max-texts", str(n)) as server:
+            with ServerProcess(row["path"], "--policy", policy, "--threshold", threshold, "--max-texts", str(n)) as server:
                 asyncio.run(closed_loop(server.url, requests, settings.clients, min(1.0, settings.server_seconds)))
                 served[name].append(asyncio.run(closed_loop(server.url, requests, settings.clients,
                                                             settings.server_seconds))["texts_per_second"])
@@ -346,7 +352,7 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
     return results
 
 
-def segment_times(model, batches: list[dict], threshold: float) -> dict:
+def segment_times(model, batches: list[dict], policy: ExitPolicy) -> dict:
     """Where adaptive inference's time goes: seconds in each segment's runs (and rows they ran), in
     shrinking the batch, and the rest (decisions, bookkeeping), over one pass of ``batches``."""
     advance, keep_rows = model.advance, model.keep_rows
@@ -370,7 +376,7 @@ def segment_times(model, batches: list[dict], threshold: float) -> dict:
     try:
         start = time.perf_counter()
         for b in batches:
-            model.predict(**b, threshold=threshold)
+            model.predict(**b, policy=policy)
         total = time.perf_counter() - start
     finally:
         del model.advance, model.keep_rows

@@ -18,7 +18,7 @@ most ε. The clipped loss bounds the drop from above, so the drop is certified t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -90,7 +90,8 @@ def split_dev(n: int, fit_share: float = 0.5, seed: int = 0) -> tuple[np.ndarray
 
 
 def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures: list[float],
-                      layers_to_exit: list[int], epsilon: float, delta: float, policy: str = "confidence",
+                      layers_to_exit: Sequence[int] | Callable[[float | list[float]], Sequence[int]], epsilon: float,
+                      delta: float, policy: str = "confidence",
                       candidates: list[float | list[float]] | None = None, fit_share: float = 0.5, seed: int = 0,
                       ensemble: ExitEnsemble | None = None,
                       decide: Callable[[float | list[float]], tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -98,7 +99,10 @@ def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures:
     """Learn-then-Test over ``candidates`` (thresholds of ``policy``, deciding on ``ensemble``'s logits if
     given) on dev: raw exit logits [exits, n, labels] and gold labels [n]. The split of dev into fit and
     calibration parts is `split_dev(n, fit_share, seed)`: whatever ``decide`` (threshold -> exit index and
-    answer per row; default: `replay` of ``policy``) was fitted on, such as a router, must be its fit part."""
+    answer per row; default: `replay` of ``policy``) was fitted on, such as a router, must be its fit part.
+    ``layers_to_exit``: layers run by a row leaving at each exit, or threshold -> those (a cascade skips the
+    models a candidate never uses). Candidates that cost as much as the fallback on the fit part (threshold 1:
+    every row to the last exit, a cascade's last model alone) are not tested: they cannot save anything."""
     from frugalnlp.evaluation import OPERATING_GRID, replay  # evaluation uses this module: imported here
 
     if not 0.0 <= epsilon <= 1.0:
@@ -106,20 +110,30 @@ def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures:
     check_risk(delta, epsilon)
     if decide is None:
         def decide(threshold):
-            return replay(exit_logits, temperatures, make_policy(policy, threshold, len(layers_to_exit), ensemble))
+            return replay(exit_logits, temperatures, make_policy(policy, threshold, len(exit_logits), ensemble))
     # Highest threshold first: among candidates of equal fit cost the more conservative is tested first.
     candidates = sorted(OPERATING_GRID if candidates is None else candidates, reverse=True)
     fit, calibration = split_dev(len(gold), fit_share, seed)
     gold = torch.as_tensor(gold)
     last_right = exit_logits[-1].argmax(-1) == gold
-    layers = torch.tensor(layers_to_exit, dtype=torch.float64)
-    cost, losses = [], []
+
+    def fit_cost(threshold: float | list[float], exit_index: torch.Tensor) -> float:
+        layers = layers_to_exit(threshold) if callable(layers_to_exit) else layers_to_exit
+        return float(torch.tensor(layers, dtype=torch.float64)[exit_index[fit]].mean())
+
+    last = 1.0 if isinstance(candidates[0], (int, float)) else [1.0] * len(candidates[0])
+    fallback = fit_cost(last, decide(last)[0])
+    kept, cost, losses = [], [], []
     for threshold in candidates:
         exit_index, labels = decide(threshold)
-        cost.append(float(layers[exit_index[fit]].mean()))
+        spent = fit_cost(threshold, exit_index)
+        if spent >= fallback - 1e-9:
+            continue
+        kept.append(threshold)
+        cost.append(spent)
         losses.append((last_right & (labels != gold))[calibration].numpy().astype(np.int64))
-    chosen, tested = learn_then_test(np.array(cost), np.stack(losses), epsilon, delta)
-    last = 1.0 if isinstance(candidates[0], (int, float)) else [1.0] * len(candidates[0])
+    candidates = kept
+    chosen, tested = learn_then_test(np.array(cost), np.stack(losses), epsilon, delta) if kept else (None, [])
     return Certificate(threshold=last if chosen is None else _rounded(candidates[chosen]),
                        certified=chosen is not None, epsilon=epsilon, delta=delta, fit_examples=len(fit),
                        calibration_examples=len(calibration),

@@ -344,7 +344,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
               f"dev accuracy {point.dev['accuracy']:.4f} at {point.dev['speedup_layers']:.2f}x)", file=sys.stderr)
     elif point:
         print(f"threshold {_thresholds_text(point.threshold)} chosen on dev: accuracy {point.dev['accuracy']:.4f} at "
-              f"{point.dev['speedup_layers']:.2f}x", file=sys.stderr)
+              f"{point.dev['speedup_layers']:.2f}x" + (f" ({point.policy}: {point.chosen_by})"
+                                                       if point.policy != (args.policy or "confidence") else ""),
+              file=sys.stderr)
     if point and point.certified is not None:
         print(_certificate_line(point.certificate), file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)

@@ -8,6 +8,7 @@ layers of the deepest exit plus one head.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -65,16 +66,19 @@ class FlopCost:
         """FLOPs of one layer for each example length: [n]."""
         return np.array([self._layer(int(t)) for t in lengths], dtype=np.float64)
 
-    def to_exit(self, lengths: np.ndarray) -> np.ndarray:
+    def to_exit(self, lengths: np.ndarray, heads: Sequence[bool] | None = None) -> np.ndarray:
         """[exits, n]: FLOPs an example of each length has spent when it leaves at each exit.
 
         Early exit: layers up to the exit plus every head evaluated so far. Cascade: each earlier
-        model's layers and head too, since a later model recomputes from the input.
+        model's layers and head too, since a later model recomputes from the input. ``heads`` (default
+        all): which exits' heads run (`frugalnlp.early_exit.policies.heads_run`); a skipped cascade model
+        costs nothing.
         """
         per_layer = self.layer_flops(lengths)
         head = self.head_flops()
-        heads_so_far = np.arange(1, self.model.num_exits + 1, dtype=np.float64)
-        layers = np.array(self.model.layers_to_exit, dtype=np.float64)
+        run = np.ones(self.model.num_exits) if heads is None else np.asarray(heads, dtype=np.float64)
+        heads_so_far = np.cumsum(run)
+        layers = np.array(self.model.layers_to_exit(heads), dtype=np.float64)
         return layers[:, None] * per_layer[None, :] + heads_so_far[:, None] * head
 
     def full(self, lengths: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from frugalnlp.cost import FlopCost
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.ensemble import ExitEnsemble, fit_class_bias, fit_exit_ensemble
-from frugalnlp.early_exit.policies import ExitPolicy, check_policy, exit_step, make_policy
+from frugalnlp.early_exit.policies import ExitPolicy, check_policy, exit_step, heads_run, make_policy
 from frugalnlp.early_exit.router import ExitRouter, cross_fit, fit_exit_router
 from frugalnlp.encoding import EncodedSplit, batches, encode_split
 from frugalnlp.errors import FrugalError
@@ -117,11 +117,14 @@ class CurvePoint:
 
 @dataclass(frozen=True)
 class DevChoice:
-    """The dev point chosen to operate at (`choose_operating_point`): ``certified`` is None when the choice
-    is not certified, else whether Learn-then-Test certified it (its record in ``certificate``); ``router``
-    is the learned policy's router to deploy with it."""
+    """The dev point chosen to operate at (`choose_operating_point`) and the ``policy`` to deploy it with (the
+    one asked for, or ``per-exit`` when one of the model's fixed exits is better on dev: its thresholds send
+    every row to that exit). ``certified`` is None when the choice is not certified, else whether
+    Learn-then-Test certified it (its record in ``certificate``); ``router`` is the learned policy's router
+    to deploy with it."""
 
     point: CurvePoint
+    policy: str
     certified: bool | None = None
     certificate: dict | None = None
     router: ExitRouter | None = None
@@ -148,11 +151,10 @@ class SplitScores:
                  lengths: np.ndarray, ensemble: ExitEnsemble | None = None) -> None:
         self.model, self.exit_logits, self.gold, self.ensemble = model, exit_logits, gold, ensemble
         self.lengths = lengths
-        cost = FlopCost(model)
-        self.flops_to_exit = cost.to_exit(lengths)  # [exits, n]
-        self.full_flops = cost.full(lengths).sum()
+        self.cost = FlopCost(model)
+        self._flops: dict[tuple[bool, ...], np.ndarray] = {}  # FLOPs to each exit [exits, n] by the heads run
+        self.full_flops = self.cost.full(lengths).sum()
         self.depth = model.config.exit_layers[-1]
-        self.layers_to_exit = torch.tensor(model.layers_to_exit, dtype=torch.float64)
         self.router: ExitRouter | None = None  # the one to deploy
         self.routes: list[tuple[ExitRouter, np.ndarray]] = []
 
@@ -178,22 +180,42 @@ class SplitScores:
         self.router = router
         self.routes = [] if router is None else [(router, np.arange(len(self.gold)))]
 
+    def exit_policy(self, policy: str, threshold: float | list[float], router: ExitRouter | None = None) -> ExitPolicy:
+        """``policy`` at ``threshold`` on this split's model and ensemble (the learned one with ``router``, by
+        default the deployed one)."""
+        return make_policy(policy, threshold, self.model.num_exits, self.ensemble,
+                           (router or self.router) if policy == "learned" else None)
+
     def decide(self, policy: str, threshold: float | list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's exit index and answer [n] under ``policy`` at ``threshold``, by `replay`."""
-        model = self.model
+        temperatures = self.model.temperatures
         if policy != "learned":
-            return replay(self.exit_logits, model.temperatures, make_policy(policy, threshold, model.num_exits,
-                                                                           self.ensemble))
+            return replay(self.exit_logits, temperatures, self.exit_policy(policy, threshold))
         if not self.routes:
             raise FrugalError("the learned policy needs a router: fit one on dev first")
         n = len(self.gold)
         exit_index, labels = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
         for router, rows in self.routes:
             rows = torch.as_tensor(rows)
-            exit_index[rows], labels[rows] = replay(self.exit_logits[:, rows], model.temperatures,
-                                                    make_policy(policy, threshold, model.num_exits, self.ensemble,
-                                                                router))
+            exit_index[rows], labels[rows] = replay(self.exit_logits[:, rows], temperatures,
+                                                    self.exit_policy(policy, threshold, router))
         return exit_index, labels
+
+    def layers_to_exit(self, policy: str, threshold: float | list[float]) -> list[int]:
+        """Layers run by a row leaving at each exit under ``policy`` at ``threshold`` (a cascade skips the
+        models the policy never uses)."""
+        return self.model.layers_to_exit(self._heads(policy, threshold))
+
+    def _heads(self, policy: str, threshold: float | list[float]) -> tuple[bool, ...]:
+        if policy == "learned":  # every early exit once any row may leave, whichever router scores it
+            return tuple(heads_run(make_policy("confidence", threshold, self.model.num_exits, self.ensemble),
+                                   self.model.num_exits))
+        return tuple(heads_run(self.exit_policy(policy, threshold), self.model.num_exits))
+
+    def _flops_to_exit(self, heads: tuple[bool, ...]) -> np.ndarray:
+        if heads not in self._flops:
+            self._flops[heads] = self.cost.to_exit(self.lengths, heads)  # [exits, n]
+        return self._flops[heads]
 
     def subset(self, rows: np.ndarray | None = None) -> SplitScores:
         """These scores for ``rows`` only (default: all, a copy to give another router); no router."""
@@ -206,12 +228,15 @@ class SplitScores:
         """The curve point of ``policy`` at ``threshold`` on this split."""
         model = self.model
         exit_index, labels = self.decide(policy, threshold)
+        heads = self._heads(policy, threshold)
+        layers = torch.tensor(model.layers_to_exit(heads), dtype=torch.float64)
+        flops = self._flops_to_exit(heads)
         return CurvePoint(
             threshold=round(float(threshold), 6) if isinstance(threshold, (int, float))
             else [round(float(t), 6) for t in threshold],
             **scores(labels, self.gold, model.config.num_labels),
-            layers_share=float(self.layers_to_exit[exit_index].mean()) / self.depth,
-            flops_share=float(self.flops_to_exit[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops),
+            layers_share=float(layers[exit_index].mean()) / self.depth,
+            flops_share=float(flops[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops),
             exit_histogram=torch.bincount(exit_index, minlength=model.num_exits).tolist())
 
 
@@ -463,13 +488,14 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
             read.use_router(chosen.router)
         else:
             read = reported_split
-        reported = read.point(policy, chosen.point.threshold)
-        operating = {"chosen_on": "dev", "target_speedup": target_speedup, "max_drop": max_drop, "risk": risk,
+        reported = read.point(chosen.policy, chosen.point.threshold)
+        operating = {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target_speedup,
+                     "max_drop": max_drop, "risk": risk,
                      "certified": chosen.certified, "certificate": chosen.certificate,
                      "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: reported.to_dict(),
                      # against the full model, whatever the policy answers with
                      f"{split}_drop": fixed[-1]["accuracy"] - reported.accuracy}
-    oracle = Oracle(logits, gold, model.layers_to_exit, depth)
+    oracle = Oracle(logits, gold, model.layers_to_exit(), depth)
     ceiling_curve = learnable_ceiling(reported_split)
 
     def per_exit(scored: SplitScores) -> Callable[[float], CurvePoint] | None:
@@ -510,7 +536,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                                     lambda s: accuracy_at_speedup(ceiling_curve, s)),
               # The same on dev, where recipes may be compared and chosen without touching test.
               "dev_comparison": compare(dev_curve, dev_curve, exit_scores(model, dev_logits, dev_gold), dev_base["static"],
-                                        Oracle(dev_logits, dev_gold, model.layers_to_exit, depth), speedups,
+                                        Oracle(dev_logits, dev_gold, model.layers_to_exit(), depth), speedups,
                                         per_exit(dev), dev_base["fixed_corrected"], dev_base["static_corrected"]),
               "operating_point": operating,
               "ensemble": None if fitted is None else {
@@ -580,7 +606,8 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
     `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
     certifies (`frugalnlp.certify`). For the learned policy the choice's ``router`` is the router to
     deploy: dev's, or with ``risk`` one fitted on the fit part alone. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
-    thresholds searched on the fit part at a ladder of target speedups."""
+    thresholds searched on the fit part at a ladder of target speedups. Uncertified, a fixed exit of the model
+    that beats the policy's point on dev is deployed instead (`_unless_fixed_exit`)."""
     if risk is not None:
         fit, _ = split_dev(len(dev.gold))
         scored, candidates = dev, [p.threshold for p in dev_curve]
@@ -595,14 +622,44 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
             candidates = ([[t] * (dev.model.num_exits - 1) for t in candidates]
                           + [search_per_exit(part, curve, target_speedup=s, grid=51).threshold for s in ladder])
         model = dev.model
-        certificate = certify_threshold(dev.exit_logits, dev.gold, model.temperatures, model.layers_to_exit, max_drop,
+        certificate = certify_threshold(dev.exit_logits, dev.gold, model.temperatures,
+                                        lambda threshold: scored.layers_to_exit(policy, threshold), max_drop,
                                         risk, policy=policy, candidates=candidates,
                                         decide=lambda threshold: scored.decide(policy, threshold))
-        return DevChoice(scored.point(policy, certificate.threshold), certificate.certified, certificate.to_dict(),
-                         scored.router)
+        return DevChoice(scored.point(policy, certificate.threshold), policy, certificate.certified,
+                         certificate.to_dict(), scored.router)
     if policy == "per-exit":
-        return DevChoice(search_per_exit(dev, dev_curve, target_speedup, max_drop))
-    return DevChoice(choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), router=dev.router)
+        chosen = DevChoice(search_per_exit(dev, dev_curve, target_speedup, max_drop), policy)
+    else:
+        chosen = DevChoice(choose_threshold(dev_curve, target_speedup=target_speedup, max_drop=max_drop), policy,
+                           router=dev.router)
+    return _unless_fixed_exit(chosen, dev, last_exit_accuracy(dev_curve), target_speedup, max_drop)
+
+
+def fixed_exit_thresholds(num_exits: int, exit_index: int) -> list[float]:
+    """Per-exit thresholds that send every row to early exit ``exit_index``: 1 before it (never looked at, so
+    not even computed), 0 at it."""
+    return [1.0] * exit_index + [0.0] + [1.0] * (num_exits - 2 - exit_index)
+
+
+def _unless_fixed_exit(chosen: DevChoice, dev: SplitScores, last_accuracy: float, target_speedup: float | None,
+                       max_drop: float | None) -> DevChoice:
+    """``chosen``, or the model's fixed exit that beats it on dev: at ``target_speedup`` or faster with a
+    better dev accuracy, or within ``max_drop`` of ``last_accuracy`` (the last exit's, as the policy answers
+    there) and faster. So no deployed point is below its own model's fixed exit at the same cost on dev."""
+    n = dev.model.num_exits
+    best = chosen.point
+    for k in range(n - 1):
+        fixed = dev.point("per-exit", fixed_exit_thresholds(n, k))
+        if target_speedup is not None:
+            better = fixed.speedup_layers >= target_speedup - 1e-9 and (fixed.accuracy, fixed.speedup_layers) > (
+                best.accuracy, best.speedup_layers)
+        else:
+            better = fixed.accuracy >= last_accuracy - max_drop - 1e-12 and (fixed.speedup_layers, fixed.accuracy) > (
+                best.speedup_layers, best.accuracy)
+        if better:
+            best = fixed
+    return chosen if best is chosen.point else DevChoice(best, "per-exit")
 
 
 def corrected_logits(exit_logits: torch.Tensor, temperatures: list[float], bias: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from frugalnlp.defaults import THRESHOLD
+from frugalnlp.early_exit.cascade import cascade_layers_to_exit
 from frugalnlp.early_exit.config import EarlyExitConfig
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.errors import FrugalError
@@ -175,7 +177,7 @@ def export_model(model, folder: str | Path, quantize: str | None = None, optimiz
             _quantize(folder / sub, names)
         graphs += [str(Path(sub) / n) for n in names]
     manifest = {"kind": KIND, "precision": quantize or "fp32", "cascade": cascade, "graphs": graphs,
-                "exit_layers": model.exit_layers, "layers_to_exit": model.layers_to_exit,
+                "exit_layers": model.exit_layers, "layers_to_exit": model.layers_to_exit(),
                 "temperatures": model.temperatures}
     write_json(folder / EXPORT, manifest)
     return manifest
@@ -310,7 +312,6 @@ class OnnxModel:
         deepest = Path(self.manifest["graphs"][-1]).parent if self.cascade else Path()
         self.config = EarlyExitConfig.from_pretrained(self.folder / deepest)
         self.exit_layers = list(self.manifest["exit_layers"])
-        self.layers_to_exit = list(self.manifest["layers_to_exit"])
         self.temperatures = list(self.manifest["temperatures"])
         options = ort.SessionOptions()
         if _shared_thread_pool(threads or torch.get_num_threads()):
@@ -330,6 +331,11 @@ class OnnxModel:
     @property
     def num_exits(self) -> int:
         return len(self.sessions)
+
+    def layers_to_exit(self, heads: Sequence[bool] | None = None) -> list[int]:
+        """Layers an example has run when it leaves at each exit, as for the torch model (`EarlyExitModel` /
+        `Cascade`'s ``layers_to_exit``)."""
+        return cascade_layers_to_exit(self.exit_layers, heads) if self.cascade else self.exit_layers
 
     @property
     def precision(self) -> str:

@@ -129,15 +129,19 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
 def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy: str,
                     target_speedup: float | None = None, max_drop: float | None = None,
                     risk: float | None = None) -> OperatingPoint:
-    """The run's operating point for a choice made on its dev scores (`frugalnlp.evaluation.operating_threshold`),
-    bound to the run's weights: what `calibrate_run` saves and what `Predictor` keeps when it chooses itself."""
+    """The run's operating point for a choice made on its dev scores (`frugalnlp.evaluation.operating_threshold`)
+    for ``policy`` (deployed as ``chosen.policy``: per-exit thresholds where a fixed exit won on dev), bound to
+    the run's weights: what `calibrate_run` saves and what `Predictor` keeps when it chooses itself."""
     from frugalnlp.report import command_line
 
     how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
     if risk is not None:
         how = f"learn-then-test on dev: max drop {max_drop:g} with risk {risk:g}"
+    if chosen.policy != policy:
+        fixed = chosen.point.exit_histogram.index(max(chosen.point.exit_histogram))
+        how += f"; fixed exit {fixed + 1} (layer {dev.model.exit_layers[fixed]}) beats the {policy} policy there"
     figures = chosen.point.to_dict()
-    return OperatingPoint(policy=policy, threshold=chosen.point.threshold, chosen_by=how,
+    return OperatingPoint(policy=chosen.policy, threshold=chosen.point.threshold, chosen_by=how,
                           dev={k: figures[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
                           model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
                           risk=risk, certified=chosen.certified, certificate=chosen.certificate, command=command_line(),

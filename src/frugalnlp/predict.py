@@ -73,9 +73,11 @@ class Predictor:
                                                                                      policy, risk),
                                                        policy, target_speedup, max_drop, risk)
                 threshold, router = self.operating_point.threshold, self.operating_point.router
+                policy = self.operating_point.policy  # per-exit where a fixed exit won on dev
         self.ensemble, self.router = fitted, router
         self.threshold = threshold
-        self.args.update(threshold=threshold, ensemble=fitted if fitted is not None else False, router=router)
+        self.args.update(policy=policy, threshold=threshold, ensemble=fitted if fitted is not None else False,
+                         router=router)
         self.policy_name = policy
         self.policy = make_policy(policy, threshold, self.model.num_exits, fitted, router)
         self.max_length = trained.spec.max_length

@@ -45,7 +45,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from frugalnlp.backbones.base import used_length
 from frugalnlp.early_exit.modeling import length_runs
-from frugalnlp.early_exit.policies import exit_step, needs_head
+from frugalnlp.early_exit.policies import exit_step, heads_run
 from frugalnlp.errors import FrugalError
 from frugalnlp.predict import Predictor
 
@@ -151,6 +151,8 @@ class ModelWorker:
         self.predictor, self.settings, self.metrics = predictor, settings, metrics
         self.model, self.policy = predictor.model, predictor.policy
         self.temperatures = self.model.temperatures  # a property that builds its list: read once, not per segment
+        self.heads = heads_run(self.policy, self.model.num_exits)
+        self.layers_to_exit = self.model.layers_to_exit(self.heads)
         self.last = self.model.num_exits - 1
         self.inbox: deque[tuple[Job, int, float]] = deque()  # texts not started: (job, row, arrival)
         self.queues: list[deque[Group]] = [deque() for _ in range(self.model.num_exits)]  # [0] unused
@@ -285,7 +287,7 @@ class ModelWorker:
         """Run segment ``e`` on a group; rows that leave are answered, the others queue at exit e+1."""
         self.metrics.batch_rows.labels(str(self.model.exit_layers[e])).observe(len(group.owners))
         model = self.model
-        state, logits = model.advance(e, group.state, head=needs_head(self.policy, e, model.num_exits))
+        state, logits = model.advance(e, group.state, head=self.heads[e])
         if logits is None:
             self._enqueue(e + 1, Group(state, group.policy_state, group.owners, time.perf_counter()))
             return
@@ -309,7 +311,7 @@ class ModelWorker:
             return
         probs = logits.softmax(-1)
         labels, confidence = probs.argmax(-1).tolist(), probs.amax(-1).tolist()
-        p, layers_to_exit = self.predictor, self.model.layers_to_exit
+        p, layers_to_exit = self.predictor, self.layers_to_exit
         finished = []
         for (job, i), label, conf, e in zip(rows, labels, confidence, exit_index.tolist()):
             job.results[i] = {"label": p.id2label[label], "confidence": round(conf, 6),

@@ -3,15 +3,18 @@
 Model k is its own encoder truncated to exit_layers[k] layers, fine-tuned alone. At inference the
 rows that model k is not confident about go to model k+1, which recomputes from the input: an
 example that leaves at model k has run exit_layers[0] + ... + exit_layers[k] layers, and that
-overhead is what `layers_to_exit` reports.
+overhead is what `layers_to_exit` reports (a model whose exit the policy never uses is skipped, and
+costs nothing: a fixed exit k runs model k alone).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +29,13 @@ if TYPE_CHECKING:
     from frugalnlp.export import OnnxModel
 
 MANIFEST = "cascade.json"
+
+
+def cascade_layers_to_exit(exit_layers: Sequence[int], heads: Sequence[bool] | None = None) -> list[int]:
+    """Layers an example of a cascade has run when it leaves at each exit: every earlier model that ran
+    included (all of them, or those whose head ``heads`` says runs: a skipped model costs nothing)."""
+    run = [True] * len(exit_layers) if heads is None else heads
+    return np.cumsum([k if h else 0 for k, h in zip(exit_layers, run)]).tolist()
 
 
 class Tokens(NamedTuple):
@@ -49,10 +59,9 @@ class Cascade:
     def exit_layers(self) -> list[int]:
         return [m.config.exit_layers[-1] for m in self.models]
 
-    @property
-    def layers_to_exit(self) -> list[int]:
-        """Layers an example has run when it leaves at each exit (earlier models included)."""
-        return torch.tensor(self.exit_layers).cumsum(0).tolist()
+    def layers_to_exit(self, heads: Sequence[bool] | None = None) -> list[int]:
+        """Layers an example has run when it leaves at each exit: `cascade_layers_to_exit`."""
+        return cascade_layers_to_exit(self.exit_layers, heads)
 
     @property
     def temperatures(self) -> list[float]:

@@ -134,6 +134,9 @@ class EnsembledPolicy(ExitPolicy):
     def never_leaves_early(self) -> bool:
         return self.inner.never_leaves_early
 
+    def uses_exit(self, exit_index: int) -> bool:
+        return True  # every later exit's mix reads this exit's log-probs, even where no row may leave
+
     def start(self, batch_size: int, device: torch.device) -> torch.Tensor:
         exits, labels = self.ensemble.bias.shape
         history = torch.zeros(batch_size, exits * labels, device=device)

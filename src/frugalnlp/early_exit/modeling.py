@@ -6,6 +6,7 @@ exit, drops the rows whose policy says leave, so the rest continue as a smaller 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -20,7 +21,7 @@ from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import Backbone, State, backbone_for
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.config import RECIPE_FIELDS, EarlyExitConfig, ExitRecipe
-from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy, exit_step, needs_head
+from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy, exit_step, heads_run, needs_head
 from frugalnlp.errors import FrugalError
 
 
@@ -219,7 +220,7 @@ def adaptive_predict(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
             break
         if departures.dropped:
             state = model.keep_rows(state, stay)
-    return departures.prediction(model.layers_to_exit)
+    return departures.prediction(model.layers_to_exit(heads_run(policy, model.num_exits)))
 
 
 def _advance_packed(model, exit_index: int, state, head: bool, max_tokens: int,
@@ -284,9 +285,9 @@ class EarlyExitModel(PreTrainedModel):
         """1-based layer after which each exit sits."""
         return list(self.config.exit_layers)
 
-    @property
-    def layers_to_exit(self) -> list[int]:
-        """Layers an example has run when it leaves at each exit."""
+    def layers_to_exit(self, heads: Sequence[bool] | None = None) -> list[int]:
+        """Layers an example has run when it leaves at each exit (the backbone runs every layer, whichever
+        ``heads`` run: see `frugalnlp.early_exit.policies.heads_run`)."""
         return self.exit_layers
 
     @property

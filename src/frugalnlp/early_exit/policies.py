@@ -58,6 +58,11 @@ class ExitPolicy:
         """True when no row can leave before the last exit: inference may skip the early heads."""
         return self.threshold >= 1.0
 
+    def uses_exit(self, exit_index: int) -> bool:
+        """Whether this policy needs early exit ``exit_index``'s logits (when not, its head is skipped, and a
+        cascade skips the member altogether)."""
+        return not self.never_leaves_early
+
     def reaches(self, score: torch.Tensor) -> torch.Tensor:
         """score >= threshold, except that threshold 1 never leaves (a saturated softmax reaches 1.0)."""
         if self.threshold >= 1.0:
@@ -125,6 +130,10 @@ class PerExitPolicy(ExitPolicy):
     @property
     def never_leaves_early(self) -> bool:
         return all(t >= 1.0 for t in self.thresholds)
+
+    def uses_exit(self, exit_index: int) -> bool:
+        # a fixed exit k is thresholds [1, .., 1, 0]: the exits before it are never looked at
+        return self.thresholds[exit_index] < 1.0
 
     def step(self, logits, state, exit_index):
         threshold = self.thresholds[exit_index]
@@ -194,5 +203,11 @@ def exit_step(policy: ExitPolicy, exit_index: int, num_exits: int, logits: torch
 
 
 def needs_head(policy: ExitPolicy, exit_index: int, num_exits: int) -> bool:
-    """Whether exit ``exit_index``'s head must run: at the last exit always; before it, only if a row may leave."""
-    return exit_index == num_exits - 1 or not policy.never_leaves_early
+    """Whether exit ``exit_index``'s head must run: at the last exit always; before it, only if the policy
+    uses that exit (a row may leave there, or a later decision reads its logits)."""
+    return exit_index == num_exits - 1 or policy.uses_exit(exit_index)
+
+
+def heads_run(policy: ExitPolicy, num_exits: int) -> list[bool]:
+    """`needs_head` at every exit: what an example's cost depends on besides where it leaves."""
+    return [needs_head(policy, e, num_exits) for e in range(num_exits)]
