@@ -1,4 +1,4 @@
-"""`frugalnlp bench --quick` on the real embedded model: structure and sanity, never absolute times."""
+"""`frugalnlp bench --quick`: structure and sanity, never absolute times (tiny runs; the embedded model: --run-slow)."""
 
 import json
 
@@ -7,10 +7,7 @@ import pytest
 from conftest import run_cli
 
 
-def test_quick_bench_writes_side_by_side_ratios(tmp_path, capsys):
-    out = tmp_path / "bench.json"
-    status, stdout, err = run_cli(["bench", "--quick", "--json", out], capsys)
-    assert status == 0, err
+def check_quick_bench(out, stdout) -> None:
     results = json.loads(out.read_text())
     assert set(results["batch_sizes"]) == {"1", "32"}
     assert results["tokenize_seconds"] > 0
@@ -25,6 +22,26 @@ def test_quick_bench_writes_side_by_side_ratios(tmp_path, capsys):
         for point in row["cascade"]:
             assert 0 < point["predicted_cost"] and point["measured_cost"] > 0
     assert "plain HF forward" in stdout and "early exit, threshold 1" in stdout
+
+
+def test_quick_bench_writes_side_by_side_ratios(tiny_run, tiny_dir, tmp_path, capsys):
+    cascade = tmp_path / "mm"
+    status, _, err = run_cli(["train", "--task", "mr", "--model", tiny_dir, "--method", "multi-model", "--exit-layers",
+                              "1,2,4", "--train-size", "48", "--epochs", "1", "--max-length", "24", "--output", cascade],
+                             capsys)
+    assert status == 0, err
+    out = tmp_path / "bench.json"
+    status, stdout, err = run_cli(["bench", "--quick", "--run", tiny_run, "--cascade-run", cascade, "--json", out], capsys)
+    assert status == 0, err
+    check_quick_bench(out, stdout)
+
+
+@pytest.mark.slow  # trains a joint and a multi-model run of the embedded MiniLM: a minute on 2 cores
+def test_quick_bench_trains_and_times_the_embedded_model(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    status, stdout, err = run_cli(["bench", "--quick", "--json", out], capsys)
+    assert status == 0, err
+    check_quick_bench(out, stdout)
 
 
 @pytest.mark.slow  # twelve graph exports: a minute and more on 2 cores
