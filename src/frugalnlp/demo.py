@@ -6,7 +6,7 @@ Multi-Model run: its members alone are the static frontier (and its last member 
 full-depth model), and it teaches the variants that distil from a teacher.
 
 Every (variant, policy) pair is a candidate (``--policies``, each ``POLICY`` or ``POLICY+ensemble``),
-chosen on dev together; ``--certify`` adds each variant's Learn-then-Test points with their test drops.
+chosen on dev together; ``--certify`` adds each candidate's Learn-then-Test points with their test drops.
 
 A variant is ``METHOD[:key=value...]`` with METHOD one of joint, sweet, two-stage, multi-model and
 keys boundary-grad, distill (self or teacher), distill-alpha, distill-temperature, exit-weights,
@@ -31,8 +31,8 @@ from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.early_exit.policies import check_policy
-from frugalnlp.evaluation import (CurvePoint, accuracy_at_speedup, check_operating_target, evaluate_run, evaluation_dir,
-                                  table_speedups)
+from frugalnlp.evaluation import (CurvePoint, accuracy_at_speedup, certified_point, check_operating_target, evaluate_run,
+                                  evaluation_dir, static_frontier, table_speedups)
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_spec_task
@@ -56,7 +56,7 @@ class DemoSpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     # exit policies, each as POLICY or POLICY+ensemble; every (variant, policy) pair is a candidate on dev
     policies: list[str] = field(default_factory=lambda: ["confidence"])
-    certify: list[float] = field(default_factory=list)  # max drops ε certified (Learn-then-Test) for each variant
+    certify: list[float] = field(default_factory=list)  # max drops ε certified (Learn-then-Test) for each candidate
     risk: float = 0.1  # δ of those certificates
 
 
@@ -165,7 +165,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     # one candidate per (variant, policy); with the confidence policy alone, named by the variant
     candidates = {_candidate(v, p, len(policies)): (v, p) for v in names for p in policies}
     variants = {c: _Variant(specs[v]) for c, (v, _) in candidates.items()}
-    certified: dict[str, dict[str, list[dict]]] = {v: {f"{eps:g}": [] for eps in spec.certify} for v in names}
+    certified: dict[str, dict[str, list[dict]]] = {c: {f"{eps:g}": [] for eps in spec.certify} for c in candidates}
     for v, variant_spec in specs.items():
         if variant_spec.method == "plain":
             raise FrugalError(f"demo variant '{v}': plain has no exits (the static frontier is trained anyway)")
@@ -199,8 +199,9 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                 if v == STATIC and policy == policies[0]:
                     static_by_seed[seed] = evaluation["baselines"]["static"]
                     static_corrected_by_seed[seed] = evaluation["baselines"]["static_corrected"]
-            for eps in spec.certify:
-                certified[v][f"{eps:g}"].append(_certified(run, static_run, eps, spec.risk))
+                for eps in spec.certify:
+                    certified[_candidate(v, policy, len(policies))][f"{eps:g}"].append(
+                        _certified(run, *policy, eps, spec.risk))
 
     summary = {"task": base.task or Path(base.train_file).stem, "model": base.model, "seeds": list(seeds),
                "train_size": base.train_size, "epochs": base.epochs, "max_length": base.max_length,
@@ -210,7 +211,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                "oracle": _best_oracle(oracles, len(seeds)), "policies": list(spec.policies),
                "methods": {c: {**variant.summary(), "variant": candidates[c][0], "policy": _policy_name(candidates[c][1])}
                            for c, variant in variants.items()},
-               "certified": {"risk": spec.risk, "per_variant": certified} if spec.certify else None}
+               "certified": {"risk": spec.risk, "per_candidate": certified} if spec.certify else None}
     summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"])
     summary["seconds"] = time.perf_counter() - started
     summary["command"] = command_line()
@@ -253,15 +254,19 @@ def _evaluation(run: Path, static_run: Path, policy: str = "confidence", ensembl
     return evaluation
 
 
-def _certified(run: Path, static_run: Path, epsilon: float, risk: float) -> dict:
-    """The run's Learn-then-Test point at max drop ``epsilon`` (confidence policy): dev and test speedups and
-    the drop the test split realises against the last exit."""
-    out = evaluation_dir(run, "test", f"confidence-certified-{epsilon:g}-{risk:g}")
-    saved = out / "curve.json"
-    evaluation = (json.loads(saved.read_text()) if saved.exists()
-                  else evaluate_run(run, split="test", static=[str(static_run)], overwrite=True, output=out,
-                                    max_drop=epsilon, risk=risk)[1])
-    point = evaluation["operating_point"]
+def _certified(run: Path, policy: str, ensemble: bool, epsilon: float, risk: float) -> dict:
+    """The run's Learn-then-Test point for ``policy`` at max drop ``epsilon``: dev and test speedups and the drop
+    the test split realises against the last exit (computed once, then read from the run's evaluations)."""
+    out = evaluation_dir(run, "test", f"{policy}{'+ensemble' if ensemble else ''}-certified-{epsilon:g}-{risk:g}")
+    saved, earlier = out / "certified.json", out / "curve.json"  # curve.json: a demo that ran a full evaluation
+    if saved.exists():
+        point = json.loads(saved.read_text())
+    elif earlier.exists():
+        point = json.loads(earlier.read_text())["operating_point"]
+    else:
+        point = certified_point(run, policy, ensemble, epsilon, risk)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(saved, point)
     return {"certified": point["certified"], "threshold": point["threshold"],
             "dev_speedup": point["dev"]["speedup_layers"], "test_speedup": point["test"]["speedup_layers"],
             "test_accuracy": point["test"]["accuracy"], "test_drop_points": 100 * point["test_drop"]}
@@ -269,14 +274,16 @@ def _certified(run: Path, static_run: Path, epsilon: float, risk: float) -> dict
 
 def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, low: float = 1.5, high: float = 3.0,
                   tolerance: float = 0.5) -> dict:
-    """What to deploy, chosen on dev only (means over seeds).
+    """What to deploy, chosen on dev only (means over seeds); test figures are read at the choice, never used.
 
-    The variant: the largest worst-case gain over the static frontier at the target speedups in [low, high],
-    among variants whose last exit is within ``tolerance`` points of the plain model on dev (all variants
-    if none is). Then, at each target, the answer may be no: among that variant's adaptive point, its
-    fixed exit at that cost (where it has one) and the static frontier (``static``: the truncated models
-    alone), the best on dev is recommended, so that nothing deployed is below a static model or a fixed
-    exit of the same cost on dev; where the static frontier wins, the static model to train is named.
+    Eligible candidates ((recipe, policy) pairs): those whose last exit is within ``tolerance`` points of the
+    plain model on dev (all if none is). ``variant``: the one recipe and policy for every target, with the
+    largest worst-case dev gain over the static frontier at the target speedups in [low, high]. Then at each
+    target the answer may be no: among every eligible candidate's adaptive point, its fixed exit at that cost
+    (where it has one) and the static frontier (``static``: the truncated models alone, mean test points),
+    the best on dev is recommended (on a tie the simpler: static, then a fixed exit), so nothing deployed is
+    below a static model or a fixed exit of the same cost on dev; where the static frontier wins, the static
+    model to train is named. Each target reports the recommendation's test accuracy and gain over static.
     """
     def in_range(row: dict) -> bool:
         return low - 1e-9 <= row["speedup"] <= high + 1e-9
@@ -291,37 +298,52 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, lo
 
     candidates = [v for v, m in methods.items() if last_ok(m)] or list(methods)
     best = max(candidates, key=lambda v: worst_gain(methods[v]))
-    is_static = methods[best].get("variant", best) == STATIC
-    per_target = [_choice_at(best, row, static, is_static) for row in methods[best]["dev_comparison"] if in_range(row)]
+    targets = [row["speedup"] for row in methods[best]["dev_comparison"] if in_range(row)]
+    per_target = [_choice_at(speedup, {c: methods[c] for c in candidates}, static) for speedup in targets]
     adaptive = [c["speedup"] for c in per_target if c["choice"] == "adaptive"]
     if len(adaptive) == len(per_target):
-        verdict = f"{best} beats the static frontier and its fixed exits on dev at every target"
+        verdict = "an adaptive candidate beats the static frontier and its fixed exits on dev at every target"
     elif not adaptive:
         verdict = "no adaptive candidate beats the static frontier on dev at any target: use the models named below"
     else:
-        verdict = f"{best} on dev at {', '.join(f'{s:g}x' for s in adaptive)} only; elsewhere the models named below"
+        verdict = (f"an adaptive candidate on dev at {', '.join(f'{s:g}x' for s in adaptive)} only; elsewhere the "
+                   "models named below")
     return {"variant": best, "criterion": f"max over variants of min over target speedups {low:g}x-{high:g}x of the "
                                          f"mean dev gain over static; last exit within {tolerance:g} pt of plain on dev",
             "dev_worst_gain_points": {v: worst_gain(methods[v]) for v in methods},
             "eligible": candidates, "per_target": per_target, "verdict": verdict}
 
 
-def _choice_at(variant: str, row: dict, static: list[dict] | None, is_static: bool = False) -> dict:
-    """At one target speedup: the variant's adaptive point, its fixed exit or the static frontier, best on dev."""
-    def mean(cell: list[float] | None) -> float | None:
-        return None if cell is None else cell[0]
+def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | None) -> dict:
+    """At one target speedup: the static frontier, a candidate's fixed exit or a candidate's adaptive point,
+    whichever gains most over the static frontier on dev (each read at its own cost; a tie goes to the
+    simpler), with its test gain over static read at the same choice."""
+    def cell(m: dict, key: str, split: str = "dev_comparison") -> float | None:
+        row = next((r for r in m.get(split, []) if abs(r["speedup"] - speedup) < 1e-9), None)
+        return None if row is None or row[key] is None else row[key][0]
 
-    options = [("adaptive", f"{variant} (threshold chosen on dev)", mean(row["adaptive"]))]
-    if mean(row["fixed_exit"]) is not None:
-        fixed = (_static_models(static, row["speedup"]) if is_static  # a cascade's member is a static model
-                 else f"{variant}'s exit at {row['speedup']:g}x, every example")
-        options.append(("fixed exit", fixed, mean(row["fixed_exit"])))
-    if mean(row["static"]) is not None:
-        options.append(("static", _static_models(static, row["speedup"]), mean(row["static"])))
-    choice, what, accuracy = max((o for o in options if o[2] is not None), key=lambda o: o[2],
-                                 default=options[0])
-    return {"speedup": row["speedup"], "choice": choice, "deploy": what, "dev_accuracy": accuracy,
-            "dev_gain_over_static": mean(row["gain_over_static"])}
+    def points(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else 100 * (a - b)
+
+    test_static = static_frontier(static, speedup) if static else None
+    options = [("static", "static", _static_models(static, speedup), 0.0, None, 0.0)]
+    for c, m in methods.items():
+        fixed = cell(m, "fixed_exit")
+        if fixed is not None:
+            is_static = m.get("variant", c) == STATIC  # a cascade's member alone is a static model
+            options.append(("fixed exit", c, _static_models(static, speedup) if is_static
+                            else f"{c}'s exit at {speedup:g}x, every example",
+                            points(fixed, cell(m, "static")), fixed, points(cell(m, "fixed_exit", "comparison"),
+                                                                           test_static)))
+    for c, m in methods.items():
+        options.append(("adaptive", c, f"{c} (threshold chosen on dev)", cell(m, "gain_over_static"),
+                        cell(m, "adaptive"), cell(m, "gain_over_static", "comparison")))
+    choice, candidate, what, dev_gain, accuracy, test_gain = max((o for o in options if o[3] is not None),
+                                                                 key=lambda o: o[3])
+    if choice == "static":
+        accuracy = next((v for v in (cell(m, "static") for m in methods.values()) if v is not None), None)
+    return {"speedup": speedup, "choice": choice, "candidate": candidate, "deploy": what, "dev_accuracy": accuracy,
+            "dev_gain_over_static": dev_gain, "test_gain_over_static": test_gain}
 
 
 def _static_models(static: list[dict] | None, speedup: float) -> str:
@@ -407,16 +429,18 @@ def format_table(summary: dict) -> str:
         lines += ["", f"Selected on dev: **{selected['variant']}** ({selected['criterion']}). "
                       f"Worst dev gain over static per variant, points: {gains}.", "",
                   f"What to deploy, chosen on dev: {selected['verdict']}.", ""]
-        lines += [f"- {c['speedup']:.2f}x: {c['choice']}: {c['deploy']} (dev accuracy {c['dev_accuracy']:.3f})"
+        lines += [f"- {c['speedup']:.2f}x: {c['choice']}: {c['deploy']} (dev accuracy {c['dev_accuracy']:.3f}"
+                  + ("" if c.get("test_gain_over_static") is None
+                     else f"; on test {c['test_gain_over_static']:+.1f} points over static") + ")"
                   for c in selected.get("per_target", []) if c["dev_accuracy"] is not None]
     if summary.get("certified"):
         risk = summary["certified"]["risk"]
-        lines += ["", f"Certified operating points (Learn-then-Test on dev, confidence policy, risk {risk:g}): per "
-                      "variant and max drop, certified seeds, test speedup and the drop test realised against the "
-                      "last exit (points), mean ± std over seeds:", "",
-                  "| variant | max drop | certified | test speedup | test drop (pts) | worst seed's drop |",
+        lines += ["", f"Certified operating points (Learn-then-Test on dev, risk {risk:g}): per candidate and max "
+                      "drop, certified seeds, test speedup and the drop test realised against the last exit "
+                      "(points), mean ± std over seeds:", "",
+                  "| candidate | max drop | certified | test speedup | test drop (pts) | worst seed's drop |",
                   "|---|---|---|---|---|---|"]
-        for v, by_eps in summary["certified"]["per_variant"].items():
+        for v, by_eps in summary["certified"]["per_candidate"].items():
             for eps, points in by_eps.items():
                 speed, drop = _mean_std([p["test_speedup"] for p in points]), _mean_std([p["test_drop_points"] for p in points])
                 lines.append(f"| {v} | {eps} | {sum(p['certified'] for p in points)}/{len(points)} | "

@@ -482,19 +482,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     bias = fit_class_bias(dev_logits, model.temperatures, dev_gold)
     operating = None
     if target_speedup is not None or max_drop is not None:
-        chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
-        if chosen.router is not None and chosen.router is not dev.router:  # certified: fitted on dev's fit part
-            read = reported_split.subset()
-            read.use_router(chosen.router)
-        else:
-            read = reported_split
-        reported = read.point(chosen.policy, chosen.point.threshold)
-        operating = {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target_speedup,
-                     "max_drop": max_drop, "risk": risk,
-                     "certified": chosen.certified, "certificate": chosen.certificate,
-                     "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: reported.to_dict(),
-                     # against the full model, whatever the policy answers with
-                     f"{split}_drop": fixed[-1]["accuracy"] - reported.accuracy}
+        operating = operating_record(dev, dev_curve, reported_split, split, policy, target_speedup, max_drop, risk)
     oracle = Oracle(logits, gold, model.layers_to_exit(), depth)
     ceiling_curve = learnable_ceiling(reported_split)
 
@@ -550,6 +538,37 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     plot_curves({spec.method: result["points"]}, out.path / "curve.png", title=f"{spec.task} ({split})",
                 baselines=result["baselines"])
     return out.commit(), result
+
+
+def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: SplitScores, split: str, policy: str,
+                     target_speedup: float | None = None, max_drop: float | None = None,
+                     risk: float | None = None) -> dict:
+    """The operating point chosen on dev (`choose_operating_point`; ``dev_curve``: ``policy`` on ``dev``) and what
+    it gives on ``reported``: the ``operating_point`` record of curve.json, with the drop ``split`` realises
+    against the last exit (the full model, whatever the policy answers with)."""
+    chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
+    read = reported
+    if chosen.router is not None and chosen.router is not dev.router:  # certified: fitted on dev's fit part
+        read = reported.subset()
+        read.use_router(chosen.router)
+    point = read.point(chosen.policy, chosen.point.threshold)
+    last = scores(reported.exit_logits[-1].argmax(-1), reported.gold, reported.model.config.num_labels)["accuracy"]
+    return {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target_speedup, "max_drop": max_drop,
+            "risk": risk, "certified": chosen.certified, "certificate": chosen.certificate,
+            "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: point.to_dict(),
+            f"{split}_drop": last - point.accuracy}
+
+
+def certified_point(run: str | Path, policy: str, ensemble: bool, max_drop: float, risk: float,
+                    split: str = "test") -> dict:
+    """The run's Learn-then-Test point for ``policy`` (on an exit ensemble fitted on dev, with ``ensemble``) at
+    ``max_drop`` and ``risk``, read on ``split``: `operating_record` without the rest of `evaluate_run`."""
+    check_operating_target(None, max_drop, risk)
+    trained = load_run(run)
+    dev = dev_scores(trained, ensemble, policy)
+    dev_curve = [dev.point(policy, threshold) for threshold in OPERATING_GRID]
+    return operating_record(dev, dev_curve, split_scores(trained, split, dev.ensemble), split, policy, None, max_drop,
+                            risk)
 
 
 def learnable_ceiling(scored: SplitScores, thresholds: int = 101) -> list[CurvePoint]:
