@@ -108,6 +108,21 @@ def test_a_cascade_is_certified_against_its_last_model_alone():
     assert certificate.tested[0]["threshold"] < max(t for t in CANDIDATES if t < 1.0)
 
 
+def test_the_reference_is_the_last_exit_as_the_policy_answers_there():
+    """An exit ensemble answers at the last exit with its own mix: the drop is certified against that answer
+    (what running to the last exit deploys), not the raw exit's, so the fallback loses nothing."""
+    logits, gold = simulated_exits(DEV, np.random.default_rng(3))
+    mixed = torch.as_tensor(1 - gold)  # the policy's answers, the same at every exit and all wrong
+
+    def decide(threshold):  # threshold < 1: every row at the first exit; 1: every row at the last
+        return torch.full((DEV,), 0 if threshold < 1.0 else 1), mixed
+
+    certificate = certify_threshold(logits, gold, [1.0, 1.0], [1, 2], EPSILON, DELTA, candidates=[0.5, 1.0],
+                                    decide=decide)
+    assert certificate.certified and certificate.threshold == 0.5  # no loss against its own last exit
+    assert certificate.tested[0]["calibration_risk"] == 0.0
+
+
 def test_evaluate_and_predict_deploy_the_certified_point(tiny_run, tmp_path, capsys):
     import json
 

@@ -75,6 +75,8 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
     assert len(seen) == 1 and np.array_equal(seen[0], task.dev.labels)  # dev's labels, never test's
     result = json.loads((tmp_path / "e" / "curve.json").read_text())
     assert len(result["ensemble"]["fixed_exits"]) == 3 and not any(result["ensemble"]["maps"][0][0][2:])  # exit 1 reads itself alone
+    # the oracle is over the ensembled exits the policy decides on: no ensembled exit is above it
+    assert result["baselines"]["oracle_best"] >= max(e["accuracy"] for e in result["ensemble"]["fixed_exits"])
 
     # The fit never raises dev cross-entropy above each exit's own (it starts there).
     predictor = Predictor(tiny_run, threshold=1.0)

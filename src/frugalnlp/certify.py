@@ -5,7 +5,8 @@ point estimate, which a test set misses about half the time. With ``--risk δ`` 
 
 1. dev is split (seeded) into a fit part and a calibration part;
 2. the candidate thresholds are ordered from conservative to aggressive by their cost on the fit part;
-3. on the calibration part each example's loss is 1[last exit right] - 1[its exit right], clipped at 0,
+3. on the calibration part each example's loss is 1[last exit right] - 1[its exit right], clipped at 0
+   (the last exit as the policy answers there: with an exit ensemble, the ensemble's mix at the last exit),
    and each candidate's mean loss gets an exact binomial p-value for "the population loss exceeds ε";
 4. fixed-sequence testing from the most conservative candidate: each is certified while its p-value is at
    most δ, and testing stops at the first that is not;
@@ -115,14 +116,16 @@ def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures:
     candidates = sorted(OPERATING_GRID if candidates is None else candidates, reverse=True)
     fit, calibration = split_dev(len(gold), fit_share, seed)
     gold = torch.as_tensor(gold)
-    last_right = exit_logits[-1].argmax(-1) == gold
 
     def fit_cost(threshold: float | list[float], exit_index: torch.Tensor) -> float:
         layers = layers_to_exit(threshold) if callable(layers_to_exit) else layers_to_exit
         return float(torch.tensor(layers, dtype=torch.float64)[exit_index[fit]].mean())
 
     last = 1.0 if isinstance(candidates[0], (int, float)) else [1.0] * len(candidates[0])
-    fallback = fit_cost(last, decide(last)[0])
+    # the reference is the fallback's own answer (the last exit as the policy answers there: an exit ensemble's
+    # mix), so running to the last exit loses nothing by construction
+    exit_index, labels = decide(last)
+    fallback, last_right = fit_cost(last, exit_index), labels == gold
     kept, cost, losses = [], [], []
     for threshold in candidates:
         exit_index, labels = decide(threshold)

@@ -483,7 +483,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     operating = None
     if target_speedup is not None or max_drop is not None:
         operating = operating_record(dev, dev_curve, reported_split, split, policy, target_speedup, max_drop, risk)
-    oracle = Oracle(logits, gold, model.layers_to_exit(), depth)
+    # over the exits the policy decides on: an ensemble's mixed exits answer differently from the raw ones
+    oracle = Oracle(reported_split.decision_logits(), gold, model.layers_to_exit(), depth)
     ceiling_curve = learnable_ceiling(reported_split)
 
     def per_exit(scored: SplitScores) -> Callable[[float], CurvePoint] | None:
@@ -524,7 +525,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                                     lambda s: accuracy_at_speedup(ceiling_curve, s)),
               # The same on dev, where recipes may be compared and chosen without touching test.
               "dev_comparison": compare(dev_curve, dev_curve, exit_scores(model, dev_logits, dev_gold), dev_base["static"],
-                                        Oracle(dev_logits, dev_gold, model.layers_to_exit(), depth), speedups,
+                                        Oracle(dev.decision_logits(), dev_gold, model.layers_to_exit(), depth), speedups,
                                         per_exit(dev), dev_base["fixed_corrected"], dev_base["static_corrected"]),
               "operating_point": operating,
               "ensemble": None if fitted is None else {
@@ -545,14 +546,15 @@ def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: Sp
                      risk: float | None = None) -> dict:
     """The operating point chosen on dev (`choose_operating_point`; ``dev_curve``: ``policy`` on ``dev``) and what
     it gives on ``reported``: the ``operating_point`` record of curve.json, with the drop ``split`` realises
-    against the last exit (the full model, whatever the policy answers with)."""
+    against the last exit (as the policy answers there: an ensemble's mix, the raw exit otherwise), the
+    reference of ``--max-drop`` and of its certificate."""
     chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
     read = reported
     if chosen.router is not None and chosen.router is not dev.router:  # certified: fitted on dev's fit part
         read = reported.subset()
         read.use_router(chosen.router)
     point = read.point(chosen.policy, chosen.point.threshold)
-    last = scores(reported.exit_logits[-1].argmax(-1), reported.gold, reported.model.config.num_labels)["accuracy"]
+    last = reported.point("confidence", 1.0).accuracy  # every row at the last exit, ensembled if the policy is
     return {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target_speedup, "max_drop": max_drop,
             "risk": risk, "certified": chosen.certified, "certificate": chosen.certificate,
             "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: point.to_dict(),
