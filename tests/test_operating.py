@@ -69,6 +69,7 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
         return fit_exit_ensemble(exit_logits, temperatures, gold, **kwargs)
 
     monkeypatch.setattr(evaluation, "fit_exit_ensemble", recording)
+    monkeypatch.setattr(evaluation, "_ENSEMBLES", {})  # fitted here, not taken from an earlier test's fit
     status, _, err = run_cli(["evaluate", tiny_run, "--ensemble", "--thresholds", 3, "--output", tmp_path / "e"], capsys)
     assert status == 0, err
     task = load_task("mr")

@@ -581,14 +581,20 @@ def learnable_ceiling(scored: SplitScores, thresholds: int = 101) -> list[CurveP
     return [own.point("learned", t) for t in np.linspace(0.0, 1.0, thresholds).round(6).tolist()]
 
 
-# Exit logits by (run, weights' sha256, split): a demo scores the same runs for many policies and as baselines.
+# Exit logits by (run, weights' sha256, split), and exit ensembles fitted on dev by (run, weights' sha256):
+# a demo scores the same runs for many policies, certificates and as baselines.
 _LOGITS: dict[tuple[str, str | None, str], tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+_ENSEMBLES: dict[tuple[str, str | None, tuple[float, ...]], ExitEnsemble] = {}
+
+
+def _run_key(trained: TrainedRun) -> tuple[str, str | None]:
+    return str(trained.path.resolve()), weights_sha256(trained.path / "model", recursive=True)
 
 
 def split_scores(trained: TrainedRun, split: str, ensemble: ExitEnsemble | None = None) -> SplitScores:
     """A finished run's cached scores on one split of its task (raw exit logits [exits, n, labels], gold [n])."""
     spec, model, tokenizer = trained.spec, trained.model, trained.tokenizer
-    key = (str(trained.path.resolve()), weights_sha256(trained.path / "model", recursive=True), split)
+    key = (*_run_key(trained), split)
     if key not in _LOGITS:
         task = load_spec_task(spec)
         data = encode_split(task.split(split), tokenizer, spec.max_length)
@@ -605,7 +611,10 @@ def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None,
     dev and dev is scored cross-fitted."""
     dev = split_scores(trained, "dev")
     if ensemble is True:
-        ensemble = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
+        key = (*_run_key(trained), tuple(trained.model.temperatures))
+        if key not in _ENSEMBLES:
+            _ENSEMBLES[key] = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
+        ensemble = _ENSEMBLES[key]
     dev.ensemble = ensemble or None
     if router is not None:
         dev.use_router(router)
