@@ -32,10 +32,10 @@ from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.early_exit.policies import check_policy
 from frugalnlp.evaluation import (CurvePoint, accuracy_at_speedup, certified_point, check_operating_target, evaluate_run,
-                                  evaluation_dir, static_frontier, table_speedups)
+                                  evaluation_dir, static_frontier, static_points, table_speedups)
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
-from frugalnlp.run import RunSpec, load_spec_task
+from frugalnlp.run import RunSpec, load_run_config, load_spec_task
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.training import check_spec, train_run
 
@@ -177,7 +177,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     load_spec_task(base)  # and a bad task, file or column here: before the output is created
     out = RunDir(spec.output, overwrite=overwrite, resume=resume)
     out.open()
-    static_by_seed, static_corrected_by_seed, oracles, layers = {}, {}, [], None
+    static_by_seed, static_corrected_by_seed, dev_static_by_seed, oracles, layers = {}, {}, {}, [], None
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)
         for v in [STATIC] + [v for v in names if v != STATIC]:
@@ -198,6 +198,8 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                 oracles.append(evaluation["baselines"]["oracle"])
                 if v == STATIC and policy == policies[0]:
                     static_by_seed[seed] = evaluation["baselines"]["static"]
+                    dev_static_by_seed[seed] = static_points([str(static_run)], "dev", load_run_config(static_run),
+                                                             layers[-1])
                     static_corrected_by_seed[seed] = evaluation["baselines"]["static_corrected"]
                 for eps in spec.certify:
                     certified[_candidate(v, policy, len(policies))][f"{eps:g}"].append(
@@ -208,11 +210,12 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                "exit_layers": layers, "speedups": table_speedups(layers),
                "static": _mean_static(list(static_by_seed.values())),
                "static_corrected": _mean_static(list(static_corrected_by_seed.values())),
+               "dev_static": _mean_static(list(dev_static_by_seed.values())),
                "oracle": _best_oracle(oracles, len(seeds)), "policies": list(spec.policies),
                "methods": {c: {**variant.summary(), "variant": candidates[c][0], "policy": _policy_name(candidates[c][1])}
                            for c, variant in variants.items()},
                "certified": {"risk": spec.risk, "per_candidate": certified} if spec.certify else None}
-    summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"])
+    summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"], summary["dev_static"])
     summary["seconds"] = time.perf_counter() - started
     summary["command"] = command_line()
     table = format_table(summary)
@@ -272,18 +275,20 @@ def _certified(run: Path, policy: str, ensemble: bool, epsilon: float, risk: flo
             "test_accuracy": point["test"]["accuracy"], "test_drop_points": 100 * point["test_drop"]}
 
 
-def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, low: float = 1.5, high: float = 3.0,
-                  tolerance: float = 0.5) -> dict:
+def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, dev_static: list[dict] | None = None,
+                  low: float = 1.5, high: float = 3.0, tolerance: float = 0.5) -> dict:
     """What to deploy, chosen on dev only (means over seeds); test figures are read at the choice, never used.
 
     Eligible candidates ((recipe, policy) pairs): those whose last exit is within ``tolerance`` points of the
     plain model on dev (all if none is). ``variant``: the one recipe and policy for every target, with the
     largest worst-case dev gain over the static frontier at the target speedups in [low, high]. Then at each
-    target the answer may be no: among every eligible candidate's adaptive point, its fixed exit at that cost
-    (where it has one) and the static frontier (``static``: the truncated models alone, mean test points),
-    the best on dev is recommended (on a tie the simpler: static, then a fixed exit), so nothing deployed is
+    target speedup (a budget: anything at least that fast will do) the answer may be no: among every
+    eligible candidate's adaptive point, its fixed exit at that cost (where it has one) and the static
+    frontier at the target (``dev_static``/``static``: the truncated models alone, on dev and test), the most
+    accurate on dev is recommended (on a tie the simpler: static, then a fixed exit), so nothing deployed is
     below a static model or a fixed exit of the same cost on dev; where the static frontier wins, the static
-    model to train is named. Each target reports the recommendation's test accuracy and gain over static.
+    model to train is named. Each target reports the recommendation's dev and test gain over the static
+    frontier at the target.
     """
     def in_range(row: dict) -> bool:
         return low - 1e-9 <= row["speedup"] <= high + 1e-9
@@ -299,7 +304,7 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, lo
     candidates = [v for v, m in methods.items() if last_ok(m)] or list(methods)
     best = max(candidates, key=lambda v: worst_gain(methods[v]))
     targets = [row["speedup"] for row in methods[best]["dev_comparison"] if in_range(row)]
-    per_target = [_choice_at(speedup, {c: methods[c] for c in candidates}, static) for speedup in targets]
+    per_target = [_choice_at(speedup, {c: methods[c] for c in candidates}, static, dev_static) for speedup in targets]
     adaptive = [c["speedup"] for c in per_target if c["choice"] == "adaptive"]
     if len(adaptive) == len(per_target):
         verdict = "an adaptive candidate beats the static frontier and its fixed exits on dev at every target"
@@ -314,36 +319,36 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, lo
             "eligible": candidates, "per_target": per_target, "verdict": verdict}
 
 
-def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | None) -> dict:
-    """At one target speedup: the static frontier, a candidate's fixed exit or a candidate's adaptive point,
-    whichever gains most over the static frontier on dev (each read at its own cost; a tie goes to the
-    simpler), with its test gain over static read at the same choice."""
+def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | None,
+               dev_static: list[dict] | None) -> dict:
+    """At one target speedup: the static frontier there, a candidate's fixed exit or a candidate's adaptive point
+    (at that speed or faster), whichever is most accurate on dev (a tie goes to the simpler), with its dev and
+    test gain over the static frontier at the target."""
     def cell(m: dict, key: str, split: str = "dev_comparison") -> float | None:
         row = next((r for r in m.get(split, []) if abs(r["speedup"] - speedup) < 1e-9), None)
         return None if row is None or row[key] is None else row[key][0]
 
-    def points(a: float | None, b: float | None) -> float | None:
-        return None if a is None or b is None else 100 * (a - b)
-
-    test_static = static_frontier(static, speedup) if static else None
-    options = [("static", "static", _static_models(static, speedup), 0.0, None, 0.0)]
+    frontier = {split: static_frontier(points, speedup) if points else None
+                for split, points in (("dev", dev_static), ("test", static))}
+    options = [("static", "static", _static_models(static, speedup), frontier["dev"], frontier["test"])]
     for c, m in methods.items():
-        fixed = cell(m, "fixed_exit")
-        if fixed is not None:
+        if cell(m, "fixed_exit") is not None:
             is_static = m.get("variant", c) == STATIC  # a cascade's member alone is a static model
             options.append(("fixed exit", c, _static_models(static, speedup) if is_static
-                            else f"{c}'s exit at {speedup:g}x, every example",
-                            points(fixed, cell(m, "static")), fixed, points(cell(m, "fixed_exit", "comparison"),
-                                                                           test_static)))
+                            else f"{c}'s exit at {speedup:g}x, every example", cell(m, "fixed_exit"),
+                            cell(m, "fixed_exit", "comparison")))
     for c, m in methods.items():
-        options.append(("adaptive", c, f"{c} (threshold chosen on dev)", cell(m, "gain_over_static"),
-                        cell(m, "adaptive"), cell(m, "gain_over_static", "comparison")))
-    choice, candidate, what, dev_gain, accuracy, test_gain = max((o for o in options if o[3] is not None),
-                                                                 key=lambda o: o[3])
-    if choice == "static":
-        accuracy = next((v for v in (cell(m, "static") for m in methods.values()) if v is not None), None)
+        options.append(("adaptive", c, f"{c} (threshold chosen on dev)", cell(m, "adaptive"), cell(m, "adaptive",
+                                                                                                   "comparison")))
+    scored = [o for o in options if o[3] is not None]
+    choice, candidate, what, accuracy, test = max(scored, key=lambda o: o[3]) if scored else options[0]
+
+    def gain(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else 100 * (a - b)
+
     return {"speedup": speedup, "choice": choice, "candidate": candidate, "deploy": what, "dev_accuracy": accuracy,
-            "dev_gain_over_static": dev_gain, "test_gain_over_static": test_gain}
+            "test_accuracy": test, "dev_gain_over_static": gain(accuracy, frontier["dev"]),
+            "test_gain_over_static": gain(test, frontier["test"])}
 
 
 def _static_models(static: list[dict] | None, speedup: float) -> str:
