@@ -104,3 +104,30 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
     texts = ["a fine film", "dull and long", "tedious"]
     fresh = Predictor(run, threshold=saved.threshold, policy=saved.policy_name, ensemble=saved.ensemble)
     assert saved.ensemble is not None and saved(texts) == fresh(texts)
+
+
+def test_the_ensembles_dev_scores_are_cross_fitted_no_row_scored_by_a_fit_that_saw_it():
+    """The dev curve of an ensemble policy decides on held-out ensembled logits: changing the labels of one
+    fold's rows leaves those rows' logits as they were (their ensemble never saw them) and moves the others'."""
+    import torch
+
+    from frugalnlp.early_exit.ensemble import _folds, cross_fit_ensemble, fit_exit_ensemble
+
+    g = torch.Generator().manual_seed(0)
+    gold = torch.randint(0, 3, (120,), generator=g).numpy()
+    logits = torch.randn(3, 120, 3, generator=g) + 2.0 * torch.nn.functional.one_hot(torch.as_tensor(gold), 3)
+    temperatures = [1.0, 1.0, 1.0]
+    ensemble = fit_exit_ensemble(logits, temperatures, gold)
+    held_out = cross_fit_ensemble(logits, temperatures, gold, ensemble)
+    fold = np.sort(_folds(120, 5, 1)[0])
+    changed = gold.copy()
+    changed[fold] = (changed[fold] + 1) % 3
+    again = cross_fit_ensemble(logits, temperatures, changed, ensemble)
+    assert torch.equal(again[:, fold], held_out[:, fold])
+    others = np.setdiff1d(np.arange(120), fold)
+    assert not torch.allclose(again[:, others], held_out[:, others])
+    # in-sample, the same ensemble looks better than it is held out
+    in_sample = ensemble.apply(logits, temperatures)
+    gold_t = torch.as_tensor(gold)
+    nll = [float(torch.nn.functional.cross_entropy(x[-1], gold_t)) for x in (in_sample, held_out)]
+    assert nll[0] < nll[1]

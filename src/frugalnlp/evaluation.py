@@ -23,7 +23,7 @@ from frugalnlp.certify import certify_threshold, check_risk, split_dev
 from frugalnlp.cost import FlopCost
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
-from frugalnlp.early_exit.ensemble import ExitEnsemble, fit_class_bias, fit_exit_ensemble
+from frugalnlp.early_exit.ensemble import ExitEnsemble, cross_fit_ensemble, fit_class_bias, fit_exit_ensemble
 from frugalnlp.early_exit.policies import ExitPolicy, check_policy, exit_step, heads_run, make_policy
 from frugalnlp.early_exit.router import ExitRouter, cross_fit, fit_exit_router
 from frugalnlp.encoding import EncodedSplit, batches, encode_split
@@ -157,9 +157,14 @@ class SplitScores:
         self.depth = model.config.exit_layers[-1]
         self.router: ExitRouter | None = None  # the one to deploy
         self.routes: list[tuple[ExitRouter, np.ndarray]] = []
+        # dev's held-out ensembled logits [exits, n, labels] (`cross_fit_ensemble`): what the curve decides on
+        self.held_out: torch.Tensor | None = None
 
     def decision_logits(self) -> torch.Tensor:
-        """The logits every policy decides on: temperature-scaled, ensembled if any [exits, n, labels]."""
+        """The logits every policy decides on: temperature-scaled, ensembled if any (held out, if cross-fitted)
+        [exits, n, labels]."""
+        if self.held_out is not None:
+            return self.held_out
         if self.ensemble is not None:
             return self.ensemble.apply(self.exit_logits, self.model.temperatures)
         return torch.stack([self.exit_logits[e] / t for e, t in enumerate(self.model.temperatures)])
@@ -180,25 +185,25 @@ class SplitScores:
         self.router = router
         self.routes = [] if router is None else [(router, np.arange(len(self.gold)))]
 
-    def exit_policy(self, policy: str, threshold: float | list[float], router: ExitRouter | None = None) -> ExitPolicy:
-        """``policy`` at ``threshold`` on this split's model and ensemble (the learned one with ``router``, by
-        default the deployed one)."""
-        return make_policy(policy, threshold, self.model.num_exits, self.ensemble,
-                           (router or self.router) if policy == "learned" else None)
-
     def decide(self, policy: str, threshold: float | list[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's exit index and answer [n] under ``policy`` at ``threshold``, by `replay`."""
-        temperatures = self.model.temperatures
+        logits, temperatures, ensemble = self.exit_logits, self.model.temperatures, self.ensemble
+        if self.held_out is not None:  # the policy alone on the held-out ensembled logits: what the ensemble does
+            logits, temperatures, ensemble = self.held_out, [1.0] * self.model.num_exits, None
+
+        def policy_for(router: ExitRouter | None = None) -> ExitPolicy:
+            return make_policy(policy, threshold, self.model.num_exits, ensemble,
+                               (router or self.router) if policy == "learned" else None)
+
         if policy != "learned":
-            return replay(self.exit_logits, temperatures, self.exit_policy(policy, threshold))
+            return replay(logits, temperatures, policy_for())
         if not self.routes:
             raise FrugalError("the learned policy needs a router: fit one on dev first")
         n = len(self.gold)
         exit_index, labels = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
         for router, rows in self.routes:
             rows = torch.as_tensor(rows)
-            exit_index[rows], labels[rows] = replay(self.exit_logits[:, rows], temperatures,
-                                                    self.exit_policy(policy, threshold, router))
+            exit_index[rows], labels[rows] = replay(logits[:, rows], temperatures, policy_for(router))
         return exit_index, labels
 
     def layers_to_exit(self, policy: str, threshold: float | list[float]) -> list[int]:
@@ -207,10 +212,9 @@ class SplitScores:
         return self.model.layers_to_exit(self._heads(policy, threshold))
 
     def _heads(self, policy: str, threshold: float | list[float]) -> tuple[bool, ...]:
-        if policy == "learned":  # every early exit once any row may leave, whichever router scores it
-            return tuple(heads_run(make_policy("confidence", threshold, self.model.num_exits, self.ensemble),
-                                   self.model.num_exits))
-        return tuple(heads_run(self.exit_policy(policy, threshold), self.model.num_exits))
+        # the learned policy uses every early exit once any row may leave, whichever router scores it
+        name = "confidence" if policy == "learned" else policy
+        return tuple(heads_run(make_policy(name, threshold, self.model.num_exits, self.ensemble), self.model.num_exits))
 
     def _flops_to_exit(self, heads: tuple[bool, ...]) -> np.ndarray:
         if heads not in self._flops:
@@ -221,8 +225,10 @@ class SplitScores:
         """These scores for ``rows`` only (default: all, a copy to give another router); no router."""
         rows = np.arange(len(self.gold)) if rows is None else np.asarray(rows)
         index = torch.as_tensor(rows)
-        return SplitScores(self.model, self.exit_logits[:, index], np.asarray(self.gold)[rows],
-                           np.asarray(self.lengths)[rows], self.ensemble)
+        scores = SplitScores(self.model, self.exit_logits[:, index], np.asarray(self.gold)[rows],
+                             np.asarray(self.lengths)[rows], self.ensemble)
+        scores.held_out = None if self.held_out is None else self.held_out[:, index]
+        return scores
 
     def point(self, policy: str, threshold: float | list[float]) -> CurvePoint:
         """The curve point of ``policy`` at ``threshold`` on this split."""
@@ -584,7 +590,7 @@ def learnable_ceiling(scored: SplitScores, thresholds: int = 101) -> list[CurveP
 # Exit logits by (run, weights' sha256, split), and exit ensembles fitted on dev by (run, weights' sha256):
 # a demo scores the same runs for many policies, certificates and as baselines.
 _LOGITS: dict[tuple[str, str | None, str], tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
-_ENSEMBLES: dict[tuple[str, str | None, tuple[float, ...]], ExitEnsemble] = {}
+_ENSEMBLES: dict[tuple[str, str | None, tuple[float, ...]], tuple[ExitEnsemble, torch.Tensor]] = {}
 
 
 def _run_key(trained: TrainedRun) -> tuple[str, str | None]:
@@ -613,8 +619,10 @@ def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None,
     if ensemble is True:
         key = (*_run_key(trained), tuple(trained.model.temperatures))
         if key not in _ENSEMBLES:
-            _ENSEMBLES[key] = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
-        ensemble = _ENSEMBLES[key]
+            fitted = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold)
+            _ENSEMBLES[key] = fitted, cross_fit_ensemble(dev.exit_logits, trained.model.temperatures, dev.gold,
+                                                         fitted)
+        ensemble, dev.held_out = _ENSEMBLES[key]
     dev.ensemble = ensemble or None
     if router is not None:
         dev.use_router(router)
