@@ -420,9 +420,10 @@ def check_operating_target(target_speedup: float | None, max_drop: float | None,
 
 
 def choose_threshold(dev_curve: list[CurvePoint], target_speedup: float | None = None,
-                     max_drop: float | None = None) -> CurvePoint:
+                     max_drop: float | None = None, reference: float | None = None) -> CurvePoint:
     """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more, or the fastest
-    point whose dev accuracy is at most ``max_drop`` below the last exit's (threshold 1).
+    point whose dev accuracy is at most ``max_drop`` below the last exit's (``reference``; default the
+    curve's own at threshold 1). On a tie the earlier point wins.
 
     Returns that point (its ``threshold`` is what to use on test or in production).
     """
@@ -433,7 +434,7 @@ def choose_threshold(dev_curve: list[CurvePoint], target_speedup: float | None =
             fastest = max(p.speedup_layers for p in dev_curve)
             raise FrugalError(f"no threshold reaches a {target_speedup:g}x speedup on dev (at most {fastest:.2f}x)")
         return max(reachable, key=lambda p: (p.accuracy, p.speedup_layers))
-    reference = last_exit_accuracy(dev_curve)
+    reference = last_exit_accuracy(dev_curve) if reference is None else reference
     allowed = [p for p in dev_curve if p.accuracy >= reference - max_drop - 1e-12]
     return max(allowed, key=lambda p: (p.speedup_layers, p.accuracy))
 
@@ -686,17 +687,9 @@ def _unless_fixed_exit(chosen: DevChoice, dev: SplitScores, last_accuracy: float
     better dev accuracy, or within ``max_drop`` of ``last_accuracy`` (the last exit's, as the policy answers
     there) and faster. So no deployed point is below its own model's fixed exit at the same cost on dev."""
     n = dev.model.num_exits
-    best = chosen.point
-    for k in range(n - 1):
-        fixed = dev.point("per-exit", fixed_exit_thresholds(n, k))
-        if target_speedup is not None:
-            better = fixed.speedup_layers >= target_speedup - 1e-9 and (fixed.accuracy, fixed.speedup_layers) > (
-                best.accuracy, best.speedup_layers)
-        else:
-            better = fixed.accuracy >= last_accuracy - max_drop - 1e-12 and (fixed.speedup_layers, fixed.accuracy) > (
-                best.speedup_layers, best.accuracy)
-        if better:
-            best = fixed
+    fixed = [dev.point("per-exit", fixed_exit_thresholds(n, k)) for k in range(n - 1)]
+    # chosen first: on a tie it stays
+    best = choose_threshold([chosen.point, *fixed], target_speedup, max_drop, reference=last_accuracy)
     return chosen if best is chosen.point else DevChoice(best, "per-exit")
 
 

@@ -138,7 +138,7 @@ def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy
     if risk is not None:
         how = f"learn-then-test on dev: max drop {max_drop:g} with risk {risk:g}"
     if chosen.policy != policy:
-        fixed = chosen.point.exit_histogram.index(max(chosen.point.exit_histogram))
+        fixed = chosen.point.threshold.index(0.0)  # `fixed_exit_thresholds`: 1 before the exit, 0 at it
         how += f"; fixed exit {fixed + 1} (layer {dev.model.exit_layers[fixed]}) beats the {policy} policy there"
     figures = chosen.point.to_dict()
     return OperatingPoint(policy=chosen.policy, threshold=chosen.point.threshold, chosen_by=how,
