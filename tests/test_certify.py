@@ -167,3 +167,33 @@ def test_per_exit_thresholds_are_searched_on_dev_and_never_below_the_single_thre
     rows = {r["speedup"]: r for r in results["per-exit"]["dev_comparison"]}
     singles = {r["speedup"]: r for r in results["confidence"]["dev_comparison"]}
     assert all(rows[s]["adaptive"] >= singles[s]["adaptive"] for s in rows if singles[s]["adaptive"] is not None)
+
+
+@pytest.mark.parametrize("policy", ["confidence", "learned"])
+def test_a_certified_ensemble_and_router_never_see_the_calibration_half(tiny_run, policy):
+    """Under --risk the exit ensemble (and the learned router) deployed are fitted on dev's fit half alone:
+    relabelling the calibration half changes neither, while the ensemble fitted on all of dev does change."""
+    from frugalnlp.certify import split_dev
+    from frugalnlp.early_exit.ensemble import fit_exit_ensemble
+    from frugalnlp.evaluation import OPERATING_GRID, choose_operating_point, dev_scores
+    from frugalnlp.run import load_run
+
+    trained = load_run(tiny_run)
+    dev = dev_scores(trained, True, policy)
+    _, calibration = split_dev(len(dev.gold))
+    relabelled = dev.subset()
+    gold = np.asarray(relabelled.gold).copy()
+    gold[calibration] = 1 - gold[calibration]
+    relabelled.gold = gold
+    relabelled.ensemble = fit_exit_ensemble(dev.exit_logits, trained.model.temperatures, gold)
+    assert not torch.equal(relabelled.ensemble.bias, dev.ensemble.bias)  # the all-dev fit sees those labels
+    if policy == "learned":
+        relabelled.fit_router()
+    chosen = [choose_operating_point([d.point(policy, t) for t in OPERATING_GRID], d, None, 0.02, policy, 0.1)
+              for d in (dev, relabelled)]
+    assert chosen[0].ensemble is not None and chosen[0].ensemble is not dev.ensemble
+    assert torch.equal(chosen[0].ensemble.maps, chosen[1].ensemble.maps)
+    assert torch.equal(chosen[0].ensemble.bias, chosen[1].ensemble.bias)
+    if policy == "learned":
+        assert all(torch.equal(a, b) for a, b in zip(chosen[0].router.tensors().values(),
+                                                      chosen[1].router.tensors().values()))

@@ -3,7 +3,8 @@
 ``--max-drop ε`` alone picks the fastest threshold whose *dev* accuracy is within ε of the last exit's: a
 point estimate, which a test set misses about half the time. With ``--risk δ`` the choice is certified:
 
-1. dev is split (seeded) into a fit part and a calibration part;
+1. dev is split (seeded) into a fit part and a calibration part; whatever is fitted on labels (an exit
+   ensemble, a router) is fitted on the fit part alone and deployed as fitted there;
 2. the candidate thresholds are ordered from conservative to aggressive by their cost on the fit part;
 3. on the calibration part each example's loss is 1[last exit right] - 1[its exit right], clipped at 0
    (the last exit as the policy answers there: with an exit ensemble, the ensemble's mix at the last exit),

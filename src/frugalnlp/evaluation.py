@@ -121,13 +121,15 @@ class DevChoice:
     one asked for, or ``per-exit`` when one of the model's fixed exits is better on dev: its thresholds send
     every row to that exit). ``certified`` is None when the choice is not certified, else whether
     Learn-then-Test certified it (its record in ``certificate``); ``router`` is the learned policy's router
-    to deploy with it."""
+    to deploy with it, ``ensemble`` the exit ensemble (None: dev's, if any; certified: the one fitted on dev's
+    fit part alone)."""
 
     point: CurvePoint
     policy: str
     certified: bool | None = None
     certificate: dict | None = None
     router: ExitRouter | None = None
+    ensemble: ExitEnsemble | None = None
 
 
 def exit_scores(model: EarlyExitModel | Cascade, exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
@@ -557,11 +559,12 @@ def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: Sp
     reference of ``--max-drop`` and of its certificate."""
     chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
     read = reported
-    if chosen.router is not None and chosen.router is not dev.router:  # certified: fitted on dev's fit part
-        read = reported.subset()
+    if chosen.ensemble is not None or (chosen.router is not None and chosen.router is not dev.router):
+        read = reported.subset()  # certified: read with what was fitted on dev's fit part
+        read.ensemble = chosen.ensemble or reported.ensemble
         read.use_router(chosen.router)
     point = read.point(chosen.policy, chosen.point.threshold)
-    last = reported.point("confidence", 1.0).accuracy  # every row at the last exit, ensembled if the policy is
+    last = read.point("confidence", 1.0).accuracy  # every row at the last exit, ensembled if the policy is
     return {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target_speedup, "max_drop": max_drop,
             "risk": risk, "certified": chosen.certified, "certificate": chosen.certificate,
             "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: point.to_dict(),
@@ -644,17 +647,25 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
     """The dev point to operate at: `choose_threshold`'s on the dev curve; per-exit thresholds found by
     `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
     certifies (`frugalnlp.certify`). For the learned policy the choice's ``router`` is the router to
-    deploy: dev's, or with ``risk`` one fitted on the fit part alone. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
+    deploy: dev's, or with ``risk`` one fitted on the fit part alone; with ``risk`` an exit ensemble is
+    refitted on the fit part alone too (the choice's ``ensemble``), so the calibration part stays unseen. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
     thresholds searched on the fit part at a ladder of target speedups. Uncertified, a fixed exit of the model
     that beats the policy's point on dev is deployed instead (`_unless_fixed_exit`)."""
     if risk is not None:
         fit, _ = split_dev(len(dev.gold))
-        scored, candidates = dev, [p.threshold for p in dev_curve]
+        candidates = [p.threshold for p in dev_curve]
+        # Everything fitted on labels (the exit ensemble, its forms, the router) is fitted on the fit part alone,
+        # so the calibration part is unseen, as the guarantee requires.
+        scored = dev.subset()
+        if dev.ensemble is not None:
+            rows = torch.as_tensor(fit)
+            scored.held_out = None
+            scored.ensemble = fit_exit_ensemble(dev.exit_logits[:, rows], dev.model.temperatures,
+                                               np.asarray(dev.gold)[fit])
         if policy == "learned":
-            scored = dev.subset()
             scored.fit_router(cross_fitted=False, rows=fit)
         if policy == "per-exit":
-            part = dev.subset(fit)
+            part = scored.subset(fit)
             curve = [part.point("confidence", t) for t in OPERATING_GRID[::4]]
             fastest = max(p.speedup_layers for p in curve)
             ladder = np.linspace(1.0, fastest, 12)[1:]
@@ -666,7 +677,7 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
                                         risk, policy=policy, candidates=candidates,
                                         decide=lambda threshold: scored.decide(policy, threshold))
         return DevChoice(scored.point(policy, certificate.threshold), policy, certificate.certified,
-                         certificate.to_dict(), scored.router)
+                         certificate.to_dict(), scored.router, scored.ensemble)
     if policy == "per-exit":
         chosen = DevChoice(search_per_exit(dev, dev_curve, target_speedup, max_drop), policy)
     else:

@@ -145,4 +145,4 @@ def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy
                           dev={k: figures[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
                           model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
                           risk=risk, certified=chosen.certified, certificate=chosen.certificate, command=command_line(),
-                          ensemble=dev.ensemble, router=chosen.router)
+                          ensemble=chosen.ensemble or dev.ensemble, router=chosen.router)

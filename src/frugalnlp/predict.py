@@ -73,6 +73,7 @@ class Predictor:
                                                                                      policy, risk),
                                                        policy, target_speedup, max_drop, risk)
                 threshold, router = self.operating_point.threshold, self.operating_point.router
+                fitted = self.operating_point.ensemble  # certified: fitted on dev's fit part alone
                 policy = self.operating_point.policy  # per-exit where a fixed exit won on dev
         self.ensemble, self.router = fitted, router
         self.threshold = threshold
