@@ -58,6 +58,10 @@ def curve_csv(curve: list[dict]) -> str:
     return buffer.getvalue()
 
 
+LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1, 1, 1))]
+MARKERS = ["o", "s", "^", "v", "D"]
+
+
 def plot_curves(curves: dict[str, list[dict] | tuple[list[dict], list[dict]]], path: str | Path, title: str = "",
                 key: str = "speedup_layers", baselines: dict | None = None) -> None:
     """Accuracy against speedup, one line per method; a (mean, std) pair draws a band.
@@ -65,18 +69,25 @@ def plot_curves(curves: dict[str, list[dict] | tuple[list[dict], list[dict]]], p
     ``baselines`` (as in curve.json) adds the fixed exits (points), the static frontier (grey line) and
     the oracle (dashed), all in layer-share speedup.
     """
-    fig, ax = new_figure(figsize=(6, 4), dpi=120)
+    many = len(curves) > 6  # a demo's (recipe, policy) grid: legend beside the axes, one colour per recipe
+    fig, ax = new_figure(figsize=(10, 5) if many else (6, 4), dpi=120)
+    recipes = list(dict.fromkeys(label.split(" [")[0] for label in curves))  # "recipe [policy]" labels
+    seen: dict[str, int] = {}
     for label, curve in curves.items():
         std = None
         if isinstance(curve, tuple):
             curve, std = curve
+        recipe = label.split(" [")[0]
+        k = seen[recipe] = seen.get(recipe, -1) + 1  # the policy's place among its recipe's curves
+        color = f"C{recipes.index(recipe) % 10}"
         order = np.argsort([p[key] for p in curve])
         x = np.array([curve[i][key] for i in order])
         y = np.array([curve[i]["accuracy"] for i in order])
-        ax.plot(x, y, marker="o", markersize=3, label=label)
+        ax.plot(x, y, color=color, linestyle=LINESTYLES[k % len(LINESTYLES)], marker=MARKERS[k % len(MARKERS)],
+                markersize=3, label=label)
         if std is not None:
             s = np.array([std[i]["accuracy"] for i in order])
-            ax.fill_between(x, y - s, y + s, alpha=0.2)
+            ax.fill_between(x, y - s, y + s, color=color, alpha=0.08 if many else 0.2)
     if baselines and key == "speedup_layers":
         static = baselines.get("static")
         if static:
@@ -98,7 +109,10 @@ def plot_curves(curves: dict[str, list[dict] | tuple[list[dict], list[dict]]], p
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if many:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
