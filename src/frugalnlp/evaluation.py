@@ -648,9 +648,10 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
     `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
     certifies (`frugalnlp.certify`). For the learned policy the choice's ``router`` is the router to
     deploy: dev's, or with ``risk`` one fitted on the fit part alone; with ``risk`` an exit ensemble is
-    refitted on the fit part alone too (the choice's ``ensemble``), so the calibration part stays unseen. With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit
-    thresholds searched on the fit part at a ladder of target speedups. Uncertified, a fixed exit of the model
-    that beats the policy's point on dev is deployed instead (`_unless_fixed_exit`)."""
+    refitted on the fit part alone too (the choice's ``ensemble``), so the calibration part stays unseen.
+    With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit thresholds searched on
+    the fit part at a ladder of target speedups. Uncertified, a fixed exit of the model that beats the
+    policy's point on dev is deployed instead (`_unless_fixed_exit`)."""
     if risk is not None:
         fit, _ = split_dev(len(dev.gold))
         candidates = [p.threshold for p in dev_curve]
