@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from frugalnlp.certify import certify_threshold, learn_then_test, p_value
-from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.curves import CurvePoint, replay
+from frugalnlp.dev_choice import choose_threshold
+from frugalnlp.early_exit.registry import make_policy
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import CurvePoint, choose_threshold, replay
 
 EPSILON, DELTA, DRAWS, DEV = 0.02, 0.1, 500, 2000
 CANDIDATES = np.linspace(0.5, 1.0, 26).round(6).tolist()
@@ -174,8 +175,10 @@ def test_a_certified_ensemble_and_router_never_see_the_calibration_half(tiny_run
     """Under --risk the exit ensemble (and the learned router) deployed are fitted on dev's fit half alone:
     relabelling the calibration half changes neither, while the ensemble fitted on all of dev does change."""
     from frugalnlp.certify import split_dev
+    from frugalnlp.curves import dev_scores
+    from frugalnlp.defaults import OPERATING_GRID
+    from frugalnlp.dev_choice import choose_operating_point
     from frugalnlp.early_exit.ensemble import fit_exit_ensemble
-    from frugalnlp.evaluation import OPERATING_GRID, choose_operating_point, dev_scores
     from frugalnlp.run import load_run
 
     trained = load_run(tiny_run)

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from frugalnlp import EarlyExitModel
-from frugalnlp.early_exit.cascade import Cascade, load_adaptive
-from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.curves import replay
+from frugalnlp.dev_choice import fixed_exit_thresholds
+from frugalnlp.early_exit.cascade import Cascade
+from frugalnlp.early_exit.registry import make_policy
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import fixed_exit_thresholds, replay
+from frugalnlp.run import load_adaptive
 
 EXITS = [1, 2, 4]
 

@@ -10,11 +10,13 @@ from test_backbones import make_backbone, padded_batch
 
 from frugalnlp import EarlyExitModel
 from frugalnlp.early_exit.cascade import Cascade
-from frugalnlp.early_exit.modeling import length_runs
-from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.early_exit.registry import make_policy
+from frugalnlp.early_exit.runner import length_runs
 from frugalnlp.errors import FrugalError
-from frugalnlp.export import OnnxModel, export_model, export_run, runtime_path
+from frugalnlp.export import export_model, export_run
+from frugalnlp.onnx_model import OnnxModel
 from frugalnlp.predict import Predictor
+from frugalnlp.run import runtime_path
 from frugalnlp.tasks import load_task
 
 FAMILIES = ["bert", "roberta", "deberta-v2", "mpnet"]
@@ -145,8 +147,9 @@ def test_predict_with_runtime_onnx_gives_the_torch_decisions(tiny_run, exported_
 
 
 def test_int8_curve_comes_from_its_own_logits_and_temperatures(tiny_run, exported_run, tmp_path):
+    from frugalnlp.curves import replay, split_scores
     from frugalnlp.early_exit.calibration import fit_temperatures
-    from frugalnlp.evaluation import evaluate_run, replay, split_scores
+    from frugalnlp.evaluation import evaluate_run
     from frugalnlp.run import load_run
 
     int8 = tmp_path / "int8"

@@ -58,7 +58,7 @@ def test_a_saved_operating_point_is_used_by_predict_and_serve_and_refused_by_ano
 def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_run, tmp_path, capsys, monkeypatch):
     import torch
 
-    import frugalnlp.evaluation as evaluation
+    import frugalnlp.curves as curves
     from frugalnlp.early_exit.ensemble import fit_exit_ensemble
     from frugalnlp.tasks import load_task
 
@@ -68,8 +68,8 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
         seen.append(np.asarray(gold).copy())
         return fit_exit_ensemble(exit_logits, temperatures, gold, **kwargs)
 
-    monkeypatch.setattr(evaluation, "fit_exit_ensemble", recording)
-    monkeypatch.setattr(evaluation, "_ENSEMBLES", {})  # fitted here, not taken from an earlier test's fit
+    monkeypatch.setattr(curves, "fit_exit_ensemble", recording)
+    monkeypatch.setattr(curves, "_ENSEMBLES", {})  # fitted here, not taken from an earlier test's fit
     status, _, err = run_cli(["evaluate", tiny_run, "--ensemble", "--thresholds", 3, "--output", tmp_path / "e"], capsys)
     assert status == 0, err
     task = load_task("mr")
@@ -81,8 +81,8 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
 
     # The fit never raises dev cross-entropy above each exit's own (it starts there).
     predictor = Predictor(tiny_run, threshold=1.0)
+    from frugalnlp.curves import collect_exit_logits
     from frugalnlp.encoding import encode_split
-    from frugalnlp.evaluation import collect_exit_logits
 
     data = encode_split(task.dev, predictor.tokenizer, predictor.max_length)
     logits = collect_exit_logits(predictor.model, data, predictor.tokenizer, 64)

@@ -8,9 +8,9 @@ import torch
 
 from conftest import run_cli
 from frugalnlp import EarlyExitModel
+from frugalnlp.curves import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.encoding import encode_split, load_tokenizer
-from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.tasks import load_task
 
 

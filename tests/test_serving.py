@@ -304,9 +304,9 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
     import math
     import shutil
 
-    from frugalnlp.early_exit.policies import make_policy
+    from frugalnlp.curves import collect_exit_logits, replay
+    from frugalnlp.early_exit.registry import make_policy
     from frugalnlp.encoding import EncodedSplit, encode_texts
-    from frugalnlp.evaluation import collect_exit_logits, replay
     from frugalnlp.operating import OperatingPoint, run_weights_sha256
 
     policy, _, with_ensemble = policy.partition("+")

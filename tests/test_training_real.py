@@ -43,7 +43,7 @@ def test_plain_fine_tune_on_mr_is_reproducible(fine_tuned, tmp_path, capsys):
 
 def test_real_checkpoint_evaluate_static_and_max_drop(tmp_path, capsys):
     """The embedded MiniLM on a small MR slice: a joint run against a separately trained 2-layer model."""
-    from frugalnlp.evaluation import static_frontier
+    from frugalnlp.baselines import static_frontier
     from frugalnlp.tasks import load_task, stratified_subset
 
     task = load_task("mr")

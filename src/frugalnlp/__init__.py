@@ -3,7 +3,8 @@
 from transformers import AutoConfig, AutoModel
 
 from frugalnlp.early_exit.config import EarlyExitConfig
-from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction
+from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.early_exit.runner import Prediction
 
 AutoConfig.register(EarlyExitConfig.model_type, EarlyExitConfig)
 AutoModel.register(EarlyExitConfig, EarlyExitModel)

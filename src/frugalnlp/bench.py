@@ -20,16 +20,18 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding
 
+from frugalnlp.curves import CurvePoint, collect_exit_logits, speed_accuracy_curve
 from frugalnlp.defaults import DEMO_MAX_LENGTH
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
-from frugalnlp.early_exit.policies import ExitPolicy, make_policy
+from frugalnlp.early_exit.policies import ExitPolicy
+from frugalnlp.early_exit.registry import make_policy
 from frugalnlp.encoding import encode_split, encode_texts
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import CurvePoint, collect_exit_logits, speed_accuracy_curve
 from frugalnlp.methods import early_exit_methods
 from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
+from frugalnlp.timing import median_times
 from frugalnlp.training import train_run
 
 
@@ -47,21 +49,6 @@ class BenchSettings:
 
 QUICK = BenchSettings(batch_sizes=(1, 32), examples=64, repeats=3, targets=(2.0,), cascade_targets=(1.5,),
                       train_size=64)
-
-
-def median_times(configs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds of each configuration, interleaved across repeats, after one warm-up pass each."""
-    for run in configs.values():
-        run()
-    samples: dict[str, list[float]] = {name: [] for name in configs}
-    for r in range(repeats):
-        names = list(configs)
-        names = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-        for name in names:
-            start = time.perf_counter()
-            configs[name]()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
 
 
 def unsorted_batches(data, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -225,7 +212,8 @@ def plain_view(model: EarlyExitModel) -> EarlyExitModel:
 def _exports(run: str, folder: Path, progress) -> dict[str, str]:
     """The run's directory per runtime: its own ``RUN/onnx`` and ``RUN/onnx-int8`` if exported, else exports
     written into ``folder``."""
-    from frugalnlp.export import export_run, is_export
+    from frugalnlp.export import export_run
+    from frugalnlp.onnx_model import is_export
 
     dirs = {"torch": run}
     for runtime, quantize in (("onnx", None), ("onnx-int8", "int8")):
@@ -243,7 +231,8 @@ def run_deploy_bench(run: str | None = None, static_run: str | None = None, quic
     """Plain, early exit at the dev-chosen point and a static model, each in torch fp32, ONNX fp32 and ONNX
     int8: texts/s in process per batch size and behind the server, test accuracy; every speed as a ratio to
     plain torch fp32 measured in the same run. JSON-ready results."""
-    from frugalnlp.export import OnnxModel, export_model
+    from frugalnlp.export import export_model
+    from frugalnlp.onnx_model import OnnxModel
 
     settings = settings or (QUICK_DEPLOY if quick else DeploySettings())
     if run is not None and load_run_config(run)["spec"]["method"] not in early_exit_methods():
@@ -272,7 +261,8 @@ def run_deploy_bench(run: str | None = None, static_run: str | None = None, quic
 def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings: DeploySettings, progress) -> dict:
     import asyncio
 
-    from frugalnlp.evaluation import dev_scores, operating_threshold, split_scores
+    from frugalnlp.curves import dev_scores, split_scores
+    from frugalnlp.dev_choice import operating_threshold
     from frugalnlp.loadtest import ServerProcess, closed_loop
 
     split = load_task(settings.task).test

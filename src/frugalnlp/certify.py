@@ -27,8 +27,10 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
+from frugalnlp.curves import replay
+from frugalnlp.defaults import OPERATING_GRID
 from frugalnlp.early_exit.ensemble import ExitEnsemble
-from frugalnlp.early_exit.policies import make_policy
+from frugalnlp.early_exit.registry import make_policy
 from frugalnlp.errors import FrugalError
 
 
@@ -105,8 +107,6 @@ def certify_threshold(exit_logits: torch.Tensor, gold: np.ndarray, temperatures:
     ``layers_to_exit``: layers run by a row leaving at each exit, or threshold -> those (a cascade skips the
     models a candidate never uses). Candidates that cost as much as the fallback on the fit part (threshold 1:
     every row to the last exit, a cascade's last model alone) are not tested: they cannot save anything."""
-    from frugalnlp.evaluation import OPERATING_GRID, replay  # evaluation uses this module: imported here
-
     if not 0.0 <= epsilon <= 1.0:
         raise FrugalError(f"--max-drop {epsilon!r} is outside [0, 1]")
     check_risk(delta, epsilon)

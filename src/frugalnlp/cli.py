@@ -89,7 +89,7 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
 def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
     """The exit policy and how its operating point is given or chosen; ``threshold``: commands that deploy
     one (predict, serve), whose default is the run's saved operating point."""
-    from frugalnlp.early_exit.policies import POLICY_NAMES
+    from frugalnlp.early_exit.registry import POLICY_NAMES
 
     names = ", ".join(POLICY_NAMES)
     if threshold:
@@ -120,7 +120,7 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
 def _run_path(args: argparse.Namespace) -> str | None:
     """The directory the command loads: ``args.run``, or its ONNX export under ``--runtime onnx`` (``--runtime
     torch`` on an export is refused)."""
-    from frugalnlp.export import runtime_path
+    from frugalnlp.run import runtime_path
 
     return args.run if args.run is None or args.runtime is None else str(runtime_path(args.run, args.runtime))
 

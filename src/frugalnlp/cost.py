@@ -10,18 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-from frugalnlp.early_exit.cascade import Cascade
-from frugalnlp.early_exit.modeling import EarlyExitModel
-
-if TYPE_CHECKING:
-    from frugalnlp.export import OnnxModel
-
+from frugalnlp.early_exit.runner import SegmentRunner
 
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 if _CPU_SDPA not in flop_registry:
@@ -42,12 +36,9 @@ def count_flops(fn) -> int:
 class FlopCost:
     """FLOPs of leaving at each exit, for examples of given lengths."""
 
-    def __init__(self, model: EarlyExitModel | Cascade | OnnxModel) -> None:
-        if not isinstance(model, (EarlyExitModel, Cascade)):
-            model = model.architecture()  # an export costs what its torch architecture does
+    def __init__(self, model: SegmentRunner) -> None:
         self.model = model
-        self.member = model.models[0] if isinstance(model, Cascade) else model
-        self.is_cascade = isinstance(model, Cascade)
+        self.member = model.cost_model  # a torch model whose one layer and one head are counted
         self._layer = lru_cache(maxsize=None)(self._layer_flops)
 
     @torch.inference_mode()

@@ -3,12 +3,15 @@ the demo read them from here."""
 
 from __future__ import annotations
 
+import numpy as np
+
 THRESHOLD = 0.9  # confidence an example needs to leave at an early exit
 MAX_LENGTH = 128  # tokens per input when training (train)
 DEMO_MAX_LENGTH = 64  # the demo's tokens per input (the published frontier uses it)
 PAPA_LENGTH = 64  # n of PAPA's fixed-position layout
 DEMO_TRAIN_SIZE = 2000  # the demo's low-resource training set
 DEMO_METHODS = ("joint", "sweet", "multi-model")
+OPERATING_GRID = np.linspace(0.0, 1.0, 401).round(6).tolist()  # thresholds tried when choosing one on dev
 
 
 def default_exit_layers(num_layers: int) -> list[int]:

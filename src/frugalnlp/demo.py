@@ -26,13 +26,15 @@ import numpy as np
 from transformers import AutoConfig
 
 from frugalnlp.assets import resolve_model
+from frugalnlp.baselines import static_frontier, static_points, table_speedups
+from frugalnlp.curves import CurvePoint, accuracy_at_speedup
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE
+from frugalnlp.dev_choice import check_operating_target
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
+from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.errors import FrugalError, check_seed
-from frugalnlp.early_exit.policies import check_policy
-from frugalnlp.evaluation import (CurvePoint, accuracy_at_speedup, certified_point, check_operating_target, evaluate_run,
-                                  evaluation_dir, static_frontier, static_points, table_speedups)
+from frugalnlp.evaluation import certified_point, evaluate_run, evaluation_dir
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_run_config, load_spec_task

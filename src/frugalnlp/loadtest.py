@@ -28,13 +28,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from frugalnlp.curves import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.defaults import DEMO_MAX_LENGTH
 from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
-from frugalnlp.evaluation import collect_exit_logits, speed_accuracy_curve
 from frugalnlp.methods import early_exit_methods
 from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
+from frugalnlp.timing import median_times
 from frugalnlp.training import train_run
 
 
@@ -197,7 +198,6 @@ def text_set(split, name: str, settings: LoadSettings):
 
 def in_process_speeds(run: str, texts: list[str], thresholds: list[float], batch_size: int, repeats: int = 2) -> dict:
     """`Predictor` texts/s (tokenisation included) at each threshold on ``texts``: the server's ceiling."""
-    from frugalnlp.bench import median_times
     from frugalnlp.predict import Predictor
 
     predictors = {t: Predictor(run, threshold=t, batch_size=batch_size) for t in thresholds}

@@ -21,8 +21,9 @@ from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_bytes, write_json
 
-if TYPE_CHECKING:  # annotations only: loading a saved point needs none of evaluation's imports (scipy, the models)
-    from frugalnlp.evaluation import DevChoice, SplitScores
+if TYPE_CHECKING:  # annotations only: loading a saved point needs none of their imports (scipy, the models)
+    from frugalnlp.curves import SplitScores
+    from frugalnlp.dev_choice import DevChoice
 
 OPERATING_POINT = "operating-point.json"
 FITTED_TENSORS = "operating-point.safetensors"  # an exit ensemble's and a router's tensors, when the point has them
@@ -106,13 +107,13 @@ def load_operating_point(run: str | Path) -> OperatingPoint | None:
 def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: float | None = None,
                   max_drop: float | None = None, risk: float | None = None, ensemble: bool = False,
                   overwrite: bool = False) -> OperatingPoint:
-    """Choose the run's operating point on dev (`frugalnlp.evaluation.operating_threshold`; with ``ensemble``
+    """Choose the run's operating point on dev (`frugalnlp.dev_choice.operating_threshold`; with ``ensemble``
     the policy decides on an exit ensemble fitted on dev; the learned policy's router is fitted on dev, its
     threshold chosen on cross-fitted dev scores) and save it."""
-    from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
+    from frugalnlp.curves import dev_scores
+    from frugalnlp.dev_choice import check_operating_target, operating_threshold
+    from frugalnlp.early_exit.registry import check_policy
     from frugalnlp.run import load_run
-
-    from frugalnlp.early_exit.policies import check_policy
 
     check_policy(policy)  # an unknown policy fails before the dev logits
     check_operating_target(target_speedup, max_drop, risk)
@@ -129,7 +130,7 @@ def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: f
 def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy: str,
                     target_speedup: float | None = None, max_drop: float | None = None,
                     risk: float | None = None) -> OperatingPoint:
-    """The run's operating point for a choice made on its dev scores (`frugalnlp.evaluation.operating_threshold`)
+    """The run's operating point for a choice made on its dev scores (`frugalnlp.dev_choice.operating_threshold`)
     for ``policy`` (deployed as ``chosen.policy``: per-exit thresholds where a fixed exit won on dev), bound to
     the run's weights: what `calibrate_run` saves and what `Predictor` keeps when it chooses itself."""
     from frugalnlp.report import command_line

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from frugalnlp.curves import dev_scores
 from frugalnlp.defaults import THRESHOLD
+from frugalnlp.dev_choice import check_operating_target, operating_threshold
 from frugalnlp.early_exit.ensemble import ExitEnsemble
-from frugalnlp.early_exit.policies import check_policy, make_policy
+from frugalnlp.early_exit.registry import check_policy, make_policy
 from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.encoding import EncodedSplit, batches, encode_texts
-from frugalnlp.evaluation import check_operating_target, dev_scores, operating_threshold
 from frugalnlp.errors import FrugalError
 from frugalnlp.operating import load_operating_point, operating_point
 from frugalnlp.run import load_run
@@ -39,14 +40,14 @@ class Predictor:
                  ensemble: bool | ExitEnsemble = False, router: ExitRouter | None = None,
                  max_tokens: int | None = None) -> None:
         """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
-        (see `frugalnlp.evaluation.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
+        (see `frugalnlp.dev_choice.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
         `frugalnlp.certify`); the choice is kept in ``self.operating_point`` (an `OperatingPoint`, as the saved
         one is; ``self.operating_point_saved`` tells them apart). With none of the three, the
         run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
         ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given.
         ``router``: the learned policy's `ExitRouter` (default: the saved point's, else fitted on dev).
         ``max_tokens``: every segment of a ``batch_size`` block runs in length-sorted runs of at most that
-        many padded tokens (`frugalnlp.early_exit.modeling.length_runs`)."""
+        many padded tokens (`frugalnlp.early_exit.runner.length_runs`)."""
         chooses = target_speedup is not None or max_drop is not None
         saved = None if threshold is not None or chooses or ensemble is not False else load_operating_point(run)
         fitted = ensemble if isinstance(ensemble, ExitEnsemble) else None

@@ -1,5 +1,6 @@
 """A training run as a thing on disk: its spec (`RunSpec`, saved in ``config.json``), the task exactly as it
-saw it, and loading a finished run for use (`load_run`). Nothing here trains: predicting, serving and
+saw it, and loading a finished run for use (`load_run`) on the runtime its directory holds (torch, a cascade
+or an ONNX export: `load_adaptive`, `runtime_path`). Nothing here trains: predicting, serving and
 evaluating a run import this module, not the training stack."""
 
 from __future__ import annotations
@@ -14,14 +15,17 @@ import transformers
 from transformers import PreTrainedTokenizerBase
 
 from frugalnlp.defaults import MAX_LENGTH
-from frugalnlp.early_exit.cascade import Cascade, load_adaptive
+from frugalnlp.early_exit.cascade import MANIFEST, Cascade
 from frugalnlp.early_exit.config import RECIPE_FIELDS, ExitRecipe
 from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.early_exit.runner import SegmentRunner
 from frugalnlp.encoding import load_tokenizer
 from frugalnlp.errors import FrugalError
+from frugalnlp.onnx_model import EXPORT, OnnxModel, is_export  # onnxruntime itself loads only for an export
 from frugalnlp.tasks import Columns, TaskData, load_task, with_train_size
 
 RUN_KIND = "frugalnlp-run"
+RUNTIMES = ("torch", "onnx")
 
 
 @dataclass
@@ -95,8 +99,36 @@ class TrainedRun:
     path: Path
     config: dict
     spec: RunSpec
-    model: EarlyExitModel | Cascade
+    model: SegmentRunner  # an EarlyExitModel, a Cascade or an OnnxModel
     tokenizer: PreTrainedTokenizerBase
+
+
+def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> SegmentRunner:
+    """An early-exit model, a cascade or an ONNX export of either, whichever the directory holds."""
+    directory = Path(directory)
+    if is_export(directory):
+        return OnnxModel(directory)
+    if (directory / MANIFEST).exists():
+        return Cascade.from_pretrained(directory, trust_pickle=trust_pickle)
+    return EarlyExitModel.from_pretrained(directory, trust_pickle=trust_pickle)
+
+
+def runtime_path(run: str | Path, runtime: str | None) -> Path:
+    """The directory to load for ``runtime``: ``run`` itself, or for ``onnx`` on a torch run its ``RUN/onnx``
+    export. An export directory is ONNX whatever the flag; ``--runtime torch`` on one is refused."""
+    run = Path(run)
+    if runtime is not None and runtime not in RUNTIMES:
+        raise FrugalError(f"unknown --runtime '{runtime}'; choose one of {', '.join(RUNTIMES)}")
+    exported = is_export(run / "model")
+    if runtime == "torch" and exported:
+        came_from = json.loads((run / "model" / EXPORT).read_text()).get("run")
+        raise FrugalError(f"{run} is an ONNX export; for --runtime torch give the run it came from ({came_from})")
+    if runtime == "onnx" and not exported:
+        if is_export(run / "onnx" / "model"):
+            return run / "onnx"
+        raise FrugalError(f"{run} has no ONNX export: run `frugalnlp export {run}` (writes {run / 'onnx'}), "
+                          "or give an export directory")
+    return run
 
 
 def load_run(run: str | Path, trust_pickle: bool = False) -> TrainedRun:

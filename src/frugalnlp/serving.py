@@ -44,8 +44,8 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalnlp.backbones.base import used_length
-from frugalnlp.early_exit.modeling import length_runs
 from frugalnlp.early_exit.policies import exit_step, heads_run
+from frugalnlp.early_exit.runner import length_runs
 from frugalnlp.errors import FrugalError
 from frugalnlp.predict import Predictor
 

@@ -21,12 +21,12 @@ from transformers import (AutoConfig, DataCollatorWithPadding, PreTrainedModel, 
                           TrainerCallback, TrainingArguments, set_seed)
 
 from frugalnlp.assets import resolve_model
+from frugalnlp.curves import collect_exit_logits, exit_scores
 from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
-from frugalnlp.evaluation import collect_exit_logits, exit_scores
 from frugalnlp.methods import METHODS
 from frugalnlp.run import RunSpec, load_run, load_spec_task, run_config
 from frugalnlp.rundir import RunDir, write_json

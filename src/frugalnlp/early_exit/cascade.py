@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,13 +20,11 @@ import torch.nn.functional as F
 
 from frugalnlp.backbones.base import used_length
 from frugalnlp.defaults import THRESHOLD
-from frugalnlp.early_exit.modeling import EarlyExitModel, Prediction, adaptive_predict
+from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
+from frugalnlp.early_exit.runner import Prediction, adaptive_predict
 from frugalnlp.errors import FrugalError
 from frugalnlp.rundir import write_json
-
-if TYPE_CHECKING:
-    from frugalnlp.export import OnnxModel
 
 MANIFEST = "cascade.json"
 
@@ -79,6 +77,11 @@ class Cascade:
     @property
     def device(self) -> torch.device:
         return self.models[0].device
+
+    @property
+    def cost_model(self) -> EarlyExitModel:
+        """The first member: members share an architecture, so its layer and head cost what any member's do."""
+        return self.models[0]
 
     @property
     def config(self):
@@ -154,14 +157,3 @@ class Cascade:
         return cls([EarlyExitModel.from_pretrained(directory / name, trust_pickle=trust_pickle)
                     for name in manifest["members"]])
 
-
-def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> EarlyExitModel | Cascade | OnnxModel:
-    """An early-exit model, a cascade or an ONNX export of either, whichever the directory holds."""
-    from frugalnlp.export import OnnxModel, is_export  # onnxruntime itself loads only for an export
-
-    directory = Path(directory)
-    if is_export(directory):
-        return OnnxModel(directory)
-    if (directory / MANIFEST).exists():
-        return Cascade.from_pretrained(directory, trust_pickle=trust_pickle)
-    return EarlyExitModel.from_pretrained(directory, trust_pickle=trust_pickle)

@@ -5,6 +5,7 @@ last-exit rule, the policy's step), which batched `predict`, the replay of cache
 and the server's segment worker all call, so all three decide alike. A policy's state is one tensor with
 the rows first (or None), so the server can split and merge it. Every policy's knob is a ``threshold`` in
 [0, 1] where 1 means "never leave before the last exit"; `PerExitPolicy` has one per early exit.
+Policies are found by name in `frugalnlp.early_exit.registry`.
 """
 
 from __future__ import annotations
@@ -12,15 +13,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from frugalnlp.errors import FrugalError
-
-if TYPE_CHECKING:
-    from frugalnlp.early_exit.ensemble import ExitEnsemble
-    from frugalnlp.early_exit.router import ExitRouter
 
 
 def check_threshold(threshold: float) -> float:
@@ -37,6 +33,14 @@ class ExitPolicy:
 
     def __post_init__(self) -> None:
         self.threshold = check_threshold(self.threshold)
+
+    @classmethod
+    def create(cls, name: str, threshold: float | Sequence[float], num_exits: int, **fitted) -> ExitPolicy:
+        """The policy registered as ``name`` (`frugalnlp.early_exit.registry.make_policy` calls this) for a model
+        of ``num_exits`` exits; ``fitted`` holds what a fitted policy needs (``router``), ignored here."""
+        if not isinstance(threshold, (int, float)):
+            raise FrugalError(f"exit policy '{name}' takes one threshold, not {len(threshold)}; use --policy per-exit")
+        return cls(threshold)
 
     def start(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
         return None
@@ -99,6 +103,11 @@ class PatiencePolicy(ExitPolicy):
         self.max_patience = max_patience
         self.patience = round(self.threshold * max_patience)
 
+    @classmethod
+    def create(cls, name, threshold, num_exits, **fitted):
+        policy = super().create(name, threshold, num_exits)  # patience is counted in exits
+        return cls(policy.threshold, max_patience=max(num_exits - 1, 1))
+
     @property
     def never_leaves_early(self) -> bool:
         return self.patience >= self.max_patience
@@ -127,6 +136,14 @@ class PerExitPolicy(ExitPolicy):
             raise FrugalError("per-exit thresholds: give one per early exit")
         super().__init__(max(self.thresholds))
 
+    @classmethod
+    def create(cls, name, threshold, num_exits, **fitted):
+        """One threshold per early exit (``num_exits - 1`` of them), or one for all."""
+        thresholds = [threshold] * (num_exits - 1) if isinstance(threshold, (int, float)) else list(threshold)
+        if len(thresholds) != max(num_exits - 1, 1):
+            raise FrugalError(f"per-exit thresholds: {len(thresholds)} given, the model has {num_exits - 1} early exits")
+        return cls(thresholds)
+
     @property
     def never_leaves_early(self) -> bool:
         return all(t >= 1.0 for t in self.thresholds)
@@ -140,51 +157,6 @@ class PerExitPolicy(ExitPolicy):
         if threshold >= 1.0:
             return torch.zeros(len(logits), dtype=torch.bool, device=logits.device), state
         return logits.softmax(-1).amax(-1) >= threshold, state
-
-
-POLICIES: dict[str, type[ExitPolicy]] = {"confidence": ConfidencePolicy, "entropy": EntropyPolicy,
-                                         "patience": PatiencePolicy, "per-exit": PerExitPolicy}
-POLICY_NAMES = (*POLICIES, "learned")  # learned: `frugalnlp.early_exit.router.LearnedPolicy`, fitted on dev
-
-
-def check_policy(name: str) -> str:
-    """FrugalError unless ``name`` is a policy (checked before any model loads)."""
-    if name not in POLICY_NAMES:
-        raise FrugalError(f"unknown exit policy '{name}'; choose one of {', '.join(POLICY_NAMES)}")
-    return name
-
-
-def make_policy(name: str, threshold: float | Sequence[float], num_exits: int,
-                ensemble: ExitEnsemble | None = None, router: ExitRouter | None = None) -> ExitPolicy:
-    """A policy by name; patience is counted in exits, so it needs ``num_exits``. ``per-exit`` takes one
-    threshold per early exit (``num_exits - 1`` of them), or one for all; ``learned`` needs its `ExitRouter`.
-    With an `ExitEnsemble` the policy decides on its logits (`frugalnlp.early_exit.ensemble.EnsembledPolicy`)."""
-    if ensemble is not None:
-        from frugalnlp.early_exit.ensemble import EnsembledPolicy  # it builds on this module
-
-        return EnsembledPolicy(make_policy(name, threshold, num_exits, router=router), ensemble)
-    check_policy(name)
-    if name == "learned":
-        from frugalnlp.early_exit.router import LearnedPolicy  # it builds on this module
-
-        if router is None:
-            raise FrugalError("the learned policy needs a router fitted on dev: calibrate the run with --policy learned, "
-                              "or let evaluate/predict/serve fit one")
-        if not isinstance(threshold, (int, float)):
-            raise FrugalError(f"exit policy 'learned' takes one threshold, not {len(threshold)}")
-        if router.num_exits != num_exits:
-            raise FrugalError(f"the router was fitted for {router.num_exits} exits, the model has {num_exits}")
-        return LearnedPolicy(threshold, router)
-    if name == "per-exit":
-        thresholds = [threshold] * (num_exits - 1) if isinstance(threshold, (int, float)) else list(threshold)
-        if len(thresholds) != max(num_exits - 1, 1):
-            raise FrugalError(f"per-exit thresholds: {len(thresholds)} given, the model has {num_exits - 1} early exits")
-        return PerExitPolicy(thresholds)
-    if not isinstance(threshold, (int, float)):
-        raise FrugalError(f"exit policy '{name}' takes one threshold, not {len(threshold)}; use --policy per-exit")
-    if name == "patience":
-        return PatiencePolicy(threshold, max_patience=max(num_exits - 1, 1))
-    return POLICIES[name](threshold)
 
 
 def exit_step(policy: ExitPolicy, exit_index: int, num_exits: int, logits: torch.Tensor, temperature: float,

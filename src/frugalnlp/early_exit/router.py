@@ -22,6 +22,7 @@ import torch
 
 from frugalnlp.early_exit.calibration import minimize
 from frugalnlp.early_exit.policies import ExitPolicy
+from frugalnlp.errors import FrugalError
 
 
 def router_features(log_probs: torch.Tensor, num_exits: int) -> torch.Tensor:
@@ -121,6 +122,17 @@ class LearnedPolicy(ExitPolicy):
     def __init__(self, threshold: float, router: ExitRouter) -> None:
         super().__init__(threshold)
         self.router = router
+
+    @classmethod
+    def create(cls, name, threshold, num_exits, router: ExitRouter | None = None, **fitted):
+        if router is None:
+            raise FrugalError("the learned policy needs a router fitted on dev: calibrate the run with --policy learned, "
+                              "or let evaluate/predict/serve fit one")
+        if not isinstance(threshold, (int, float)):
+            raise FrugalError(f"exit policy 'learned' takes one threshold, not {len(threshold)}")
+        if router.num_exits != num_exits:
+            raise FrugalError(f"the router was fitted for {router.num_exits} exits, the model has {num_exits}")
+        return cls(threshold, router)
 
     def step(self, logits, state, exit_index):
         labels = logits.shape[-1]

@@ -16,12 +16,12 @@ from transformers import AutoModel
 
 from frugalnlp.assets import resolve_model, verify_checkpoint
 from frugalnlp.backbones import backbone_for
-from frugalnlp.bench import median_times
 from frugalnlp.cost import count_flops
 from frugalnlp.errors import FrugalError
 from frugalnlp.papa.experiment import resolve_heads
 from frugalnlp.papa.families import check_family
 from frugalnlp.papa.modeling import PapaModel
+from frugalnlp.timing import median_times
 
 
 @dataclass

@@ -19,13 +19,13 @@ import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, default_data_collator, set_seed
 
 from frugalnlp.assets import MODEL_ALIASES, resolve_model, verify_checkpoint
+from frugalnlp.curves import scores
 from frugalnlp.defaults import PAPA_LENGTH
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
-from frugalnlp.evaluation import scores
 from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
-from frugalnlp.papa.frozen_states import FrozenStates
 from frugalnlp.papa.families import check_family
+from frugalnlp.papa.frozen_states import FrozenStates
 from frugalnlp.papa.modeling import SETTINGS, PapaModel, layout_position_offset
 from frugalnlp.report import command_line, new_figure, save_figure
 from frugalnlp.rundir import RunDir, write_bytes, write_json

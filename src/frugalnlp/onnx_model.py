@@ -1,0 +1,208 @@
+"""Running an exported model: `OnnxModel`, one ONNX Runtime session per segment graph, behind the segment
+interface (`frugalnlp.early_exit.runner.SegmentRunner`), so batched predict, the server and the evaluation use
+it unchanged and decide on it through the same exit step as torch. `frugalnlp.export` writes the graphs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from frugalnlp.defaults import THRESHOLD
+from frugalnlp.early_exit.cascade import Cascade, cascade_layers_to_exit
+from frugalnlp.early_exit.config import EarlyExitConfig
+from frugalnlp.early_exit.modeling import EarlyExitModel
+from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
+from frugalnlp.early_exit.runner import Prediction, adaptive_predict
+from frugalnlp.errors import FrugalError
+
+EXPORT = "export.json"  # in an export's model/ folder: what makes a folder an exported model
+KIND = "frugalnlp-export"
+
+
+class Hidden(NamedTuple):
+    """An exported shared-backbone model's state between segments: hidden [batch, seq, hidden], mask [batch, seq]
+    (NumPy arrays, as ONNX Runtime takes and gives them)."""
+
+    hidden: np.ndarray
+    attention_mask: np.ndarray
+
+
+class Tokens(NamedTuple):
+    """An exported model's state before its first segment (a cascade's between members): [batch, seq] NumPy arrays."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    token_type_ids: np.ndarray | None
+
+
+def require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise FrugalError("ONNX export and --runtime onnx need the 'onnx' extra: pip install -e '.[onnx]' "
+                          "(make install has it)") from None
+
+
+
+def is_export(folder: str | Path) -> bool:
+    """Whether ``folder`` is an exported model (``model/`` of an export directory)."""
+    return (Path(folder) / EXPORT).is_file()
+
+
+_POOL: list[int] = []  # the process's one ONNX Runtime thread pool size, once created
+
+
+def _shared_thread_pool(threads: int) -> bool:
+    """Whether sessions can use one global thread pool of ``threads`` threads (torch's, so that the runtimes
+    compare on equal terms). ONNX Runtime creates it with its environment, once per process: a later call
+    with another size gets per-session pools."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    if not _POOL:
+        try:
+            ort_state.set_global_thread_pool_sizes(threads, 1)
+            _POOL.append(threads)
+        except Exception:  # the environment exists already (a session was made elsewhere in this process)
+            _POOL.append(0)
+    return _POOL[0] == threads
+
+
+class OnnxModel:
+    """An exported early-exit model or cascade on ONNX Runtime, with `EarlyExitModel`'s segment interface
+    (``start``/``advance``/``keep_rows``/``merge``), so batched predict, the server and the evaluation
+    use it unchanged; only the segment runner differs. CPU only.
+    """
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        require_onnx()
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / EXPORT).read_text())
+        if self.manifest.get("kind") != KIND:
+            raise FrugalError(f"{self.folder / EXPORT} is not a frugalnlp export")
+        self.cascade = bool(self.manifest["cascade"])
+        deepest = Path(self.manifest["graphs"][-1]).parent if self.cascade else Path()
+        self.config = EarlyExitConfig.from_pretrained(self.folder / deepest)
+        self.exit_layers = list(self.manifest["exit_layers"])
+        self.temperatures = list(self.manifest["temperatures"])
+        options = ort.SessionOptions()
+        if _shared_thread_pool(threads or torch.get_num_threads()):
+            # one pool for every segment's session: per-session pools would wait on (or spin against) each other
+            options.use_per_session_threads = False
+        else:
+            options.intra_op_num_threads = threads or torch.get_num_threads()
+            options.inter_op_num_threads = 1
+        # idle threads sleep rather than spin: the server's event loop and tokeniser share these cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions = [ort.InferenceSession(str(self.folder / g), options, providers=["CPUExecutionProvider"])
+                         for g in self.manifest["graphs"]]
+        self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        self.device = torch.device("cpu")
+        self._pad = self.config.backbone_config.get("pad_token_id") or 0
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.sessions)
+
+    def layers_to_exit(self, heads: Sequence[bool] | None = None) -> list[int]:
+        """Layers an example has run when it leaves at each exit, as for the torch model (`EarlyExitModel` /
+        `Cascade`'s ``layers_to_exit``)."""
+        return cascade_layers_to_exit(self.exit_layers, heads) if self.cascade else self.exit_layers
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+    def eval(self) -> OnnxModel:
+        return self
+
+    def to(self, device) -> OnnxModel:
+        if torch.device(device).type != "cpu":
+            raise FrugalError("an ONNX export runs on the CPU (onnxruntime's CPU provider); use --runtime torch on a GPU")
+        return self
+
+    @property
+    def cost_model(self) -> EarlyExitModel:
+        """The torch architecture's (first) model, randomly initialised: an export costs what it does."""
+        return self.architecture().cost_model
+
+    def architecture(self) -> EarlyExitModel | Cascade:
+        """The torch model this export's configs describe, randomly initialised."""
+        if self.cascade:
+            return Cascade([EarlyExitModel(EarlyExitConfig.from_pretrained(self.folder / Path(g).parent)).eval()
+                            for g in self.manifest["graphs"]])
+        return EarlyExitModel(self.config).eval()
+
+    def _run(self, exit_index: int, **inputs: np.ndarray | None) -> tuple[np.ndarray, torch.Tensor]:
+        wanted = self._inputs[exit_index]
+        if "token_type_ids" in wanted and inputs.get("token_type_ids") is None:
+            inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
+        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items() if k in wanted}
+        hidden, logits = self.sessions[exit_index].run(None, feed)
+        return hidden, torch.from_numpy(logits).float()
+
+    def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> Tokens:
+        """The state before the first segment: the tokens ([batch, seq] each).
+
+        The state stays in NumPy between the graphs: torch ops on it would wake torch's own thread pool
+        to compete with ONNX Runtime's for the same cores."""
+        return Tokens(*(None if t is None else t.cpu().numpy() for t in (input_ids, attention_mask, token_type_ids)))
+
+    def advance(self, exit_index: int, state: Tokens | Hidden,
+                head: bool = True) -> tuple[Tokens | Hidden, torch.Tensor | None]:
+        """Run segment ``exit_index`` (a cascade: member ``exit_index``, skipped without ``head``); returns the
+        state after it and the exit's raw logits [rows, labels], or None without ``head``."""
+        if self.cascade:
+            if not head:
+                return state, None
+            return state, self._run(exit_index, **state._asdict())[1]
+        if exit_index == 0:
+            hidden, logits = self._run(0, **state._asdict())
+        else:
+            hidden, logits = self._run(exit_index, hidden=state.hidden, attention_mask=state.attention_mask)
+        # the graph's head runs regardless; a policy that cannot leave here must not see its logits
+        return Hidden(hidden, state.attention_mask), logits if head else None
+
+    def keep_rows(self, state: Tokens | Hidden, rows: torch.Tensor) -> Tokens | Hidden:
+        """Only ``rows`` ([k] positions) of the batch, cut to the columns they use."""
+        rows = rows.cpu().numpy()
+        mask = state.attention_mask[rows]
+        length = int(np.flatnonzero(mask.any(0)).max()) + 1 if mask.any() else mask.shape[1]
+        return type(state)(*(None if t is None else t[rows, :length] for t in state))
+
+    def merge(self, parts: list[Tokens | Hidden]) -> Tokens | Hidden:
+        """One batch of several batches' rows at the same exit, right-padded to the longest (masked)."""
+        length = max(p.attention_mask.shape[1] for p in parts)
+
+        def pad(t: np.ndarray, value: int) -> np.ndarray:
+            return np.pad(t, [(0, 0), (0, length - t.shape[1])] + [(0, 0)] * (t.ndim - 2), constant_values=value)
+
+        fill = {"input_ids": self._pad}
+        return type(parts[0])(*(None if parts[0][i] is None else
+                                np.concatenate([pad(p[i], fill.get(name, 0)) for p in parts])
+                                for i, name in enumerate(parts[0]._fields)))
+
+    def exit_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """Every exit's logits on the whole batch: one [batch, labels] per exit."""
+        state, logits = self.start(input_ids, attention_mask, token_type_ids), []
+        for e in range(self.num_exits):
+            state, out = self.advance(e, state)
+            logits.append(out)
+        return tuple(logits)
+
+    def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, threshold: float = THRESHOLD,
+                policy: ExitPolicy | None = None, max_tokens: int | None = None) -> Prediction:
+        """Adaptive inference over a batch, as `EarlyExitModel.predict`."""
+        return adaptive_predict(self, input_ids, attention_mask, token_type_ids, policy or ConfidencePolicy(threshold),
+                                max_tokens)
