@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import run_cli
+from frugalnlp.timing import CPU_FEATURES, cpu_features, describe_machine
 
 
 def check_quick_bench(out, stdout) -> None:
@@ -22,6 +23,9 @@ def check_quick_bench(out, stdout) -> None:
         for point in row["cascade"]:
             assert 0 < point["predicted_cost"] and point["measured_cost"] > 0
     assert "plain HF forward" in stdout and "early exit, threshold 1" in stdout
+    machine = results["machine"]
+    assert set(machine["cpu_features"]) == set(CPU_FEATURES) and machine["versions"]["torch"]
+    assert f"machine: {describe_machine(machine)}" in stdout
 
 
 def test_quick_bench_writes_side_by_side_ratios(tiny_run, tiny_dir, tmp_path, capsys):
@@ -67,3 +71,13 @@ def test_deploy_bench_sets_every_runtime_beside_plain_torch(tiny_run, tiny_dir, 
     assert early["onnx"]["accuracy"] == early["torch"]["accuracy"]
     assert all(r["server_texts_per_second"] is None for r in rows.values())
     assert "early exit, ONNX int8" in stdout
+
+
+def test_cpu_features_are_read_from_the_cpu_flags():
+    cpuinfo = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8\nprocessor\t: 1\n"
+    features = cpu_features(cpuinfo)
+    assert features == {"avx2": True, "avx512f": True, "avx512_vnni": True, "avx_vnni": False, "avx512_bf16": False,
+                        "amx_bf16": False, "amx_int8": True}
+    assert not any(cpu_features("").values())  # nothing readable: nothing claimed
+    line = describe_machine({"cpu": "X", "cpus": 2, "cpu_features": features})
+    assert line == "X, 2 CPUs; avx2, avx512f, avx512_vnni, amx_int8 (no avx_vnni, avx512_bf16, amx_bf16)"

@@ -13,13 +13,14 @@ from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.registry import make_policy
 from frugalnlp.early_exit.runner import length_runs
 from frugalnlp.errors import FrugalError
-from frugalnlp.export import export_model, export_run
+from frugalnlp.export import export_model, export_run, fused_ops
 from frugalnlp.onnx_model import OnnxModel
 from frugalnlp.predict import Predictor
 from frugalnlp.run import runtime_path
 from frugalnlp.tasks import load_task
 
 FAMILIES = ["bert", "roberta", "deberta-v2", "mpnet"]
+FUSED = {"bert", "roberta"}  # attention through SDPA: one ONNX Attention op per layer (DeBERTa-v2 and MPNet: MatMuls)
 
 
 def _decisions(prediction):
@@ -40,7 +41,11 @@ def _middle_threshold(model, ids, mask, types):
 def test_every_family_exports_segments_that_match_torch_and_decide_alike(family, tmp_path):
     torch.manual_seed(0)
     model = EarlyExitModel.from_backbone(make_backbone(family), exit_layers=[2, 4], num_labels=3).eval()
-    export_model(model, tmp_path, optimize=False)  # the exporter's optimizer only costs time here
+    manifest = export_model(model, tmp_path, optimize=False)  # the exporter's optimizer only costs time here
+    # two layers per segment, each with its attention fused into one op where the family's attention is SDPA
+    for graph in ("segment-0.onnx", "segment-1.onnx"):
+        assert fused_ops(tmp_path / graph).get("Attention", 0) == (2 if family in FUSED else 0), (family, graph)
+        assert manifest["fused_ops"][graph] == fused_ops(tmp_path / graph)
     exported = OnnxModel(tmp_path)
     for n, seq, seed in ((12, 14, 1), (1, 5, 2), (5, 30, 3)):  # batch and length unlike the traced example
         ids, mask, types = padded_batch(n=n, seq=seq, pad=1 if family != "bert" else 0, seed=seed)
@@ -147,6 +152,8 @@ def test_predict_with_runtime_onnx_gives_the_torch_decisions(tiny_run, exported_
 
 
 def test_int8_curve_comes_from_its_own_logits_and_temperatures(tiny_run, exported_run, tmp_path):
+    import onnx
+
     from frugalnlp.curves import replay, split_scores
     from frugalnlp.early_exit.calibration import fit_temperatures
     from frugalnlp.evaluation import evaluate_run
@@ -155,6 +162,10 @@ def test_int8_curve_comes_from_its_own_logits_and_temperatures(tiny_run, exporte
     int8 = tmp_path / "int8"
     record = export_run(tiny_run, output=int8, quantize="int8")
     assert record["precision"] == "int8"
+    layers = [b - a for a, b in zip([0, *record["exit_layers"]], record["exit_layers"])]
+    for graph, k in zip(record["graphs"], layers):  # attention stays one fused fp32 op; the linear layers are int8
+        assert fused_ops(int8 / "model" / graph)["Attention"] == k
+        assert "MatMulInteger" in {node.op_type for node in onnx.load(str(int8 / "model" / graph)).graph.node}
     quantized, fp32, torch_run = load_run(int8), load_run(exported_run), load_run(tiny_run)
     dev8, dev32 = split_scores(quantized, "dev"), split_scores(fp32, "dev")
     assert (dev8.exit_logits - dev32.exit_logits).abs().max() > 1e-4  # int8 logits really differ
@@ -193,7 +204,8 @@ def test_server_with_runtime_onnx_and_max_tokens_answers_as_predict_one_at_a_tim
 def test_the_real_checkpoint_exports_within_tolerance(tmp_path):
     torch.manual_seed(0)
     model = EarlyExitModel.from_backbone("minilm", exit_layers=[3, 6], num_labels=2).eval()
-    export_model(model, tmp_path)
+    manifest = export_model(model, tmp_path)
+    assert [ops["Attention"] for ops in manifest["fused_ops"].values()] == [3, 3]  # one per layer, every layer
     exported = OnnxModel(tmp_path)
     ids, mask, types = padded_batch(n=6, seq=40, seed=6)
     ids[ids >= 120] = 100

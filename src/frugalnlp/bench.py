@@ -31,7 +31,7 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.methods import early_exit_methods
 from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
-from frugalnlp.timing import median_times
+from frugalnlp.timing import describe_machine, machine, median_times
 from frugalnlp.training import train_run
 
 
@@ -108,7 +108,7 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
     task = load_task(settings.task)
     split = task.test.take(range(min(settings.examples, len(task.test))))
     results: dict = {"settings": settings.__dict__, "examples": len(split), "threads": torch.get_num_threads(),
-                     "model": model.config.backbone_config.get("_name_or_path", ""),
+                     "machine": machine(), "model": model.config.backbone_config.get("_name_or_path", ""),
                      "exit_layers": model.config.exit_layers, "batch_sizes": {}}
 
     tokenize_times = median_times({"tokenize": lambda: encode_texts(tokenizer, split.texts, split.pairs,
@@ -159,7 +159,8 @@ def _bench(model: EarlyExitModel, cascade: Cascade, tokenizer, settings: BenchSe
 def format_bench(results: dict) -> str:
     lines = [f"{results['examples']} test examples of {results['settings']['task']}, {results['threads']} threads, "
              f"medians of {results['settings']['repeats']} interleaved repeats; tokenisation "
-             f"{results['tokenize_seconds'] * 1e3:.1f} ms for all (not in the model times)", "",
+             f"{results['tokenize_seconds'] * 1e3:.1f} ms for all (not in the model times)",
+             f"machine: {describe_machine(results.get('machine'))}", "",
              "| batch | configuration | ms | ideal speedup | measured speedup | efficiency |",
              "|---|---|---|---|---|---|"]
     for bs, row in results["batch_sizes"].items():
@@ -304,7 +305,7 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
         return lambda b: model.exit_logits(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
 
     results: dict = {"settings": settings.__dict__, "examples": len(timed), "threads": torch.get_num_threads(),
-                     "rows": {}, "batch_sizes": {}}
+                     "machine": machine(), "rows": {}, "batch_sizes": {}}
     base = "plain, torch fp32"
     with torch.inference_mode():
         for batch_size in settings.batch_sizes:
@@ -380,7 +381,8 @@ def format_deploy_bench(results: dict) -> str:
     lines = [f"{results['examples']} {s['task']} test sentences in process ({results['threads']} threads, medians of "
              f"{s['repeats']} interleaved repeats, tokenisation not counted); server: {s['clients']} closed-loop "
              f"clients, {s['texts_per_request']} texts per request, {s['server_seconds']:g} s, {s['server_rounds']} "
-             "round(s); every speed is a ratio to plain torch fp32 measured in this run", "",
+             "round(s); every speed is a ratio to plain torch fp32 measured in this run",
+             f"machine: {describe_machine(results.get('machine'))}", "",
              "| configuration | test accuracy | layers speedup | "
              + " | ".join(f"batch {b}: texts/s (vs plain torch)" for b in sizes)
              + " | server texts/s (vs plain torch) |", "|---|---|---|" + "---|" * (len(sizes) + 1)]

@@ -385,6 +385,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     diffs = ", ".join(f"{d:.1e}" for d in record["check"]["max_abs_diff_vs_torch"])
     print(f"exported {len(record['graphs'])} {record['precision']} graph(s) to {record['output']}; max |ONNX - torch| "
           f"exit logits on dev ({record['check']['examples']} examples), per exit: {diffs}")
+    for graph, ops in record["fused_ops"].items():
+        print(f"  {graph}: " + (", ".join(f"{n} {op}" for op, n in ops.items()) or "no fused op"))
     print(f"use it with --runtime onnx (or give {record['output']} as the run)")
 
 

@@ -33,6 +33,13 @@ from frugalnlp.run import load_run, load_spec_task
 from frugalnlp.rundir import RunDir, write_json
 
 QUANTIZATIONS = ("int8",)
+# Opset 23 has attention as one op: the exporter writes scaled_dot_product_attention as `Attention`, which ONNX
+# Runtime (>= 1.23) runs fused on the CPU. Measured on MiniLM (benchmarks/deploy.md) against opset 18's
+# MatMul/Softmax graph and against onnxscript's ORT fusions (contrib Attention, SkipLayerNormalization, BiasGelu).
+OPSET = 23
+# Fused ops counted per graph in export.json: a family whose attention is not SDPA (DeBERTa-v2's disentangled,
+# MPNet's relative bias) exports it as MatMul/Softmax and counts 0 Attention.
+FUSED_OPS = ("Attention", "MultiHeadAttention", "LayerNormalization", "SkipLayerNormalization", "Gelu", "BiasGelu")
 FP32_TOLERANCE = 1e-4  # max |ONNX - torch| of an fp32 export's exit logits on dev
 _FIRST_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _NEXT_INPUTS = ("hidden", "attention_mask")
@@ -78,7 +85,7 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            torch.onnx.export(module, args, str(path), dynamo=True, input_names=list(input_names),
+            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=list(input_names),
                               output_names=list(_OUTPUTS), dynamic_shapes=tuple({0: batch, 1: seq} for _ in args),
                               external_data=False, verbose=False, report=False, optimize=optimize)
         except Exception as error:  # torch.export names the construct it could not trace
@@ -110,13 +117,23 @@ def _segment_graphs(model, folder: Path, optimize: bool = True) -> list[str]:
     return names
 
 
+def fused_ops(path: str | Path) -> dict[str, int]:
+    """How many of each fused op (`FUSED_OPS`) a graph holds, e.g. one ``Attention`` per layer."""
+    import onnx
+
+    ops = [node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node]
+    return {op: ops.count(op) for op in FUSED_OPS if op in ops}
+
+
 def _quantize(folder: Path, graphs: list[str]) -> None:
     """Dynamic int8 quantization of the graphs' linear layers (`onnxruntime.quantization`), in place.
 
     Per-channel weight scales, and only matmuls with a weight operand (attention's activation products
-    stay fp32): with both, MiniLM's int8 exits stay within half a point of torch's on MR.
+    stay fp32): with both, MiniLM's int8 exits stay within half a point of torch's on MR. The fused ONNX
+    ``Attention`` op stays fp32 too: the quantizer would take it for ONNX Runtime's own contrib op of that name.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
 
     root = logging.getLogger()
     level = root.level
@@ -126,6 +143,7 @@ def _quantize(folder: Path, graphs: list[str]) -> None:
             source = folder / name
             target = folder / f".{name}.int8"
             quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=[op for op in IntegerOpsRegistry if op != "Attention"],
                              extra_options={"MatMulConstBOnly": True})
             target.replace(source)
     finally:
@@ -150,7 +168,8 @@ def export_model(model, folder: str | Path, quantize: str | None = None, optimiz
         if quantize:
             _quantize(folder / sub, names)
         graphs += [str(Path(sub) / n) for n in names]
-    manifest = {"kind": KIND, "precision": quantize or "fp32", "cascade": cascade, "graphs": graphs,
+    manifest = {"kind": KIND, "precision": quantize or "fp32", "opset": OPSET, "cascade": cascade, "graphs": graphs,
+                "fused_ops": {graph: fused_ops(folder / graph) for graph in graphs},
                 "exit_layers": model.exit_layers, "layers_to_exit": model.layers_to_exit(),
                 "temperatures": model.temperatures}
     write_json(folder / EXPORT, manifest)

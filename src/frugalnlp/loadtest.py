@@ -35,7 +35,7 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.methods import early_exit_methods
 from frugalnlp.run import RunSpec, load_run, load_run_config
 from frugalnlp.tasks import load_task
-from frugalnlp.timing import median_times
+from frugalnlp.timing import describe_machine, machine, median_times
 from frugalnlp.training import train_run
 
 
@@ -223,7 +223,8 @@ def run_serve_bench(run: str | None = None, quick: bool = False, settings: LoadS
         split = load_task(settings.task).test
         split = split.take(range(min(settings.examples, len(split))))
         n = settings.texts_per_request
-        results = {"settings": asdict(settings), "run": run, "cpus": os.cpu_count(), "configs": [], "in_process": {}}
+        results = {"settings": asdict(settings), "run": run, "cpus": os.cpu_count(), "machine": machine(), "configs": [],
+                   "in_process": {}}
         configs, requests = [], {}
         for name in settings.text_sets:
             texts = text_set(split, name, settings)
@@ -297,7 +298,7 @@ def format_serve_bench(results: dict) -> str:
              f"request; saturated: {s['clients']} closed-loop clients; offered loads: Poisson arrivals; {s['seconds']:g} s "
              f"each, medians of {s.get('repeats', 1)} rounds; max batch {s['max_batch']}, max wait {s['max_wait_ms']:g} ms; "
              f"{results['cpus']} CPUs shared by client and server (client CPU: cores the load client used)",
-             "", "| texts | threshold | ideal speedup | batching | packing | saturated texts/s | vs threshold 1 | "
+             f"machine: {describe_machine(results.get('machine'))}", "", "| texts | threshold | ideal speedup | batching | packing | saturated texts/s | vs threshold 1 | "
              "in-process ratio | share of it | client CPU | p50 ms | p99 ms | "
              + " | ".join(f"at {load['offered_texts_per_second']:.0f}/s: p50 / p99 ms (vs thr. 1)" for load in loads)
              + " |", "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(loads)]

@@ -21,7 +21,7 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.papa.experiment import resolve_heads
 from frugalnlp.papa.families import check_family
 from frugalnlp.papa.modeling import PapaModel
-from frugalnlp.timing import median_times
+from frugalnlp.timing import describe_machine, machine, median_times
 
 
 @dataclass
@@ -72,7 +72,7 @@ def run_papa_bench(settings: PapaBenchSettings | None = None, ranking: list[list
                                       constant_heads=sorted(order[:count])).eval()
         models[f"PAPA {count} constant"] = papa.backbone
     results: dict = {"settings": settings.__dict__, "model": settings.model, "threads": torch.get_num_threads(),
-                     "layers": layers, "heads_per_layer": num_heads, "constant_heads": counts, "rows": []}
+                     "machine": machine(), "layers": layers, "heads_per_layer": num_heads, "constant_heads": counts, "rows": []}
     for seq in settings.lengths:
         for batch in settings.batch_sizes:
             progress(f"length {seq}, batch {batch}")
@@ -103,7 +103,7 @@ def format_papa_bench(results: dict) -> str:
     lines = [f"{results['model']} encoder ({results['layers']} layers x {results['heads_per_layer']} heads), "
              f"{results['threads']} threads, medians of {settings['repeats']} interleaved repeats of "
              f"{settings['calls']} forwards; speedups against PAPA with {results['constant_heads'][0]} constant heads",
-             "", "| length | batch | configuration | ms | FLOPs-predicted speedup | measured speedup | efficiency |",
+             f"machine: {describe_machine(results.get('machine'))}", "", "| length | batch | configuration | ms | FLOPs-predicted speedup | measured speedup | efficiency |",
              "|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         for c in row["configurations"]:
