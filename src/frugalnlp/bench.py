@@ -213,18 +213,10 @@ def plain_view(model: EarlyExitModel) -> EarlyExitModel:
 def _exports(run: str, folder: Path, progress) -> dict[str, str]:
     """The run's directory per runtime: its own ``RUN/onnx`` and ``RUN/onnx-int8`` if exported, else exports
     written into ``folder``."""
-    from frugalnlp.export import export_run
-    from frugalnlp.onnx_model import is_export
+    from frugalnlp.export import export_dir
 
-    dirs = {"torch": run}
-    for runtime, quantize in (("onnx", None), ("onnx-int8", "int8")):
-        own = Path(run) / runtime
-        if is_export(own / "model"):
-            dirs[runtime] = str(own)
-        else:
-            progress(f"exporting {run} ({RUNTIME_NAMES[runtime]})")
-            dirs[runtime] = export_run(run, output=folder / f"{Path(run).name}-{runtime}", quantize=quantize)["output"]
-    return dirs
+    return {"torch": run, "onnx": export_dir(run, None, folder, progress),
+            "onnx-int8": export_dir(run, "int8", folder, progress)}
 
 
 def run_deploy_bench(run: str | None = None, static_run: str | None = None, quick: bool = False,

@@ -390,6 +390,27 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"use it with --runtime onnx (or give {record['output']} as the run)")
 
 
+def cmd_frontier(args: argparse.Namespace) -> None:
+    from frugalnlp.frontier import FrontierSettings, check_settings, format_frontier, plot_frontier, run_frontier
+    from frugalnlp.rundir import RunDir, write_bytes, write_json
+
+    settings = FrontierSettings(runtime=args.runtime, precision=args.quantize or "fp32",
+                                **{k: v for k, v in (("batch_sizes", args.batch_sizes), ("examples", args.examples),
+                                                     ("repeats", args.repeats), ("targets", args.targets),
+                                                     ("policies", args.policies)) if v is not None})
+    check_settings(settings)  # before the output is claimed and minutes of timing
+    name = f"frontier-{args.runtime}" + (f"-{args.quantize}" if args.quantize else "")
+    out = RunDir(args.output or os.path.join(args.run, name), overwrite=args.overwrite)
+    results = run_frontier(args.run, args.static or [], settings, progress=lambda msg: print(msg, file=sys.stderr))
+    table = format_frontier(results)
+    out.open()
+    write_json(out.path / "frontier.json", results)
+    write_bytes(out.path / "frontier.md", (table + "\n").encode())
+    plot_frontier(results, out.path / "frontier.png")
+    print(table)
+    print(f"wrote {out.commit()} (frontier.json, frontier.md, frontier.png)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import DemoSpec, run_demo
 
@@ -636,6 +657,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", default=None, help="int8: dynamic quantization of the linear layers")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("frontier", help="wall clock on one runtime: measured texts/s against test accuracy for the "
+                                        "plain model, every static model and the adaptive dev choices")
+    p.add_argument("run", help="an early-exit run (or a multi-model run)")
+    p.add_argument("--static", action="append", default=None, metavar="RUN",
+                   help="static models: a multi-model run (every member) or plain --num-layers runs (repeatable; "
+                        "default: a multi-model run's own members)")
+    p.add_argument("--runtime", default="onnx", help="torch, or onnx (the runs' exports; exported when missing)")
+    p.add_argument("--quantize", default=None, help="int8: time the int8 exports (--runtime onnx)")
+    p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 1,32")
+    p.add_argument("--examples", type=int, default=None, help="test texts timed (default 512)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, medians (default 3)")
+    p.add_argument("--targets", type=_float_list, default=None, help="dev-chosen speedups in layers (default 1.5,2,3)")
+    p.add_argument("--policies", type=_str_list, default=None,
+                   help="POLICY or POLICY+ensemble (default confidence,per-exit+ensemble)")
+    p.add_argument("--output", default=None, help="directory to write (default: RUN/frontier-RUNTIME[-int8])")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_frontier)
 
     p = sub.add_parser("demo", help="adaptive methods and recipes against the static frontier and the oracle")
     _add_train_args(p, one_run=False)

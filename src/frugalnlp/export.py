@@ -28,7 +28,7 @@ from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
-from frugalnlp.onnx_model import EXPORT, KIND, OnnxModel, require_onnx
+from frugalnlp.onnx_model import EXPORT, KIND, OnnxModel, is_export, require_onnx
 from frugalnlp.run import load_run, load_spec_task
 from frugalnlp.rundir import RunDir, write_json
 
@@ -76,7 +76,7 @@ class _NextSegment(nn.Module):
 
 
 def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names: tuple[str, ...], path: Path,
-                  optimize: bool = True) -> None:
+                  optimize: bool = True, opset: int = OPSET) -> None:
     """One segment to ONNX with dynamic batch and sequence axes, checked by `onnx.checker`."""
     import onnx
 
@@ -85,7 +85,7 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
-            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET, input_names=list(input_names),
+            torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset, input_names=list(input_names),
                               output_names=list(_OUTPUTS), dynamic_shapes=tuple({0: batch, 1: seq} for _ in args),
                               external_data=False, verbose=False, report=False, optimize=optimize)
         except Exception as error:  # torch.export names the construct it could not trace
@@ -96,7 +96,7 @@ def _export_graph(module: nn.Module, args: tuple[torch.Tensor, ...], input_names
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def _segment_graphs(model, folder: Path, optimize: bool = True) -> list[str]:
+def _segment_graphs(model, folder: Path, optimize: bool = True, opset: int = OPSET) -> list[str]:
     """Export each segment of an `EarlyExitModel` into ``folder``; returns the graph file names."""
     model = model.eval()
     ids = torch.tensor([[2, 5, 6, 7, 8, 9, 3, 0], [2, 10, 11, 12, 3, 0, 0, 0]])  # batch 2, seq 8: not 0/1-specialised
@@ -111,7 +111,7 @@ def _segment_graphs(model, folder: Path, optimize: bool = True) -> list[str]:
                 module, args, inputs = _FirstSegment(model), tokens, _FIRST_INPUTS
             else:
                 module, args, inputs = _NextSegment(model, e), (hidden, mask), _NEXT_INPUTS
-            _export_graph(module, args, inputs, folder / name, optimize)
+            _export_graph(module, args, inputs, folder / name, optimize, opset)
             hidden = module(*args)[0]
             names.append(name)
     return names
@@ -150,10 +150,12 @@ def _quantize(folder: Path, graphs: list[str]) -> None:
         root.setLevel(level)
 
 
-def export_model(model, folder: str | Path, quantize: str | None = None, optimize: bool = True) -> dict:
+def export_model(model, folder: str | Path, quantize: str | None = None, optimize: bool = True,
+                 opset: int = OPSET) -> dict:
     """Write an `EarlyExitModel`'s segments (a `Cascade`: each member's one graph, in ``layers-K/``) and their
     configs into ``folder``, with ``export.json``; returns that record (`OnnxModel` loads the folder).
-    ``optimize=False`` skips the exporter's own graph optimizer (faster; ONNX Runtime still optimizes on load)."""
+    ``optimize=False`` skips the exporter's own graph optimizer (faster; ONNX Runtime still optimizes on load);
+    ``opset`` below 23 writes attention as MatMul/Softmax (benchmarks/export_variants.py compares them)."""
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise FrugalError(f"unknown --quantize '{quantize}'; choose {', '.join(QUANTIZATIONS)}")
     require_onnx()
@@ -164,11 +166,11 @@ def export_model(model, folder: str | Path, quantize: str | None = None, optimiz
         sub = f"layers-{member.config.exit_layers[-1]}" if cascade else ""
         (folder / sub).mkdir(parents=True, exist_ok=True)
         member.config.save_pretrained(folder / sub)
-        names = _segment_graphs(member, folder / sub, optimize)
+        names = _segment_graphs(member, folder / sub, optimize, opset)
         if quantize:
             _quantize(folder / sub, names)
         graphs += [str(Path(sub) / n) for n in names]
-    manifest = {"kind": KIND, "precision": quantize or "fp32", "opset": OPSET, "cascade": cascade, "graphs": graphs,
+    manifest = {"kind": KIND, "precision": quantize or "fp32", "opset": opset, "cascade": cascade, "graphs": graphs,
                 "fused_ops": {graph: fused_ops(folder / graph) for graph in graphs},
                 "exit_layers": model.exit_layers, "layers_to_exit": model.layers_to_exit(),
                 "temperatures": model.temperatures}
@@ -225,3 +227,13 @@ def export_run(run: str | Path, output: str | Path | None = None, quantize: str 
     write_json(path / "metrics.json", metrics)
     final = out.commit()
     return {"output": str(final), **manifest}
+
+
+def export_dir(run: str | Path, quantize: str | None, folder: str | Path, progress=print) -> str:
+    """The run's ONNX export of that precision: its own ``RUN/onnx`` (``RUN/onnx-int8``) when there is one, else
+    a new export written under ``folder`` (a scratch directory: benchmarks export what they time)."""
+    own = Path(run) / ("onnx" if quantize is None else f"onnx-{quantize}")
+    if is_export(own / "model"):
+        return str(own)
+    progress(f"exporting {run} ({'ONNX fp32' if quantize is None else f'ONNX {quantize}'})")
+    return export_run(run, output=Path(folder) / f"{Path(run).name}-{own.name}", quantize=quantize)["output"]

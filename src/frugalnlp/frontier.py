@@ -1,0 +1,237 @@
+"""The wall-clock frontier: is adaptive inference worth it in seconds, on the runtime a user deploys?
+
+On one runtime (torch fp32, ONNX Runtime fp32 or int8), `run_frontier` measures texts/s against test accuracy
+for the plain model (the adaptive run at threshold 1: every layer, no early head), every static model (a
+multi-model run's members, each alone, and plain ``--num-layers K`` runs) and the adaptive run at the points
+its dev split chooses for each target speedup and policy (exit ensembles and routers run beside the graphs).
+Every configuration is timed in one process, interleaved (`frugalnlp.timing.median_times`), on the same test
+texts in their own order, so the speeds compare; the static frontier in seconds joins the static models
+linearly in time per text (a random share of texts to each of two models costs that) and each adaptive point
+is set against it at its own measured speed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from frugalnlp.baselines import static_frontier
+from frugalnlp.curves import dev_scores, exit_scores, split_scores
+from frugalnlp.dev_choice import fixed_exit_thresholds, operating_threshold
+from frugalnlp.early_exit.policies import ExitPolicy
+from frugalnlp.early_exit.registry import check_policy, make_policy
+from frugalnlp.encoding import encode_split
+from frugalnlp.errors import FrugalError
+from frugalnlp.run import RUNTIMES, TrainedRun, load_run, load_run_config, load_spec_task
+from frugalnlp.timing import describe_machine, machine, median_times
+
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass
+class FrontierSettings:
+    runtime: str = "onnx"
+    precision: str = "int8"  # ONNX only: fp32, or int8 (the linear layers quantized dynamically)
+    batch_sizes: tuple[int, ...] = (1, 32)
+    examples: int = 512  # test texts timed (accuracy is on the whole test split)
+    repeats: int = 3
+    targets: tuple[float, ...] = (1.5, 2.0, 3.0)  # speedups in layers the dev choice aims at
+    policies: tuple[str, ...] = ("confidence", "per-exit+ensemble")
+
+
+@dataclass
+class Config:
+    """One configuration on the frontier: how it answers (``policy``) and what it scores on test."""
+
+    name: str
+    kind: str  # plain, static or adaptive
+    trained: TrainedRun
+    policy: ExitPolicy
+    accuracy: float
+    speedup_layers: float
+    details: dict
+
+
+def check_settings(settings: FrontierSettings) -> None:
+    """FrugalError for a runtime, precision, policy or number out of range (before any model loads)."""
+    if settings.runtime not in RUNTIMES:
+        raise FrugalError(f"unknown --runtime '{settings.runtime}'; choose one of {', '.join(RUNTIMES)}")
+    if settings.precision not in PRECISIONS:
+        raise FrugalError(f"unknown --quantize '{settings.precision}'; choose int8 (or leave it out: fp32)")
+    if settings.runtime == "torch" and settings.precision != "fp32":
+        raise FrugalError("--quantize int8 needs --runtime onnx (torch runs fp32 here)")
+    for flag, values in (("--batch-sizes", settings.batch_sizes), ("--examples", (settings.examples,)),
+                         ("--repeats", (settings.repeats,))):
+        if not values or min(values) < 1:
+            raise FrugalError(f"{flag} must be at least 1")
+    if not settings.targets or min(settings.targets) < 1.0:
+        raise FrugalError("--targets are speedups of at least 1 (e.g. 1.5,2,3)")
+    for policy in settings.policies:
+        check_policy(policy.partition("+")[0])
+        if policy.partition("+")[2] not in ("", "ensemble"):
+            raise FrugalError(f"policy '{policy}': write POLICY or POLICY+ensemble")
+
+
+def _on_runtime(run: str, settings: FrontierSettings, folder: Path, progress: Callable[[str], None]) -> TrainedRun:
+    if settings.runtime == "torch":
+        return load_run(run)
+    from frugalnlp.export import export_dir
+
+    return load_run(export_dir(run, None if settings.precision == "fp32" else settings.precision, folder, progress))
+
+
+def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: FrontierSettings) -> list[Config]:
+    model = adaptive.model
+    depth = model.exit_layers[-1]
+    test = split_scores(adaptive, "test")
+    configs = [Config("plain (threshold 1)", "plain", adaptive, make_policy("confidence", 1.0, model.num_exits),
+                      test.point("confidence", 1.0).accuracy, 1.0, {"layers": depth})]
+    for trained in statics:  # a plain run is one model; a multi-model run's members are each one
+        members, scored = trained.model, split_scores(trained, "test")
+        n = members.num_exits
+        for k, exit_score in enumerate(exit_scores(members, scored.exit_logits, scored.gold)):
+            # a cascade at a fixed exit runs that member alone (the others' exits are never used)
+            policy = (make_policy("per-exit", fixed_exit_thresholds(n, k), n) if k < n - 1
+                      else make_policy("confidence", 1.0, n))
+            layer = exit_score["layer"]
+            configs.append(Config(f"static {layer}-layer", "static", trained, policy, exit_score["accuracy"],
+                                  depth / layer, {"layers": layer, "run": str(trained.path)}))
+    for name in settings.policies:
+        policy_name, _, ensemble = name.partition("+")
+        dev = dev_scores(adaptive, bool(ensemble), policy_name)
+        reported = split_scores(adaptive, "test", dev.ensemble)
+        reported.use_router(dev.router)
+        for target in settings.targets:
+            try:
+                chosen = operating_threshold(dev, target_speedup=target, policy=policy_name)
+            except FrugalError:  # dev never gets that fast
+                continue
+            point = reported.point(chosen.policy, chosen.point.threshold)
+            policy = make_policy(chosen.policy, chosen.point.threshold, model.num_exits, dev.ensemble, chosen.router)
+            configs.append(Config(f"adaptive {name} @ {target:g}x", "adaptive", adaptive, policy, point.accuracy,
+                                  point.speedup_layers, {"policy": name, "deployed_policy": chosen.policy,
+                                                         "target_speedup": target, "threshold": chosen.point.threshold,
+                                                         "dev_accuracy": chosen.point.accuracy}))
+    return configs
+
+
+def run_frontier(run: str, static: list[str], settings: FrontierSettings | None = None,
+                 progress: Callable[[str], None] = print) -> dict:
+    """Texts/s at each batch size and test accuracy of the plain model, every static model and the adaptive dev
+    choices of ``run``, on ``settings.runtime``; JSON-ready. ``static``: multi-model runs (every member alone) or
+    plain ``--num-layers K`` runs of the same task and model (default: ``run`` itself if it is a multi-model run)."""
+    from frugalnlp.bench import unsorted_batches
+
+    settings = settings or FrontierSettings()
+    check_settings(settings)
+    config = load_run_config(run)
+    static = static or ([run] if config["spec"]["method"] == "multi-model" else [])
+    for other in static:
+        method = load_run_config(other)["spec"]["method"]
+        if method not in ("multi-model", "plain"):
+            raise FrugalError(f"--static {other} is a {method} run; give a multi-model run or plain --num-layers runs")
+    with tempfile.TemporaryDirectory(prefix="frugalnlp-frontier-") as tmp:
+        adaptive = _on_runtime(run, settings, Path(tmp), progress)
+        statics = [_on_runtime(other, settings, Path(tmp), progress) for other in static]
+        configs = _configs(adaptive, statics, settings)
+        split = load_spec_task(adaptive.spec).test
+        timed = split.take(range(min(settings.examples, len(split))))
+        results = {"run": str(run), "static": list(static), "settings": asdict(settings), "machine": machine(),
+                   "examples_timed": len(timed), "test_examples": len(split), "batch_sizes": {}, "rows": []}
+        data = encode_split(timed, adaptive.tokenizer, adaptive.spec.max_length)
+        times = {}
+        with torch.inference_mode():
+            for batch_size in settings.batch_sizes:
+                progress(f"timing {len(configs)} configurations at batch size {batch_size}")
+                batches = unsorted_batches(data, adaptive.tokenizer, batch_size)
+                times[batch_size] = median_times(
+                    {c.name: (lambda c=c: [c.trained.model.predict(**b, policy=c.policy) for b in batches])
+                     for c in configs}, settings.repeats)
+    for c in configs:
+        speeds = {str(b): len(timed) / times[b][c.name] for b in settings.batch_sizes}
+        results["rows"].append({"name": c.name, "kind": c.kind, "accuracy": c.accuracy,
+                                "speedup_layers": c.speedup_layers, **c.details, "texts_per_second": speeds})
+    _compare(results)
+    return results
+
+
+def _compare(results: dict) -> None:
+    """Per batch size: each row's measured speedup over plain and, for adaptive rows, the static frontier in
+    measured time at that speed and the gain over it (points)."""
+    rows = results["rows"]
+    plain = next(r for r in rows if r["kind"] == "plain")
+    for b in map(str, results["settings"]["batch_sizes"]):
+        base = plain["texts_per_second"][b]
+        # the static frontier in seconds: cost = time per text relative to plain's
+        static = [{"layers_share": base / r["texts_per_second"][b], "accuracy": r["accuracy"]}
+                  for r in rows if r["kind"] == "static"]
+        for r in rows:
+            speedup = r["texts_per_second"][b] / base
+            r.setdefault("measured_speedup", {})[b] = speedup
+            if r["kind"] == "adaptive":
+                frontier = static_frontier(static, speedup) if static else None
+                r.setdefault("static_at_measured_speed", {})[b] = frontier
+                r.setdefault("gain_over_static", {})[b] = None if frontier is None else 100 * (r["accuracy"] - frontier)
+
+
+def format_frontier(results: dict) -> str:
+    s = results["settings"]
+    runtime = "torch fp32" if s["runtime"] == "torch" else f"ONNX Runtime {s['precision']}"
+    sizes = [str(b) for b in s["batch_sizes"]]
+    lines = [f"{runtime}: {results['examples_timed']} test texts timed in their own order (medians of {s['repeats']} "
+             f"interleaved repeats, tokenisation not counted); accuracy on all {results['test_examples']} test texts; "
+             "speedups are measured texts/s over plain's in this run; the static frontier is read at each adaptive "
+             "point's measured speed (linear in time per text between static models)",
+             f"machine: {describe_machine(results.get('machine'))}", ""]
+    head = "| configuration | test accuracy | layers speedup | " + " | ".join(
+        f"batch {b}: texts/s (measured speedup) | batch {b}: static at that speed | batch {b}: gain (pts)" for b in sizes)
+    lines += [head + " |", "|---|---|---|" + "---|---|---|" * len(sizes)]
+
+    def cell(value, fmt):
+        return "—" if value is None else fmt.format(value)
+
+    for r in results["rows"]:
+        cells = []
+        for b in sizes:
+            cells += [f"{r['texts_per_second'][b]:.0f} ({r['measured_speedup'][b]:.2f}x)",
+                      cell(r.get("static_at_measured_speed", {}).get(b), "{:.3f}"),
+                      cell(r.get("gain_over_static", {}).get(b), "{:+.1f}")]
+        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_frontier(results: dict, path: str | Path) -> None:
+    """Test accuracy against measured texts/s, one panel per batch size: the static models joined (the frontier),
+    plain, and each policy's adaptive points joined across targets."""
+    from frugalnlp.report import new_figure, save_figure
+
+    sizes = [str(b) for b in results["settings"]["batch_sizes"]]
+    fig, axes = new_figure(ncols=len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    rows = results["rows"]
+    for ax, b in zip(axes[0], sizes):
+        static = sorted((r for r in rows if r["kind"] == "static"), key=lambda r: r["texts_per_second"][b])
+        if static:
+            ax.plot([r["texts_per_second"][b] for r in static], [r["accuracy"] for r in static], "s-", color="0.3",
+                    label="static models (frontier)")
+            for r in static:
+                ax.annotate(f"{r['layers']}L", (r["texts_per_second"][b], r["accuracy"]), fontsize=7,
+                            textcoords="offset points", xytext=(3, -9))
+        plain = next(r for r in rows if r["kind"] == "plain")
+        ax.plot([plain["texts_per_second"][b]], [plain["accuracy"]], "k*", markersize=10, label="plain (threshold 1)")
+        for k, policy in enumerate(dict.fromkeys(r["policy"] for r in rows if r["kind"] == "adaptive")):
+            points = sorted((r for r in rows if r["kind"] == "adaptive" and r["policy"] == policy),
+                            key=lambda r: r["texts_per_second"][b])
+            ax.plot([r["texts_per_second"][b] for r in points], [r["accuracy"] for r in points],
+                    ["o", "^", "v", "D"][k % 4] + "--", label=f"adaptive {policy} (dev choice)")
+        ax.set_xlabel(f"measured texts/s, batch {b}")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    s = results["settings"]
+    runtime = "torch fp32" if s["runtime"] == "torch" else f"ONNX Runtime {s['precision']}"
+    fig.suptitle(f"{Path(results['run']).name}: accuracy against measured speed, {runtime}", fontsize=10)
+    save_figure(fig, path)

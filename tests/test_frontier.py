@@ -1,0 +1,64 @@
+"""`frugalnlp frontier`: measured texts/s against test accuracy on one runtime, on tiny runs (structure and
+agreement with the evaluation; never absolute times)."""
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from frugalnlp.errors import FrugalError
+from frugalnlp.frontier import FrontierSettings, check_settings
+
+
+@pytest.fixture(scope="module")
+def tiny_cascade(tiny_dir, tmp_path_factory):
+    from frugalnlp.cli import main
+
+    path = tmp_path_factory.mktemp("frontier") / "mm"
+    assert main(["train", "--task", "mr", "--model", str(tiny_dir), "--method", "multi-model", "--exit-layers", "1,2,4",
+                 "--train-size", "48", "--epochs", "1", "--max-length", "24", "--output", str(path)]) == 0
+    return path
+
+
+def test_frontier_on_int8_times_plain_static_and_adaptive_points(tiny_run, tiny_cascade, tmp_path, capsys):
+    out = tmp_path / "frontier"
+    status, stdout, err = run_cli(["frontier", tiny_run, "--static", tiny_cascade, "--runtime", "onnx", "--quantize",
+                                   "int8", "--examples", 24, "--repeats", 1, "--batch-sizes", "1,8", "--targets", "1.2",
+                                   "--policies", "confidence,per-exit+ensemble", "--output", out], capsys)
+    assert status == 0, err
+    results = json.loads((out / "frontier.json").read_text())
+    assert (out / "frontier.png").stat().st_size > 0 and (out / "frontier.md").read_text().strip() in stdout
+    rows = {r["name"]: r for r in results["rows"]}
+    assert [r["kind"] for r in results["rows"]][:4] == ["plain", "static", "static", "static"]
+    assert {r["layers"] for r in results["rows"] if r["kind"] == "static"} == {1, 2, 4}
+    assert {r["policy"] for r in results["rows"] if r["kind"] == "adaptive"} == {"confidence", "per-exit+ensemble"}
+    assert results["machine"]["cpu_features"] and results["settings"]["precision"] == "int8"
+    plain = rows["plain (threshold 1)"]
+    for b in ("1", "8"):
+        assert plain["measured_speedup"][b] == 1.0
+        for r in results["rows"]:
+            assert r["texts_per_second"][b] > 0
+            if r["kind"] == "adaptive":  # set against the static frontier at its own measured speed
+                assert ("gain_over_static" in r) and r["speedup_layers"] >= 1.0
+    # accuracies are the int8 exports' own, as `frugalnlp evaluate` scores them
+    exported = json.loads((tiny_cascade / "onnx-int8" / "metrics.json").read_text()) \
+        if (tiny_cascade / "onnx-int8").exists() else None
+    static_members = [r for r in results["rows"] if r["kind"] == "static"]
+    if exported is not None:
+        assert [r["accuracy"] for r in static_members] == [e["accuracy"] for e in exported["test"]["exits"]]
+    # refused before any timing: a precision torch does not run, an unknown policy, an output already there
+    status, _, err = run_cli(["frontier", tiny_run, "--runtime", "torch", "--quantize", "int8"], capsys)
+    assert status == 2 and "--runtime onnx" in err
+    status, _, err = run_cli(["frontier", tiny_run, "--policies", "fastest"], capsys)
+    assert status == 2 and "unknown exit policy 'fastest'" in err
+    status, _, err = run_cli(["frontier", tiny_run, "--static", tiny_cascade, "--output", out], capsys)
+    assert status == 2 and "exists" in err
+
+
+def test_frontier_settings_are_checked():
+    with pytest.raises(FrugalError, match="--quantize 'int4'"):
+        check_settings(FrontierSettings(precision="int4"))
+    with pytest.raises(FrugalError, match="--targets"):
+        check_settings(FrontierSettings(targets=(0.5,)))
+    with pytest.raises(FrugalError, match="POLICY or POLICY\\+ensemble"):
+        check_settings(FrontierSettings(policies=("confidence+mix",)))
