@@ -229,3 +229,42 @@ def test_a_deployed_point_is_never_below_its_own_fixed_exit_on_dev(tiny_bert):
     assert choose_operating_point(curve, dev, 1.0, None, "confidence", None).policy == "per-exit"
     kept = choose_operating_point(curve, dev, 4.0, None, "confidence", None)
     assert kept.policy == "confidence" and kept.point.threshold == 0.0
+
+
+def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert):
+    """Exits at layers 1, 2, 4 whose segments cost 0.02, 0.9 and 0.08 s per text (say, a slow layer 2 on this
+    runtime): half the layers is not half the time, and the dev choice at 2x follows the time. Exit 1 is wrong
+    and more or less sure, exits 2 and 3 right and sure: 2x in layers is every row at exit 2 (accuracy 1), which
+    is 1.09x in time; 2x in time needs about half the rows at exit 1."""
+    from transformers import BertModel
+
+    from frugalnlp import EarlyExitModel
+    from frugalnlp.curves import SplitScores
+    from frugalnlp.dev_choice import choose_operating_point
+    from frugalnlp.timing import SegmentTimes
+
+    backbone = BertModel(tiny_bert.config)
+    model = EarlyExitModel.from_backbone(backbone, method="joint", exit_layers=[1, 2, 4], num_labels=2).eval()
+    gold = np.arange(300) % 2
+    right = torch.nn.functional.one_hot(torch.as_tensor(gold), 2).float()
+    sure = torch.linspace(0.1, 3.0, 300)[:, None]
+    logits = torch.stack([(1 - right) * sure, right * 4.0, right * 4.0])  # [exits, n, labels]
+    dev = SplitScores(model, logits, gold, np.full(300, 12))
+    layers_curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
+    dev.times = SegmentTimes(seconds=[0.02, 0.9, 0.08], plain=1.0, batch_size=32, runtime="torch fp32")
+    assert dev.times.to_exit(model.layers_to_exit()).tolist() == pytest.approx([0.02, 0.92, 1.0])
+    assert dev.times.to_exit([1, 1, 3]).tolist() == pytest.approx([0.02, 0.02, 0.1])  # a cascade's skipped member
+    curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
+    for p in curve:
+        exits = np.repeat([0.02, 0.92, 1.0], p.exit_histogram)
+        assert p.time_share == pytest.approx(exits.mean()) and p.speedup == pytest.approx(1 / exits.mean())
+    chosen = choose_operating_point(curve, dev, 2.0, None, "confidence", None)
+    in_layers = choose_operating_point(layers_curve, dev, 2.0, None, "confidence", None)
+    assert chosen.point.speedup >= 2.0 - 1e-9 and in_layers.point.speedup_layers >= 2.0 - 1e-9
+    timed_layers_choice = curve[layers_curve.index(in_layers.point)]
+    assert in_layers.point.accuracy == 1.0 and in_layers.point.exit_histogram == [0, 300, 0]
+    assert timed_layers_choice.speedup == pytest.approx(1 / 0.92)  # 2x in layers, 1.09x in time
+    assert chosen.point.accuracy < 0.54 and chosen.point.exit_histogram[0] >= 0.46 * 300
+    record = chosen.point.to_dict()
+    assert record["speedup_time"] == chosen.point.speedup and CurvePoint.from_dict(record) == chosen.point
+    assert "time_share" not in layers_curve[0].to_dict()  # without segment times the JSON record is as before

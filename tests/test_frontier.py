@@ -11,16 +11,24 @@ from frugalnlp.frontier import FrontierSettings, check_settings
 
 
 @pytest.fixture(scope="module")
-def tiny_cascade(tiny_dir, tmp_path_factory):
+def runs(tiny_run, tiny_dir, tmp_path_factory):
+    """A copy of the tiny joint run and a tiny multi-model run, both exported to int8 (RUN/onnx-int8)."""
+    import shutil
+
     from frugalnlp.cli import main
 
-    path = tmp_path_factory.mktemp("frontier") / "mm"
+    folder = tmp_path_factory.mktemp("frontier")
+    joint, cascade = folder / "joint", folder / "mm"
+    shutil.copytree(tiny_run, joint, ignore=shutil.ignore_patterns("onnx*", "eval-*"))
     assert main(["train", "--task", "mr", "--model", str(tiny_dir), "--method", "multi-model", "--exit-layers", "1,2,4",
-                 "--train-size", "48", "--epochs", "1", "--max-length", "24", "--output", str(path)]) == 0
-    return path
+                 "--train-size", "48", "--epochs", "1", "--max-length", "24", "--output", str(cascade)]) == 0
+    for run in (joint, cascade):
+        assert main(["export", str(run), "--quantize", "int8"]) == 0
+    return joint, cascade
 
 
-def test_frontier_on_int8_times_plain_static_and_adaptive_points(tiny_run, tiny_cascade, tmp_path, capsys):
+def test_frontier_on_int8_times_plain_static_and_adaptive_points(runs, tmp_path, capsys):
+    tiny_run, tiny_cascade = runs
     out = tmp_path / "frontier"
     status, stdout, err = run_cli(["frontier", tiny_run, "--static", tiny_cascade, "--runtime", "onnx", "--quantize",
                                    "int8", "--examples", 24, "--repeats", 1, "--batch-sizes", "1,8", "--targets", "1.2",
@@ -40,12 +48,24 @@ def test_frontier_on_int8_times_plain_static_and_adaptive_points(tiny_run, tiny_
             assert r["texts_per_second"][b] > 0
             if r["kind"] == "adaptive":  # set against the static frontier at its own measured speed
                 assert ("gain_over_static" in r) and r["speedup_layers"] >= 1.0
-    # accuracies are the int8 exports' own, as `frugalnlp evaluate` scores them
-    exported = json.loads((tiny_cascade / "onnx-int8" / "metrics.json").read_text()) \
-        if (tiny_cascade / "onnx-int8").exists() else None
+    # accuracies are the int8 exports' own, as `frugalnlp export` scored them
+    exported = json.loads((tiny_cascade / "onnx-int8" / "metrics.json").read_text())
     static_members = [r for r in results["rows"] if r["kind"] == "static"]
-    if exported is not None:
-        assert [r["accuracy"] for r in static_members] == [e["accuracy"] for e in exported["test"]["exits"]]
+    assert [r["accuracy"] for r in static_members] == [e["accuracy"] for e in exported["test"]["exits"]]
+    assert plain["accuracy"] == json.loads((tiny_run / "onnx-int8" / "metrics.json").read_text())["test"]["accuracy"]
+    assert results["dev_segment_times"] is None  # targets in layers
+    # targets in time measured on this runtime: each adaptive point at its target in dev time
+    status, _, err = run_cli(["frontier", tiny_run, "--static", tiny_cascade, "--runtime", "onnx", "--quantize", "int8",
+                              "--examples", 16, "--repeats", 1, "--batch-sizes", 8, "--targets", "1.1",
+                              "--policies", "confidence", "--cost", "time", "--cost-batch-size", 8,
+                              "--output", tmp_path / "in-time"], capsys)
+    assert status == 0, err
+    timed = json.loads((tmp_path / "in-time" / "frontier.json").read_text())
+    assert any(r["kind"] == "adaptive" for r in timed["rows"])
+    assert timed["dev_segment_times"]["runtime"] == "ONNX int8" and timed["dev_segment_times"]["batch_size"] == 8
+    for r in timed["rows"]:
+        if r["kind"] == "adaptive":
+            assert r["name"].endswith("time") and r["dev_speedup"] >= 1.1 - 1e-9
     # refused before any timing: a precision torch does not run, an unknown policy, an output already there
     status, _, err = run_cli(["frontier", tiny_run, "--runtime", "torch", "--quantize", "int8"], capsys)
     assert status == 2 and "--runtime onnx" in err

@@ -131,3 +131,19 @@ def test_the_ensembles_dev_scores_are_cross_fitted_no_row_scored_by_a_fit_that_s
     gold_t = torch.as_tensor(gold)
     nll = [float(torch.nn.functional.cross_entropy(x[-1], gold_t)) for x in (in_sample, held_out)]
     assert nll[0] < nll[1]
+
+
+def test_calibrate_with_cost_time_chooses_in_seconds_measured_on_the_runtime(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    status, stdout, err = run_cli(["calibrate", run, "--target-speedup", "1.1", "--cost", "time",
+                                   "--cost-batch-size", 8], capsys)
+    assert status == 0, err
+    saved = json.loads((run / "operating-point.json").read_text())
+    assert saved["cost"] == "time" and "in time measured on torch fp32 at batch 8" in saved["chosen_by"]
+    times = saved["segment_times"]
+    assert len(times["seconds"]) == 3 and min(times["seconds"]) > 0 and times["plain"] > 0
+    assert saved["dev"]["speedup_time"] >= 1.1 - 1e-9 and "in measured time" in stdout
+    assert Predictor(run).operating_point.cost == "time"  # predict and serve load it as any saved point
+    status, _, err = run_cli(["calibrate", run, "--target-speedup", "2", "--cost", "flops", "--overwrite"], capsys)
+    assert status == 2 and "unknown --cost 'flops'" in err

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import DataCollatorWithPadding
 
 from frugalnlp.curves import CurvePoint, collect_exit_logits, speed_accuracy_curve
 from frugalnlp.defaults import DEMO_MAX_LENGTH
@@ -26,7 +25,7 @@ from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import make_policy
-from frugalnlp.encoding import encode_split, encode_texts
+from frugalnlp.encoding import encode_split, encode_texts, unsorted_batches
 from frugalnlp.errors import FrugalError
 from frugalnlp.methods import early_exit_methods
 from frugalnlp.run import RunSpec, load_run, load_run_config
@@ -49,16 +48,6 @@ class BenchSettings:
 
 QUICK = BenchSettings(batch_sizes=(1, 32), examples=64, repeats=3, targets=(2.0,), cascade_targets=(1.5,),
                       train_size=64)
-
-
-def unsorted_batches(data, tokenizer, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Padded batches in the data's own order: real traffic is not sorted by length."""
-    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-    batches = [dict(collate([data[i] for i in range(s, min(s + batch_size, len(data)))]))
-               for s in range(0, len(data), batch_size)]
-    for b in batches:
-        b.pop("labels", None)
-    return batches
 
 
 def plain_forward(model: EarlyExitModel) -> Callable[[dict], torch.Tensor]:

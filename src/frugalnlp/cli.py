@@ -117,6 +117,13 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
                         "ONNX anyway)")
 
 
+def _add_cost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cost", default="layers",
+                   help="what --target-speedup is in: layers (the paper's measure), or time: each segment timed on "
+                        "the run's runtime (--runtime), so 2x is twice the plain model's measured texts/s")
+    p.add_argument("--cost-batch-size", type=int, default=32, help="--cost time: the batch size segments are timed at")
+
+
 def _run_path(args: argparse.Namespace) -> str | None:
     """The directory the command loads: ``args.run``, or its ONNX export under ``--runtime onnx`` (``--runtime
     torch`` on an export is refused)."""
@@ -238,9 +245,11 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
 
     run = _run_path(args)
     point = calibrate_run(run, policy=args.policy, target_speedup=args.target_speedup, max_drop=args.max_drop,
-                          risk=args.risk, ensemble=args.ensemble, overwrite=args.overwrite)
+                          risk=args.risk, ensemble=args.ensemble, overwrite=args.overwrite, cost=args.cost,
+                          cost_batch_size=args.cost_batch_size)
+    measured = f", {point.dev['speedup_time']:.2f}x in measured time" if "speedup_time" in point.dev else ""
     print(f"{point.policy} threshold {point.threshold} ({point.chosen_by}): dev accuracy {point.dev['accuracy']:.4f} "
-          f"at {point.dev['speedup_layers']:.2f}x")
+          f"at {point.dev['speedup_layers']:.2f}x in layers{measured}")
     if point.certificate is not None:
         print(_certificate_line(point.certificate))
     print(f"wrote {run}/{OPERATING_POINT}; predict and serve use it unless given --threshold or a choice on dev")
@@ -397,7 +406,8 @@ def cmd_frontier(args: argparse.Namespace) -> None:
     settings = FrontierSettings(runtime=args.runtime, precision=args.quantize or "fp32",
                                 **{k: v for k, v in (("batch_sizes", args.batch_sizes), ("examples", args.examples),
                                                      ("repeats", args.repeats), ("targets", args.targets),
-                                                     ("policies", args.policies)) if v is not None})
+                                                     ("policies", args.policies), ("cost", args.cost),
+                                                     ("cost_batch_size", args.cost_batch_size)) if v is not None})
     check_settings(settings)  # before the output is claimed and minutes of timing
     name = f"frontier-{args.runtime}" + (f"-{args.quantize}" if args.quantize else "")
     out = RunDir(args.output or os.path.join(args.run, name), overwrite=args.overwrite)
@@ -563,6 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="choose a run's operating point on dev and save it with the run")
     p.add_argument("run")
     _add_operating_args(p)
+    _add_cost_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace the run's saved operating point")
     p.set_defaults(func=cmd_calibrate)
 
@@ -672,6 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=_float_list, default=None, help="dev-chosen speedups in layers (default 1.5,2,3)")
     p.add_argument("--policies", type=_str_list, default=None,
                    help="POLICY or POLICY+ensemble (default confidence,per-exit+ensemble)")
+    _add_cost_args(p)
     p.add_argument("--output", default=None, help="directory to write (default: RUN/frontier-RUNTIME[-int8])")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_frontier)

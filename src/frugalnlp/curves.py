@@ -21,9 +21,10 @@ from frugalnlp.early_exit.policies import ExitPolicy, exit_step, heads_run
 from frugalnlp.early_exit.registry import make_policy
 from frugalnlp.early_exit.router import ExitRouter, cross_fit, fit_exit_router
 from frugalnlp.early_exit.runner import SegmentRunner
-from frugalnlp.encoding import EncodedSplit, batches, encode_split
+from frugalnlp.encoding import EncodedSplit, batches, encode_split, unsorted_batches
 from frugalnlp.errors import FrugalError
 from frugalnlp.run import TrainedRun, load_spec_task
+from frugalnlp.timing import SegmentTimes, time_segments
 
 
 @torch.inference_mode()
@@ -78,7 +79,8 @@ class CurvePoint:
     """One point of a split's speed-accuracy curve: a policy at ``threshold`` (one per exit but the last
     for per-exit thresholds), its scores, the share of layers run (the paper's speed measure: mean layers
     run, a cascade's recomputation included, over the full depth), the FLOPs share (heads and per-example
-    lengths counted) and how many examples left at each exit."""
+    lengths counted), how many examples left at each exit and, when the split's segments were timed on a
+    runtime (`frugalnlp.timing.SegmentTimes`), the share of the plain model's measured time per text."""
 
     threshold: float | list[float]
     accuracy: float
@@ -86,10 +88,17 @@ class CurvePoint:
     layers_share: float
     flops_share: float
     exit_histogram: list[int]
+    time_share: float | None = None
 
     @property
     def speedup_layers(self) -> float:
         return 1.0 / self.layers_share
+
+    @property
+    def speedup(self) -> float:
+        """The speedup operating points are chosen by: in measured time when the segments were timed
+        (``--cost time``), else in layers (the paper's measure)."""
+        return self.speedup_layers if self.time_share is None else 1.0 / self.time_share
 
     @property
     def speedup_flops(self) -> float:
@@ -100,12 +109,13 @@ class CurvePoint:
         return {"threshold": self.threshold, "accuracy": self.accuracy, "macro_f1": self.macro_f1,
                 "layers_share": self.layers_share, "speedup_layers": self.speedup_layers,
                 "flops_share": self.flops_share, "speedup_flops": self.speedup_flops,
-                "exit_histogram": self.exit_histogram}
+                "exit_histogram": self.exit_histogram,
+                **({} if self.time_share is None else {"time_share": self.time_share, "speedup_time": self.speedup})}
 
     @classmethod
     def from_dict(cls, record: dict) -> CurvePoint:
         """A point read back from its JSON record (curve.json's ``points``)."""
-        return cls(**{f.name: record[f.name] for f in fields(cls)})
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
 def exit_scores(model: SegmentRunner, exit_logits: torch.Tensor, gold: np.ndarray) -> list[dict]:
@@ -137,6 +147,7 @@ class SplitScores:
         self.routes: list[tuple[ExitRouter, np.ndarray]] = []
         # dev's held-out ensembled logits [exits, n, labels] (`cross_fit_ensemble`): what the curve decides on
         self.held_out: torch.Tensor | None = None
+        self.times: SegmentTimes | None = None  # segments timed on a runtime: points get a measured time share
 
     def decision_logits(self) -> torch.Tensor:
         """The logits every policy decides on: temperature-scaled, ensembled if any (held out, if cross-fitted)
@@ -206,6 +217,7 @@ class SplitScores:
         scores = SplitScores(self.model, self.exit_logits[:, index], np.asarray(self.gold)[rows],
                              np.asarray(self.lengths)[rows], self.ensemble)
         scores.held_out = None if self.held_out is None else self.held_out[:, index]
+        scores.times = self.times
         return scores
 
     def point(self, policy: str, threshold: float | list[float]) -> CurvePoint:
@@ -215,13 +227,15 @@ class SplitScores:
         heads = self._heads(policy, threshold)
         layers = torch.tensor(model.layers_to_exit(heads), dtype=torch.float64)
         flops = self._flops_to_exit(heads)
+        time_share = None if self.times is None else float(
+            np.mean(self.times.to_exit(model.layers_to_exit(heads))[exit_index.numpy()]) / self.times.plain)
         return CurvePoint(
             threshold=round(float(threshold), 6) if isinstance(threshold, (int, float))
             else [round(float(t), 6) for t in threshold],
             **scores(labels, self.gold, model.config.num_labels),
             layers_share=float(layers[exit_index].mean()) / self.depth,
             flops_share=float(flops[exit_index.numpy(), np.arange(len(self.gold))].sum() / self.full_flops),
-            exit_histogram=torch.bincount(exit_index, minlength=model.num_exits).tolist())
+            exit_histogram=torch.bincount(exit_index, minlength=model.num_exits).tolist(), time_share=time_share)
 
 
 def speed_accuracy_curve(model: SegmentRunner, exit_logits: torch.Tensor, gold: np.ndarray,
@@ -287,3 +301,18 @@ def dev_scores(trained: TrainedRun, ensemble: bool | ExitEnsemble | None = None,
     elif policy == "learned":
         dev.fit_router(cross_fitted=True)
     return dev
+
+
+COSTS = ("layers", "time")
+
+
+def time_split(trained: TrainedRun, split: str, batch_size: int, examples: int = 256, repeats: int = 3) -> SegmentTimes:
+    """The run's segments timed on its runtime (`frugalnlp.timing.time_segments`) over the first ``examples``
+    texts of ``split`` in their own order, at ``batch_size``: set as a split's ``times``, its points' speedups
+    are in measured time (``--cost time``)."""
+    precision = getattr(trained.model, "precision", None)  # an ONNX export's
+    task_split = load_spec_task(trained.spec).split(split)
+    timed = task_split.take(range(min(examples, len(task_split))))
+    data = encode_split(timed, trained.tokenizer, trained.spec.max_length)
+    return time_segments(trained.model, unsorted_batches(data, trained.tokenizer, batch_size), repeats,
+                         "torch fp32" if precision is None else f"ONNX {precision}")

@@ -32,7 +32,8 @@ def check_operating_target(target_speedup: float | None, max_drop: float | None,
 
 def choose_threshold(dev_curve: list[CurvePoint], target_speedup: float | None = None,
                      max_drop: float | None = None, reference: float | None = None) -> CurvePoint:
-    """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more, or the fastest
+    """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more (`CurvePoint.speedup`:
+    in layers, or in measured time when the split's segments were timed), or the fastest
     point whose dev accuracy is at most ``max_drop`` below the last exit's (``reference``; default the
     curve's own at threshold 1). On a tie the earlier point wins.
 
@@ -40,14 +41,14 @@ def choose_threshold(dev_curve: list[CurvePoint], target_speedup: float | None =
     """
     check_operating_target(target_speedup, max_drop)
     if target_speedup is not None:
-        reachable = [p for p in dev_curve if p.speedup_layers >= target_speedup - 1e-9]
+        reachable = [p for p in dev_curve if p.speedup >= target_speedup - 1e-9]
         if not reachable:
-            fastest = max(p.speedup_layers for p in dev_curve)
+            fastest = max(p.speedup for p in dev_curve)
             raise FrugalError(f"no threshold reaches a {target_speedup:g}x speedup on dev (at most {fastest:.2f}x)")
-        return max(reachable, key=lambda p: (p.accuracy, p.speedup_layers))
+        return max(reachable, key=lambda p: (p.accuracy, p.speedup))
     reference = last_exit_accuracy(dev_curve) if reference is None else reference
     allowed = [p for p in dev_curve if p.accuracy >= reference - max_drop - 1e-12]
-    return max(allowed, key=lambda p: (p.speedup_layers, p.accuracy))
+    return max(allowed, key=lambda p: (p.speedup, p.accuracy))
 
 
 def search_per_exit(dev: SplitScores, dev_curve: list[CurvePoint], target_speedup: float | None = None,
@@ -61,10 +62,10 @@ def search_per_exit(dev: SplitScores, dev_curve: list[CurvePoint], target_speedu
 
     def value(point: CurvePoint) -> tuple[float, float] | None:
         if target_speedup is not None:
-            ok = point.speedup_layers >= target_speedup - 1e-9
-            return (point.accuracy, point.speedup_layers) if ok else None
+            ok = point.speedup >= target_speedup - 1e-9
+            return (point.accuracy, point.speedup) if ok else None
         ok = point.accuracy >= reference - max_drop - 1e-12
-        return (point.speedup_layers, point.accuracy) if ok else None
+        return (point.speedup, point.accuracy) if ok else None
 
     thresholds = [start] * (dev.model.num_exits - 1)
     best = dev.point("per-exit", thresholds)
@@ -128,7 +129,7 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
         if policy == "per-exit":
             part = scored.subset(fit)
             curve = [part.point("confidence", t) for t in OPERATING_GRID[::4]]
-            fastest = max(p.speedup_layers for p in curve)
+            fastest = max(p.speedup for p in curve)
             ladder = np.linspace(1.0, fastest, 12)[1:]
             candidates = ([[t] * (dev.model.num_exits - 1) for t in candidates]
                           + [search_per_exit(part, curve, target_speedup=s, grid=51).threshold for s in ladder])

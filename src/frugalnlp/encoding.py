@@ -117,3 +117,15 @@ def batches(data: EncodedSplit, tokenizer: PreTrainedTokenizerBase, batch_size: 
         index = order[start:start + batch_size]
         batch = collate([{k: v[i] for k, v in data.features.items()} for i in index])
         yield index, {k: v.to(device) for k, v in batch.items()}
+
+
+def unsorted_batches(data: EncodedSplit, tokenizer: PreTrainedTokenizerBase,
+                     batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches in the data's own order, without labels: what benchmarks time, since real traffic is not
+    sorted by length."""
+    collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    batches = [dict(collate([data[i] for i in range(s, min(s + batch_size, len(data)))]))
+               for s in range(0, len(data), batch_size)]
+    for b in batches:
+        b.pop("labels", None)
+    return batches

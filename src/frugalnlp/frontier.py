@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from frugalnlp.baselines import static_frontier
-from frugalnlp.curves import dev_scores, exit_scores, split_scores
+from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_split
 from frugalnlp.dev_choice import fixed_exit_thresholds, operating_threshold
 from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import check_policy, make_policy
-from frugalnlp.encoding import encode_split
+from frugalnlp.encoding import encode_split, unsorted_batches
 from frugalnlp.errors import FrugalError
 from frugalnlp.run import RUNTIMES, TrainedRun, load_run, load_run_config, load_spec_task
-from frugalnlp.timing import describe_machine, machine, median_times
+from frugalnlp.timing import SegmentTimes, describe_machine, machine, median_times
 
 PRECISIONS = ("fp32", "int8")
 
@@ -41,6 +41,8 @@ class FrontierSettings:
     repeats: int = 3
     targets: tuple[float, ...] = (1.5, 2.0, 3.0)  # speedups in layers the dev choice aims at
     policies: tuple[str, ...] = ("confidence", "per-exit+ensemble")
+    cost: str = "layers"  # what the targets are in: layers, or time measured on this runtime (`time_split`)
+    cost_batch_size: int = 32  # cost "time": the batch size the dev choice's segments are timed at
 
 
 @dataclass
@@ -68,6 +70,10 @@ def check_settings(settings: FrontierSettings) -> None:
                          ("--repeats", (settings.repeats,))):
         if not values or min(values) < 1:
             raise FrugalError(f"{flag} must be at least 1")
+    if settings.cost not in COSTS:
+        raise FrugalError(f"unknown --cost '{settings.cost}'; choose one of {', '.join(COSTS)}")
+    if settings.cost_batch_size < 1:
+        raise FrugalError("--cost-batch-size must be at least 1")
     if not settings.targets or min(settings.targets) < 1.0:
         raise FrugalError("--targets are speedups of at least 1 (e.g. 1.5,2,3)")
     for policy in settings.policies:
@@ -84,7 +90,9 @@ def _on_runtime(run: str, settings: FrontierSettings, folder: Path, progress: Ca
     return load_run(export_dir(run, None if settings.precision == "fp32" else settings.precision, folder, progress))
 
 
-def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: FrontierSettings) -> list[Config]:
+def _configs(adaptive: TrainedRun, statics: list[TrainedRun],
+             settings: FrontierSettings) -> tuple[list[Config], SegmentTimes | None]:
+    """The configurations to time, and the dev segment times the adaptive points were chosen by (cost "time")."""
     model = adaptive.model
     depth = model.exit_layers[-1]
     test = split_scores(adaptive, "test")
@@ -100,9 +108,11 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
             layer = exit_score["layer"]
             configs.append(Config(f"static {layer}-layer", "static", trained, policy, exit_score["accuracy"],
                                   depth / layer, {"layers": layer, "run": str(trained.path)}))
+    times = time_split(adaptive, "dev", settings.cost_batch_size) if settings.cost == "time" else None
     for name in settings.policies:
         policy_name, _, ensemble = name.partition("+")
         dev = dev_scores(adaptive, bool(ensemble), policy_name)
+        dev.times = times
         reported = split_scores(adaptive, "test", dev.ensemble)
         reported.use_router(dev.router)
         for target in settings.targets:
@@ -112,11 +122,13 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
                 continue
             point = reported.point(chosen.policy, chosen.point.threshold)
             policy = make_policy(chosen.policy, chosen.point.threshold, model.num_exits, dev.ensemble, chosen.router)
-            configs.append(Config(f"adaptive {name} @ {target:g}x", "adaptive", adaptive, policy, point.accuracy,
+            configs.append(Config(f"adaptive {name} @ {target:g}x {settings.cost}", "adaptive", adaptive, policy,
+                                  point.accuracy,
                                   point.speedup_layers, {"policy": name, "deployed_policy": chosen.policy,
                                                          "target_speedup": target, "threshold": chosen.point.threshold,
-                                                         "dev_accuracy": chosen.point.accuracy}))
-    return configs
+                                                         "dev_accuracy": chosen.point.accuracy,
+                                                         "dev_speedup": chosen.point.speedup}))
+    return configs, times
 
 
 def run_frontier(run: str, static: list[str], settings: FrontierSettings | None = None,
@@ -124,8 +136,6 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
     """Texts/s at each batch size and test accuracy of the plain model, every static model and the adaptive dev
     choices of ``run``, on ``settings.runtime``; JSON-ready. ``static``: multi-model runs (every member alone) or
     plain ``--num-layers K`` runs of the same task and model (default: ``run`` itself if it is a multi-model run)."""
-    from frugalnlp.bench import unsorted_batches
-
     settings = settings or FrontierSettings()
     check_settings(settings)
     config = load_run_config(run)
@@ -137,22 +147,23 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
     with tempfile.TemporaryDirectory(prefix="frugalnlp-frontier-") as tmp:
         adaptive = _on_runtime(run, settings, Path(tmp), progress)
         statics = [_on_runtime(other, settings, Path(tmp), progress) for other in static]
-        configs = _configs(adaptive, statics, settings)
+        configs, times = _configs(adaptive, statics, settings)
         split = load_spec_task(adaptive.spec).test
         timed = split.take(range(min(settings.examples, len(split))))
         results = {"run": str(run), "static": list(static), "settings": asdict(settings), "machine": machine(),
+                   "dev_segment_times": None if times is None else times.to_dict(),
                    "examples_timed": len(timed), "test_examples": len(split), "batch_sizes": {}, "rows": []}
         data = encode_split(timed, adaptive.tokenizer, adaptive.spec.max_length)
-        times = {}
+        measured = {}
         with torch.inference_mode():
             for batch_size in settings.batch_sizes:
                 progress(f"timing {len(configs)} configurations at batch size {batch_size}")
                 batches = unsorted_batches(data, adaptive.tokenizer, batch_size)
-                times[batch_size] = median_times(
+                measured[batch_size] = median_times(
                     {c.name: (lambda c=c: [c.trained.model.predict(**b, policy=c.policy) for b in batches])
                      for c in configs}, settings.repeats)
     for c in configs:
-        speeds = {str(b): len(timed) / times[b][c.name] for b in settings.batch_sizes}
+        speeds = {str(b): len(timed) / measured[b][c.name] for b in settings.batch_sizes}
         results["rows"].append({"name": c.name, "kind": c.kind, "accuracy": c.accuracy,
                                 "speedup_layers": c.speedup_layers, **c.details, "texts_per_second": speeds})
     _compare(results)

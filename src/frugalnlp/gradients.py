@@ -85,8 +85,8 @@ def analyze_run(run: str | Path, num_batches: int = 8, output: str | Path | None
 
     Returns the output directory (default ``RUN/gradients``) and the result.
     """
-    from frugalnlp.rundir import RunDir, write_json
     from frugalnlp.run import load_run, load_spec_task
+    from frugalnlp.rundir import RunDir, write_json
 
     out = RunDir(output or Path(run) / "gradients", overwrite=overwrite)
     trained = load_run(run)

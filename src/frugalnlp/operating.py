@@ -45,6 +45,8 @@ class OperatingPoint:
     certified: bool | None = None  # None: not certified (no --risk); else whether Learn-then-Test certified it
     certificate: dict | None = None
     command: str = ""
+    cost: str = "layers"  # what the target speedup is in: layers, or time measured on the run's runtime
+    segment_times: dict | None = None  # with cost "time": `frugalnlp.timing.SegmentTimes` it was chosen by
     ensemble: ExitEnsemble | None = None  # fitted on dev; saved beside the JSON as safetensors
     router: ExitRouter | None = None  # the learned policy's, fitted on dev; saved the same way
 
@@ -106,21 +108,30 @@ def load_operating_point(run: str | Path) -> OperatingPoint | None:
 
 def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: float | None = None,
                   max_drop: float | None = None, risk: float | None = None, ensemble: bool = False,
-                  overwrite: bool = False) -> OperatingPoint:
+                  overwrite: bool = False, cost: str = "layers", cost_batch_size: int = 32) -> OperatingPoint:
     """Choose the run's operating point on dev (`frugalnlp.dev_choice.operating_threshold`; with ``ensemble``
     the policy decides on an exit ensemble fitted on dev; the learned policy's router is fitted on dev, its
-    threshold chosen on cross-fitted dev scores) and save it."""
-    from frugalnlp.curves import dev_scores
+    threshold chosen on cross-fitted dev scores) and save it. ``cost="time"``: the target speedup is in time
+    measured on the run's own runtime (an ONNX export's, or torch) at ``cost_batch_size`` (`time_split`), so
+    2x is twice the plain model's texts/s there, not half its layers."""
+    from frugalnlp.curves import COSTS, dev_scores, time_split
     from frugalnlp.dev_choice import check_operating_target, operating_threshold
     from frugalnlp.early_exit.registry import check_policy
     from frugalnlp.run import load_run
 
     check_policy(policy)  # an unknown policy fails before the dev logits
     check_operating_target(target_speedup, max_drop, risk)
+    if cost not in COSTS:
+        raise FrugalError(f"unknown --cost '{cost}'; choose one of {', '.join(COSTS)}")
+    if cost_batch_size < 1:
+        raise FrugalError(f"--cost-batch-size {cost_batch_size} must be at least 1")
     path = Path(run) / OPERATING_POINT
     if path.exists() and not overwrite:  # before minutes of dev logits
         raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
-    dev = dev_scores(load_run(run), ensemble, policy)
+    trained = load_run(run)
+    dev = dev_scores(trained, ensemble, policy)
+    if cost == "time":  # a new SplitScores each call: the cached logits are untouched
+        dev.times = time_split(trained, "dev", cost_batch_size)
     point = operating_point(run, dev, operating_threshold(dev, target_speedup, max_drop, policy, risk), policy,
                             target_speedup, max_drop, risk)
     point.save(run, overwrite=overwrite)
@@ -136,6 +147,8 @@ def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy
     from frugalnlp.report import command_line
 
     how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
+    if dev.times is not None:
+        how += f" (in time measured on {dev.times.runtime} at batch {dev.times.batch_size})"
     if risk is not None:
         how = f"learn-then-test on dev: max drop {max_drop:g} with risk {risk:g}"
     if chosen.policy != policy:
@@ -143,7 +156,10 @@ def operating_point(run: str | Path, dev: SplitScores, chosen: DevChoice, policy
         how += f"; fixed exit {fixed + 1} (layer {dev.model.exit_layers[fixed]}) beats the {policy} policy there"
     figures = chosen.point.to_dict()
     return OperatingPoint(policy=chosen.policy, threshold=chosen.point.threshold, chosen_by=how,
-                          dev={k: figures[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops")},
+                          dev={k: figures[k] for k in ("accuracy", "macro_f1", "speedup_layers", "speedup_flops",
+                                                        "speedup_time") if k in figures},
+                          cost="layers" if dev.times is None else "time",
+                          segment_times=None if dev.times is None else dev.times.to_dict(),
                           model_sha256=run_weights_sha256(run), target_speedup=target_speedup, max_drop=max_drop,
                           risk=risk, certified=chosen.certified, certificate=chosen.certificate, command=command_line(),
                           ensemble=chosen.ensemble or dev.ensemble, router=chosen.router)

@@ -9,8 +9,15 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from frugalnlp.early_exit.runner import SegmentRunner
 
 # /proc/cpuinfo flags that decide which kernels run: int8 dot products (VNNI), bf16 and AMX tiles
 CPU_FEATURES = {"avx2": "avx2", "avx512f": "avx512f", "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni",
@@ -53,6 +60,65 @@ def describe_machine(record: dict | None) -> str:
     lack = [name for name, present in features.items() if not present]
     return (f"{record['cpu']}, {record['cpus']} CPUs; " + (", ".join(have) or "none of the tracked features")
             + (f" (no {', '.join(lack)})" if lack else ""))
+
+
+@dataclass
+class SegmentTimes:
+    """A runner's measured cost on one runtime at one batch size: ``seconds`` per text of each segment (its
+    layers and its head, [exits]; a cascade: each member's whole forward) and ``plain``, per text of the model
+    at threshold 1 (every layer, no early head). What ``--cost time`` chooses operating points by."""
+
+    seconds: list[float]
+    plain: float
+    batch_size: int
+    runtime: str
+
+    def to_exit(self, layers_to_exit: Sequence[int]) -> np.ndarray:
+        """[exits]: seconds a text has spent when it leaves at each exit, given the layers it has run by then
+        (a segment that adds no layer, a skipped cascade member, costs nothing)."""
+        runs = np.diff([0, *layers_to_exit]) > 0
+        return np.cumsum(np.where(runs, self.seconds, 0.0))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, runtime: str = "") -> SegmentTimes:
+    """Time each segment of ``model`` (every text through every segment, heads included) and the model at threshold
+    1 over ``batches`` (tokenised, each {input_ids, attention_mask[, token_type_ids]}); medians of ``repeats``
+    interleaved passes after a warm-up, per text."""
+    import torch
+
+    from frugalnlp.early_exit.policies import ConfidencePolicy
+
+    texts = sum(len(b["input_ids"]) for b in batches)
+    never = ConfidencePolicy(1.0)
+
+    def segments() -> list[float]:
+        spent = [0.0] * model.num_exits
+        for b in batches:
+            state = model.start(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+            for e in range(model.num_exits):
+                start = time.perf_counter()
+                state, _ = model.advance(e, state)
+                spent[e] += time.perf_counter() - start
+        return spent
+
+    def plain_pass() -> float:
+        start = time.perf_counter()
+        for b in batches:
+            model.predict(**b, policy=never)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        segments(), plain_pass()  # warm-up
+        samples, plains = [], []
+        for _ in range(repeats):
+            samples.append(segments())
+            plains.append(plain_pass())
+    plain = statistics.median(plains)
+    seconds = [statistics.median(s[e] for s in samples) / texts for e in range(model.num_exits)]
+    return SegmentTimes(seconds, plain / texts, len(batches[0]["input_ids"]), runtime)
 
 
 def _cpuinfo() -> str:
