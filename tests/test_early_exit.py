@@ -222,3 +222,21 @@ def test_an_exit_ensemble_reads_every_exit_even_where_no_row_may_leave(tiny_bert
         pred = model.predict(ids, mask, policy=policy)
         exit_index, labels = replay(logits, model.temperatures, policy)
         assert torch.equal(pred.exit_index, exit_index) and torch.equal(pred.labels, labels), threshold
+
+
+def test_bf16_autocast_decides_on_float_logits_close_to_fp32_and_is_off_by_default(tiny_bert):
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    model = EarlyExitModel.from_backbone(BertModel(tiny_bert.config), exit_layers=[2, 4], num_labels=3).eval()
+    ids = torch.randint(5, 100, (6, 12))
+    mask = torch.ones_like(ids)
+    assert model.autocast is None
+    with torch.inference_mode():
+        fp32 = model.predict(ids, mask, threshold=1.0).logits
+        model.autocast = torch.bfloat16
+        bf16 = model.predict(ids, mask, threshold=1.0).logits
+        model.autocast = None
+        again = model.predict(ids, mask, threshold=1.0).logits
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # it ran in bf16
+    assert (bf16 - fp32).abs().max() < 0.05 and torch.equal(again, fp32)

@@ -41,6 +41,8 @@ def test_frontier_on_int8_times_plain_static_and_adaptive_points(runs, tmp_path,
     assert {r["layers"] for r in results["rows"] if r["kind"] == "static"} == {1, 2, 4}
     assert {r["policy"] for r in results["rows"] if r["kind"] == "adaptive"} == {"confidence", "per-exit+ensemble"}
     assert results["machine"]["cpu_features"] and results["settings"]["precision"] == "int8"
+    reference = rows["plain, torch fp32 (reference)"]  # every runtime's speeds are also against torch fp32's
+    assert reference["kind"] == "reference" and all(v == 1.0 for v in reference["vs_torch_fp32"].values())
     plain = rows["plain (threshold 1)"]
     for b in ("1", "8"):
         assert plain["measured_speedup"][b] == 1.0
@@ -76,8 +78,11 @@ def test_frontier_on_int8_times_plain_static_and_adaptive_points(runs, tmp_path,
 
 
 def test_frontier_settings_are_checked():
-    with pytest.raises(FrugalError, match="--quantize 'int4'"):
+    with pytest.raises(FrugalError, match="--precision int4 is not one of onnx's"):
         check_settings(FrontierSettings(precision="int4"))
+    with pytest.raises(FrugalError, match="it needs --runtime torch"):
+        check_settings(FrontierSettings(precision="bf16"))
+    check_settings(FrontierSettings(runtime="torch", precision="bf16"))
     with pytest.raises(FrugalError, match="--targets"):
         check_settings(FrontierSettings(targets=(0.5,)))
     with pytest.raises(FrugalError, match="POLICY or POLICY\\+ensemble"):

@@ -403,13 +403,13 @@ def cmd_frontier(args: argparse.Namespace) -> None:
     from frugalnlp.frontier import FrontierSettings, check_settings, format_frontier, plot_frontier, run_frontier
     from frugalnlp.rundir import RunDir, write_bytes, write_json
 
-    settings = FrontierSettings(runtime=args.runtime, precision=args.quantize or "fp32",
+    settings = FrontierSettings(runtime=args.runtime, precision=args.precision,
                                 **{k: v for k, v in (("batch_sizes", args.batch_sizes), ("examples", args.examples),
                                                      ("repeats", args.repeats), ("targets", args.targets),
                                                      ("policies", args.policies), ("cost", args.cost),
                                                      ("cost_batch_size", args.cost_batch_size)) if v is not None})
     check_settings(settings)  # before the output is claimed and minutes of timing
-    name = f"frontier-{args.runtime}" + (f"-{args.quantize}" if args.quantize else "")
+    name = f"frontier-{args.runtime}" + (f"-{args.precision}" if args.precision != "fp32" else "")
     out = RunDir(args.output or os.path.join(args.run, name), overwrite=args.overwrite)
     results = run_frontier(args.run, args.static or [], settings, progress=lambda msg: print(msg, file=sys.stderr))
     table = format_frontier(results)
@@ -676,7 +676,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static models: a multi-model run (every member) or plain --num-layers runs (repeatable; "
                         "default: a multi-model run's own members)")
     p.add_argument("--runtime", default="onnx", help="torch, or onnx (the runs' exports; exported when missing)")
-    p.add_argument("--quantize", default=None, help="int8: time the int8 exports (--runtime onnx)")
+    p.add_argument("--precision", "--quantize", dest="precision", default="fp32",
+                   help="fp32; int8: the runs' int8 exports (--runtime onnx); bf16: torch.autocast (--runtime torch)")
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 1,32")
     p.add_argument("--examples", type=int, default=None, help="test texts timed (default 512)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, medians (default 3)")
@@ -684,7 +685,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policies", type=_str_list, default=None,
                    help="POLICY or POLICY+ensemble (default confidence,per-exit+ensemble)")
     _add_cost_args(p)
-    p.add_argument("--output", default=None, help="directory to write (default: RUN/frontier-RUNTIME[-int8])")
+    p.add_argument("--output", default=None, help="directory to write (default: RUN/frontier-RUNTIME[-PRECISION])")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_frontier)
 

@@ -29,13 +29,13 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.run import RUNTIMES, TrainedRun, load_run, load_run_config, load_spec_task
 from frugalnlp.timing import SegmentTimes, describe_machine, machine, median_times
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8")}  # bf16: torch.autocast; int8: dynamic
 
 
 @dataclass
 class FrontierSettings:
     runtime: str = "onnx"
-    precision: str = "int8"  # ONNX only: fp32, or int8 (the linear layers quantized dynamically)
+    precision: str = "int8"  # ONNX: fp32 or int8 (the linear layers quantized dynamically); torch: fp32 or bf16
     batch_sizes: tuple[int, ...] = (1, 32)
     examples: int = 512  # test texts timed (accuracy is on the whole test split)
     repeats: int = 3
@@ -62,10 +62,10 @@ def check_settings(settings: FrontierSettings) -> None:
     """FrugalError for a runtime, precision, policy or number out of range (before any model loads)."""
     if settings.runtime not in RUNTIMES:
         raise FrugalError(f"unknown --runtime '{settings.runtime}'; choose one of {', '.join(RUNTIMES)}")
-    if settings.precision not in PRECISIONS:
-        raise FrugalError(f"unknown --quantize '{settings.precision}'; choose int8 (or leave it out: fp32)")
-    if settings.runtime == "torch" and settings.precision != "fp32":
-        raise FrugalError("--quantize int8 needs --runtime onnx (torch runs fp32 here)")
+    if settings.precision not in PRECISIONS[settings.runtime]:
+        other = {"int8": "--runtime onnx", "bf16": "--runtime torch"}.get(settings.precision)
+        raise FrugalError(f"--precision {settings.precision} is not one of {settings.runtime}'s "
+                          f"({', '.join(PRECISIONS[settings.runtime])})" + (f"; it needs {other}" if other else ""))
     for flag, values in (("--batch-sizes", settings.batch_sizes), ("--examples", (settings.examples,)),
                          ("--repeats", (settings.repeats,))):
         if not values or min(values) < 1:
@@ -84,15 +84,18 @@ def check_settings(settings: FrontierSettings) -> None:
 
 def _on_runtime(run: str, settings: FrontierSettings, folder: Path, progress: Callable[[str], None]) -> TrainedRun:
     if settings.runtime == "torch":
-        return load_run(run)
+        trained = load_run(run)
+        trained.model.autocast = torch.bfloat16 if settings.precision == "bf16" else None
+        return trained
     from frugalnlp.export import export_dir
 
     return load_run(export_dir(run, None if settings.precision == "fp32" else settings.precision, folder, progress))
 
 
-def _configs(adaptive: TrainedRun, statics: list[TrainedRun],
-             settings: FrontierSettings) -> tuple[list[Config], SegmentTimes | None]:
-    """The configurations to time, and the dev segment times the adaptive points were chosen by (cost "time")."""
+def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: FrontierSettings,
+             reference: TrainedRun | None) -> tuple[list[Config], SegmentTimes | None]:
+    """The configurations to time, and the dev segment times the adaptive points were chosen by (cost "time");
+    ``reference``: the run in torch fp32, timed at threshold 1 beside the others (what every runtime is sold against)."""
     model = adaptive.model
     depth = model.exit_layers[-1]
     test = split_scores(adaptive, "test")
@@ -128,6 +131,10 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun],
                                                          "target_speedup": target, "threshold": chosen.point.threshold,
                                                          "dev_accuracy": chosen.point.accuracy,
                                                          "dev_speedup": chosen.point.speedup}))
+    if reference is not None:
+        n = reference.model.num_exits
+        configs.append(Config("plain, torch fp32 (reference)", "reference", reference, make_policy("confidence", 1.0, n),
+                              split_scores(reference, "test").point("confidence", 1.0).accuracy, 1.0, {"layers": depth}))
     return configs, times
 
 
@@ -147,7 +154,8 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
     with tempfile.TemporaryDirectory(prefix="frugalnlp-frontier-") as tmp:
         adaptive = _on_runtime(run, settings, Path(tmp), progress)
         statics = [_on_runtime(other, settings, Path(tmp), progress) for other in static]
-        configs, times = _configs(adaptive, statics, settings)
+        torch_fp32 = settings.runtime == "torch" and settings.precision == "fp32"
+        configs, times = _configs(adaptive, statics, settings, None if torch_fp32 else load_run(run))
         split = load_spec_task(adaptive.spec).test
         timed = split.take(range(min(settings.examples, len(split))))
         results = {"run": str(run), "static": list(static), "settings": asdict(settings), "machine": machine(),
@@ -175,6 +183,7 @@ def _compare(results: dict) -> None:
     measured time at that speed and the gain over it (points)."""
     rows = results["rows"]
     plain = next(r for r in rows if r["kind"] == "plain")
+    reference = next((r for r in rows if r["kind"] == "reference"), plain)  # plain in torch fp32
     for b in map(str, results["settings"]["batch_sizes"]):
         base = plain["texts_per_second"][b]
         # the static frontier in seconds: cost = time per text relative to plain's
@@ -183,6 +192,7 @@ def _compare(results: dict) -> None:
         for r in rows:
             speedup = r["texts_per_second"][b] / base
             r.setdefault("measured_speedup", {})[b] = speedup
+            r.setdefault("vs_torch_fp32", {})[b] = r["texts_per_second"][b] / reference["texts_per_second"][b]
             if r["kind"] == "adaptive":
                 frontier = static_frontier(static, speedup) if static else None
                 r.setdefault("static_at_measured_speed", {})[b] = frontier
@@ -191,7 +201,7 @@ def _compare(results: dict) -> None:
 
 def format_frontier(results: dict) -> str:
     s = results["settings"]
-    runtime = "torch fp32" if s["runtime"] == "torch" else f"ONNX Runtime {s['precision']}"
+    runtime = f"{'torch' if s['runtime'] == 'torch' else 'ONNX Runtime'} {s['precision']}"
     sizes = [str(b) for b in s["batch_sizes"]]
     lines = [f"{runtime}: {results['examples_timed']} test texts timed in their own order (medians of {s['repeats']} "
              f"interleaved repeats, tokenisation not counted); accuracy on all {results['test_examples']} test texts; "
@@ -199,7 +209,8 @@ def format_frontier(results: dict) -> str:
              "point's measured speed (linear in time per text between static models)",
              f"machine: {describe_machine(results.get('machine'))}", ""]
     head = "| configuration | test accuracy | layers speedup | " + " | ".join(
-        f"batch {b}: texts/s (measured speedup) | batch {b}: static at that speed | batch {b}: gain (pts)" for b in sizes)
+        f"batch {b}: texts/s (measured speedup; vs plain torch fp32) | batch {b}: static at that speed | "
+        f"batch {b}: gain (pts)" for b in sizes)
     lines += [head + " |", "|---|---|---|" + "---|---|---|" * len(sizes)]
 
     def cell(value, fmt):
@@ -208,7 +219,7 @@ def format_frontier(results: dict) -> str:
     for r in results["rows"]:
         cells = []
         for b in sizes:
-            cells += [f"{r['texts_per_second'][b]:.0f} ({r['measured_speedup'][b]:.2f}x)",
+            cells += [f"{r['texts_per_second'][b]:.0f} ({r['measured_speedup'][b]:.2f}x; {r['vs_torch_fp32'][b]:.2f}x)",
                       cell(r.get("static_at_measured_speed", {}).get(b), "{:.3f}"),
                       cell(r.get("gain_over_static", {}).get(b), "{:+.1f}")]
         lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | " + " | ".join(cells) + " |")
@@ -243,6 +254,6 @@ def plot_frontier(results: dict, path: str | Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     s = results["settings"]
-    runtime = "torch fp32" if s["runtime"] == "torch" else f"ONNX Runtime {s['precision']}"
+    runtime = f"{'torch' if s['runtime'] == 'torch' else 'ONNX Runtime'} {s['precision']}"
     fig.suptitle(f"{Path(results['run']).name}: accuracy against measured speed, {runtime}", fontsize=10)
     save_figure(fig, path)

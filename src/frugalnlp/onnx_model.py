@@ -50,7 +50,6 @@ def require_onnx() -> None:
                           "(make install has it)") from None
 
 
-
 def is_export(folder: str | Path) -> bool:
     """Whether ``folder`` is an exported model (``model/`` of an export directory)."""
     return (Path(folder) / EXPORT).is_file()

@@ -79,6 +79,15 @@ class Cascade:
         return self.models[0].device
 
     @property
+    def autocast(self) -> torch.dtype | None:
+        return self.models[0].autocast
+
+    @autocast.setter
+    def autocast(self, dtype: torch.dtype | None) -> None:
+        for model in self.models:
+            model.autocast = dtype
+
+    @property
     def cost_model(self) -> EarlyExitModel:
         """The first member: members share an architecture, so its layer and head cost what any member's do."""
         return self.models[0]
