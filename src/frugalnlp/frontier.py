@@ -125,12 +125,11 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
                 continue
             point = reported.point(chosen.policy, chosen.point.threshold)
             policy = make_policy(chosen.policy, chosen.point.threshold, model.num_exits, dev.ensemble, chosen.router)
+            details = {"policy": name, "deployed_policy": chosen.policy, "target_speedup": target,
+                       "threshold": chosen.point.threshold, "dev_accuracy": chosen.point.accuracy,
+                       "dev_speedup": chosen.point.speedup}
             configs.append(Config(f"adaptive {name} @ {target:g}x {settings.cost}", "adaptive", adaptive, policy,
-                                  point.accuracy,
-                                  point.speedup_layers, {"policy": name, "deployed_policy": chosen.policy,
-                                                         "target_speedup": target, "threshold": chosen.point.threshold,
-                                                         "dev_accuracy": chosen.point.accuracy,
-                                                         "dev_speedup": chosen.point.speedup}))
+                                  point.accuracy, point.speedup_layers, details))
     if reference is not None:
         n = reference.model.num_exits
         configs.append(Config("plain, torch fp32 (reference)", "reference", reference, make_policy("confidence", 1.0, n),
