@@ -251,9 +251,12 @@ def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert)
     logits = torch.stack([(1 - right) * sure, right * 4.0, right * 4.0])  # [exits, n, labels]
     dev = SplitScores(model, logits, gold, np.full(300, 12))
     layers_curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
-    dev.times = SegmentTimes(seconds=[0.02, 0.9, 0.08], plain=1.0, batch_size=32, runtime="torch fp32")
-    assert dev.times.to_exit(model.layers_to_exit()).tolist() == pytest.approx([0.02, 0.92, 1.0])
-    assert dev.times.to_exit([1, 1, 3]).tolist() == pytest.approx([0.02, 0.02, 0.1])  # a cascade's skipped member
+    # a call on n rows costs n times the per-text time: linear in rows, as if batches never thinned
+    dev.times = SegmentTimes(rows=[32], call_seconds=[[0.02 * 32], [0.9 * 32], [0.08 * 32]], plain=1.0,
+                             batch_size=32, runtime="torch fp32")
+    assert dev.times.share(np.full(300, 2), model.layers_to_exit()) == pytest.approx(1.0)
+    assert dev.times.share(np.full(300, 1), model.layers_to_exit()) == pytest.approx(0.92)
+    assert dev.times.share(np.full(300, 2), [1, 1, 3]) == pytest.approx(0.1)  # a cascade's skipped member
     curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
     for p in curve:
         exits = np.repeat([0.02, 0.92, 1.0], p.exit_histogram)
@@ -268,3 +271,24 @@ def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert)
     record = chosen.point.to_dict()
     assert record["speedup_time"] == chosen.point.speedup and CurvePoint.from_dict(record) == chosen.point
     assert "time_share" not in layers_curve[0].to_dict()  # without segment times the JSON record is as before
+
+
+def test_segment_times_count_thin_batches_and_each_call():
+    """Rows that go on past an exit run in a thinner batch: with a call costing 0.5 s on 1 row and 1 s on 32, one
+    row per batch of 32 continuing costs half a full batch's segment, not 1/32 of it, and no row costs nothing."""
+    from frugalnlp.timing import SegmentTimes, row_counts
+
+    assert row_counts(32) == [1, 2, 4, 8, 16, 32] and row_counts(24) == [1, 2, 4, 8, 16, 24] and row_counts(1) == [1]
+    times = SegmentTimes(rows=[1, 32], call_seconds=[[0.5, 1.0], [0.5, 1.0]], plain=2.0 / 32, batch_size=32,
+                         runtime="ONNX int8")
+    everyone_on = np.ones(64, dtype=int)
+    one_on = np.zeros(64, dtype=int)
+    one_on[[5, 40]] = 1  # one row of each batch of 32 goes on
+    assert times.share(everyone_on, [1, 2]) == pytest.approx(1.0)
+    assert times.share(one_on, [1, 2]) == pytest.approx((1.0 + 0.5) / 2.0)  # a per-text model would say 0.52
+    assert times.share(np.zeros(64, dtype=int), [1, 2]) == pytest.approx(0.5)
+    # 16 rows in a batch: linear between the measured 1 and 32 rows; a last batch of 8 texts is cut as served
+    half_on = (np.arange(40) % 2).astype(int)  # batches of 32 and 8: 16 and 4 rows go on
+    expected = (1.0 + np.interp(16, [1, 32], [0.5, 1.0]) + np.interp(8, [1, 32], [0.5, 1.0])
+                + np.interp(4, [1, 32], [0.5, 1.0])) / (40 * 2.0 / 32)
+    assert times.share(half_on, [1, 2]) == pytest.approx(expected)

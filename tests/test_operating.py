@@ -142,7 +142,8 @@ def test_calibrate_with_cost_time_chooses_in_seconds_measured_on_the_runtime(tin
     saved = json.loads((run / "operating-point.json").read_text())
     assert saved["cost"] == "time" and "in time measured on torch fp32 at batch 8" in saved["chosen_by"]
     times = saved["segment_times"]
-    assert len(times["seconds"]) == 3 and min(times["seconds"]) > 0 and times["plain"] > 0
+    assert times["rows"] == [1, 2, 4, 8] and times["batch_size"] == 8 and times["plain"] > 0
+    assert len(times["call_seconds"]) == 3 and all(len(c) == 4 and min(c) > 0 for c in times["call_seconds"])
     assert saved["dev"]["speedup_time"] >= 1.1 - 1e-9 and "in measured time" in stdout
     assert Predictor(run).operating_point.cost == "time"  # predict and serve load it as any saved point
     status, _, err = run_cli(["calibrate", run, "--target-speedup", "2", "--cost", "flops", "--overwrite"], capsys)

@@ -119,9 +119,11 @@ def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> 
 
 def _add_cost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cost", default="layers",
-                   help="what --target-speedup is in: layers (the paper's measure), or time: each segment timed on "
-                        "the run's runtime (--runtime), so 2x is twice the plain model's measured texts/s")
-    p.add_argument("--cost-batch-size", type=int, default=32, help="--cost time: the batch size segments are timed at")
+                   help="what target speedups are in: layers (the paper's measure), or time: each segment timed on "
+                        "the run's runtime (--runtime) at 1 to --cost-batch-size rows and the split replayed in "
+                        "batches, so 2x is twice the plain model's measured texts/s")
+    p.add_argument("--cost-batch-size", type=int, default=32,
+                   help="--cost time: the batch size texts are served in (segments are timed up to it)")
 
 
 def _run_path(args: argparse.Namespace) -> str | None:
@@ -681,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_int_list, default=None, help="default 1,32")
     p.add_argument("--examples", type=int, default=None, help="test texts timed (default 512)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats, medians (default 3)")
-    p.add_argument("--targets", type=_float_list, default=None, help="dev-chosen speedups in layers (default 1.5,2,3)")
+    p.add_argument("--targets", type=_float_list, default=None, help="dev-chosen speedups, in --cost (default 1.5,2,3)")
     p.add_argument("--policies", type=_str_list, default=None,
                    help="POLICY or POLICY+ensemble (default confidence,per-exit+ensemble)")
     _add_cost_args(p)

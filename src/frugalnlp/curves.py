@@ -80,7 +80,8 @@ class CurvePoint:
     for per-exit thresholds), its scores, the share of layers run (the paper's speed measure: mean layers
     run, a cascade's recomputation included, over the full depth), the FLOPs share (heads and per-example
     lengths counted), how many examples left at each exit and, when the split's segments were timed on a
-    runtime (`frugalnlp.timing.SegmentTimes`), the share of the plain model's measured time per text."""
+    runtime (`frugalnlp.timing.SegmentTimes`), the share of the plain model's measured time, the split run in
+    batches in its own order."""
 
     threshold: float | list[float]
     accuracy: float
@@ -227,8 +228,7 @@ class SplitScores:
         heads = self._heads(policy, threshold)
         layers = torch.tensor(model.layers_to_exit(heads), dtype=torch.float64)
         flops = self._flops_to_exit(heads)
-        time_share = None if self.times is None else float(
-            np.mean(self.times.to_exit(model.layers_to_exit(heads))[exit_index.numpy()]) / self.times.plain)
+        time_share = None if self.times is None else self.times.share(exit_index.numpy(), model.layers_to_exit(heads))
         return CurvePoint(
             threshold=round(float(threshold), 6) if isinstance(threshold, (int, float))
             else [round(float(t), 6) for t in threshold],

@@ -64,45 +64,75 @@ def describe_machine(record: dict | None) -> str:
 
 @dataclass
 class SegmentTimes:
-    """A runner's measured cost on one runtime at one batch size: ``seconds`` per text of each segment (its
-    layers and its head, [exits]; a cascade: each member's whole forward) and ``plain``, per text of the model
-    at threshold 1 (every layer, no early head). What ``--cost time`` chooses operating points by."""
+    """A runner's measured cost on one runtime, batched as it runs: ``call_seconds[e][k]`` is one call of segment
+    ``e`` (its layers, its head, the exit step and shrinking the batch; a cascade: member ``e``'s whole forward)
+    on ``rows[k]`` rows of a batch, and ``plain`` the model at threshold 1 per text at ``batch_size``. A segment's
+    cost between two measured row counts is linear. What ``--cost time`` chooses operating points by.
 
-    seconds: list[float]
+    Rows that go on past an exit run in thinner batches, which cost more per row (and a call costs something
+    however few rows it has): a time per text measured on full batches would miss both."""
+
+    rows: list[int]
+    call_seconds: list[list[float]]
     plain: float
     batch_size: int
     runtime: str
 
-    def to_exit(self, layers_to_exit: Sequence[int]) -> np.ndarray:
-        """[exits]: seconds a text has spent when it leaves at each exit, given the layers it has run by then
-        (a segment that adds no layer, a skipped cascade member, costs nothing)."""
+    def share(self, exit_index: np.ndarray, layers_to_exit: Sequence[int]) -> float:
+        """The measured time of a split's texts leaving at ``exit_index`` ([n], in the split's own order, which is
+        cut into batches of ``batch_size`` as served) over the plain model's on them. ``layers_to_exit``: layers
+        run by a text leaving at each exit (a segment that adds no layer, a skipped cascade member, costs nothing)."""
+        exit_index = np.asarray(exit_index)
         runs = np.diff([0, *layers_to_exit]) > 0
-        return np.cumsum(np.where(runs, self.seconds, 0.0))
+        starts = np.arange(0, len(exit_index), self.batch_size)
+        seconds = 0.0
+        for e in np.flatnonzero(runs):
+            reached = np.add.reduceat((exit_index >= e).astype(np.int64), starts)  # rows running segment e, per batch
+            seconds += np.interp(reached, [0, *self.rows], [0.0, *self.call_seconds[e]]).sum()
+        return float(seconds / (len(exit_index) * self.plain))
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def row_counts(batch_size: int) -> list[int]:
+    """The batch sizes a segment is timed at: powers of two below ``batch_size``, and ``batch_size``."""
+    return [*(2 ** k for k in range(batch_size.bit_length()) if 2 ** k < batch_size), batch_size]
+
+
 def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, runtime: str = "") -> SegmentTimes:
-    """Time each segment of ``model`` (every text through every segment, heads included) and the model at threshold
-    1 over ``batches`` (tokenised, each {input_ids, attention_mask[, token_type_ids]}); medians of ``repeats``
-    interleaved passes after a warm-up, per text."""
+    """Time each segment of ``model`` on the first ``n`` rows of each of ``batches`` (tokenised, each {input_ids,
+    attention_mask[, token_type_ids]}, of one size) for every ``n`` of `row_counts`, and the model at threshold 1
+    on the whole batches; medians of ``repeats`` interleaved passes after a warm-up."""
     import torch
 
     from frugalnlp.early_exit.policies import ConfidencePolicy
+    from frugalnlp.early_exit.runner import Departures
 
-    texts = sum(len(b["input_ids"]) for b in batches)
-    never = ConfidencePolicy(1.0)
+    batch_size = len(batches[0]["input_ids"])
+    rows = row_counts(batch_size)
+    never = ConfidencePolicy(1.0)  # nobody leaves before the last exit: every row runs every segment
 
-    def segments() -> list[float]:
+    def cut(batch: dict, n: int) -> dict:
+        length = int(batch["attention_mask"][:n].any(0).nonzero().max()) + 1  # as `keep_rows` cuts to the columns used
+        return {k: v[:n, :length] for k, v in batch.items() if v is not None}
+
+    cuts = {n: [cut(b, n) for b in batches if len(b["input_ids"]) >= n] for n in rows}
+
+    def segments(n: int) -> list[float]:
         spent = [0.0] * model.num_exits
-        for b in batches:
+        for b in cuts[n]:
+            departures = Departures(never, n, model.temperatures, model.device)
             state = model.start(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
+            everyone = torch.arange(n)
             for e in range(model.num_exits):
                 start = time.perf_counter()
-                state, _ = model.advance(e, state)
+                state, logits = model.advance(e, state)
+                departures.decide(e, logits)
+                if e < model.num_exits - 1:
+                    state = model.keep_rows(state, everyone)
                 spent[e] += time.perf_counter() - start
-        return spent
+        return [s / len(cuts[n]) for s in spent]
 
     def plain_pass() -> float:
         start = time.perf_counter()
@@ -110,15 +140,19 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
             model.predict(**b, policy=never)
         return time.perf_counter() - start
 
+    texts = sum(len(b["input_ids"]) for b in batches)
     with torch.inference_mode():
-        segments(), plain_pass()  # warm-up
-        samples, plains = [], []
+        for n in rows:  # warm-up
+            segments(n)
+        plain_pass()
+        samples: dict[int, list[list[float]]] = {n: [] for n in rows}
+        plains = []
         for _ in range(repeats):
-            samples.append(segments())
+            for n in rows:
+                samples[n].append(segments(n))
             plains.append(plain_pass())
-    plain = statistics.median(plains)
-    seconds = [statistics.median(s[e] for s in samples) / texts for e in range(model.num_exits)]
-    return SegmentTimes(seconds, plain / texts, len(batches[0]["input_ids"]), runtime)
+    call_seconds = [[statistics.median(s[e] for s in samples[n]) for n in rows] for e in range(model.num_exits)]
+    return SegmentTimes(rows, call_seconds, statistics.median(plains) / texts, batch_size, runtime)
 
 
 def _cpuinfo() -> str:
