@@ -26,6 +26,7 @@ from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import check_policy, make_policy
 from frugalnlp.encoding import encode_split, unsorted_batches
 from frugalnlp.errors import FrugalError
+from frugalnlp.report import command_line
 from frugalnlp.run import RUNTIMES, TrainedRun, load_run, load_run_config, load_spec_task
 from frugalnlp.timing import SegmentTimes, describe_machine, machine, median_times
 
@@ -39,7 +40,7 @@ class FrontierSettings:
     batch_sizes: tuple[int, ...] = (1, 32)
     examples: int = 512  # test texts timed (accuracy is on the whole test split)
     repeats: int = 3
-    targets: tuple[float, ...] = (1.5, 2.0, 3.0)  # speedups in layers the dev choice aims at
+    targets: tuple[float, ...] = (1.5, 2.0, 3.0)  # speedups the dev choice aims at, in `cost`
     policies: tuple[str, ...] = ("confidence", "per-exit+ensemble")
     cost: str = "layers"  # what the targets are in: layers, or time measured on this runtime (`time_split`)
     cost_batch_size: int = 32  # cost "time": the batch size the dev choice's segments are timed at
@@ -157,7 +158,8 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
         configs, times = _configs(adaptive, statics, settings, None if torch_fp32 else load_run(run))
         split = load_spec_task(adaptive.spec).test
         timed = split.take(range(min(settings.examples, len(split))))
-        results = {"run": str(run), "static": list(static), "settings": asdict(settings), "machine": machine(),
+        results = {"run": str(run), "static": list(static), "settings": asdict(settings), "command": command_line(),
+                   "machine": machine(),
                    "dev_segment_times": None if times is None else times.to_dict(),
                    "examples_timed": len(timed), "test_examples": len(split), "batch_sizes": {}, "rows": []}
         data = encode_split(timed, adaptive.tokenizer, adaptive.spec.max_length)
@@ -205,12 +207,14 @@ def format_frontier(results: dict) -> str:
     lines = [f"{runtime}: {results['examples_timed']} test texts timed in their own order (medians of {s['repeats']} "
              f"interleaved repeats, tokenisation not counted); accuracy on all {results['test_examples']} test texts; "
              "speedups are measured texts/s over plain's in this run; the static frontier is read at each adaptive "
-             "point's measured speed (linear in time per text between static models)",
+             "point's measured speed (linear in time per text between static models); dev speedup: what dev "
+             "predicted for the chosen point, in layers or in time modelled from its segments' timings "
+             f"(`--cost time`, batch {s['cost_batch_size']})",
              f"machine: {describe_machine(results.get('machine'))}", ""]
-    head = "| configuration | test accuracy | layers speedup | " + " | ".join(
+    head = "| configuration | test accuracy | layers speedup | dev speedup (chosen by) | " + " | ".join(
         f"batch {b}: texts/s (measured speedup; vs plain torch fp32) | batch {b}: static at that speed | "
         f"batch {b}: gain (pts)" for b in sizes)
-    lines += [head + " |", "|---|---|---|" + "---|---|---|" * len(sizes)]
+    lines += [head + " |", "|---|---|---|---|" + "---|---|---|" * len(sizes)]
 
     def cell(value, fmt):
         return "—" if value is None else fmt.format(value)
@@ -221,7 +225,9 @@ def format_frontier(results: dict) -> str:
             cells += [f"{r['texts_per_second'][b]:.0f} ({r['measured_speedup'][b]:.2f}x; {r['vs_torch_fp32'][b]:.2f}x)",
                       cell(r.get("static_at_measured_speed", {}).get(b), "{:.3f}"),
                       cell(r.get("gain_over_static", {}).get(b), "{:+.1f}")]
-        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | " + " | ".join(cells) + " |")
+        chosen_by = cell(r.get("dev_speedup"), "{:.2f}x " + s["cost"])
+        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | {chosen_by} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
