@@ -1,8 +1,8 @@
 """The wall-clock frontier over seeds: each adaptive dev choice's measured speedup and its gain over the static
 frontier at that measured speed, mean ± std over several `frugalnlp frontier` runs (one per seed, same settings).
 
-    .venv/bin/python benchmarks/frontier_seeds.py runs/mr/frontier-int8-time-s{0,1,2}/frontier.json \
-        --json benchmarks/frontier-int8-time-seeds.json
+    .venv/bin/python benchmarks/frontier_seeds.py benchmarks/frontier-int8-mr-s{0,1}.json \
+        --json benchmarks/frontier-int8-mr-seeds.json
 """
 
 from __future__ import annotations

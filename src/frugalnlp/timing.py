@@ -106,6 +106,7 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
     on the whole batches; medians of ``repeats`` interleaved passes after a warm-up."""
     import torch
 
+    from frugalnlp.backbones.base import used_length
     from frugalnlp.early_exit.policies import ConfidencePolicy
     from frugalnlp.early_exit.runner import Departures
 
@@ -114,7 +115,7 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
     never = ConfidencePolicy(1.0)  # nobody leaves before the last exit: every row runs every segment
 
     def cut(batch: dict, n: int) -> dict:
-        length = int(batch["attention_mask"][:n].any(0).nonzero().max()) + 1  # as `keep_rows` cuts to the columns used
+        length = used_length(batch["attention_mask"][:n])  # as `keep_rows` cuts a batch to its rows' columns
         return {k: v[:n, :length] for k, v in batch.items() if v is not None}
 
     cuts = {n: [cut(b, n) for b in batches if len(b["input_ids"]) >= n] for n in rows}
