@@ -1,5 +1,6 @@
-"""The wall-clock frontier over seeds: each adaptive dev choice's measured speedup and its gain over the static
-frontier at that measured speed, mean ± std over several `frugalnlp frontier` runs (one per seed, same settings).
+"""The wall-clock frontier over seeds: each configuration's measured speedup and its gain over the static frontier
+at that measured speed, and what dev chose to deploy at each target (adaptive or static), mean ± std over several
+`frugalnlp frontier` runs (one per seed, same settings).
 
     .venv/bin/python benchmarks/frontier_seeds.py benchmarks/frontier-int8-mr-s{0,1}.json \
         --json benchmarks/frontier-int8-mr-seeds.json
@@ -38,8 +39,19 @@ def summarise(results: list[dict]) -> dict:
                                "vs_torch_fp32": [r["vs_torch_fp32"][b] for r in per_run],
                                "gain_over_static": [r.get("gain_over_static", {}).get(b) for r in per_run]}
         rows.append(row)
+    choices = []
+    for k, first in enumerate(results[0].get("dev_choices", [])):
+        per_run = [res["dev_choices"][k] for res in results]
+        reached = [c for c in per_run if c["choice"] is not None]
+        choices.append({"target_speedup": first["target_speedup"], "cost": first["cost"],
+                        "choice": [c["choice"] for c in per_run],
+                        "accuracy": [c["accuracy"] for c in reached],
+                        "batch": {b: {"measured_speedup": [c["measured_speedup"][b] for c in reached],
+                                      "gain_over_static": [c["gain_over_static"][b] for c in reached]}
+                                  for b in sizes}})
     return {"runs": [res["run"] for res in results], "commands": [res.get("command") for res in results],
-            "settings": results[0]["settings"], "machine": results[0]["machine"], "rows": rows}
+            "settings": results[0]["settings"], "machine": results[0]["machine"], "rows": rows,
+            "dev_choices": choices}
 
 
 def format_summary(summary: dict) -> str:
@@ -56,6 +68,19 @@ def format_summary(summary: dict) -> str:
             cells += [mean_std(cell["measured_speedup"], "{:.2f}x"), mean_std(cell["vs_torch_fp32"], "{:.2f}x"),
                       "—" if None in gains else mean_std(gains, "{:+.1f}")]
         lines.append(f"| {row['name']} | {mean_std(row['accuracy'], '{:.3f}')} | " + " | ".join(cells) + " |")
+    if summary.get("dev_choices"):
+        lines += ["", "| target | chosen on dev, per run | test accuracy | " + " | ".join(
+            f"batch {b}: measured speedup | batch {b}: gain over static (pts)" for b in sizes) + " |",
+            "|---|---|---|" + "---|---|" * len(sizes)]
+        for c in summary["dev_choices"]:
+            cells = []
+            for b in sizes:
+                gains = c["batch"][b]["gain_over_static"]
+                cells += [mean_std(c["batch"][b]["measured_speedup"], "{:.2f}x") if gains else "—",
+                          "—" if not gains or None in gains else mean_std(gains, "{:+.1f}")]
+            picked = "; ".join(name or "nothing reaches it" for name in c["choice"])
+            accuracy = mean_std(c["accuracy"], "{:.3f}") if c["accuracy"] else "—"
+            lines.append(f"| {c['target_speedup']:g}x {c['cost']} | {picked} | {accuracy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 from frugalnlp.errors import FrugalError
-from frugalnlp.frontier import FrontierSettings, check_settings
+from frugalnlp.frontier import FrontierSettings, check_settings, dev_choices
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,12 @@ def test_frontier_on_int8_times_plain_static_and_adaptive_points(runs, tmp_path,
     assert [r["accuracy"] for r in static_members] == [e["accuracy"] for e in exported["test"]["exits"]]
     assert plain["accuracy"] == json.loads((tiny_run / "onnx-int8" / "metrics.json").read_text())["test"]["accuracy"]
     assert results["dev_segment_times"] is None  # targets in layers
+    # what to deploy per target, chosen on dev among adaptive points and static models (in layers here)
+    assert all(r["dev_speedup"] == r["speedup_layers"] for r in static_members)
+    [choice] = results["dev_choices"]
+    eligible = [r for r in results["rows"] if r["kind"] in ("static", "adaptive") and r["dev_speedup"] >= 1.2 - 1e-9]
+    assert choice["target_speedup"] == 1.2 and choice["dev_accuracy"] == max(r["dev_accuracy"] for r in eligible)
+    assert rows[choice["choice"]]["accuracy"] == choice["accuracy"] and "| 1.2x |" in stdout
     # targets in time measured on this runtime: each adaptive point at its target in dev time
     status, _, err = run_cli(["frontier", tiny_run, "--static", tiny_cascade, "--runtime", "onnx", "--quantize", "int8",
                               "--examples", 16, "--repeats", 1, "--batch-sizes", 8, "--targets", "1.1",
@@ -68,6 +74,9 @@ def test_frontier_on_int8_times_plain_static_and_adaptive_points(runs, tmp_path,
     for r in timed["rows"]:
         if r["kind"] == "adaptive":
             assert r["name"].endswith("time") and r["dev_speedup"] >= 1.1 - 1e-9
+        if r["kind"] == "static":  # measured on dev on this runtime, not read from the layers
+            assert r["dev_speedup"] > 0 and r["dev_speedup"] != r["speedup_layers"]
+    assert timed["dev_choices"][0]["cost"] == "time"
     # refused before any timing: a precision torch does not run, an unknown policy, an output already there
     status, _, err = run_cli(["frontier", tiny_run, "--runtime", "torch", "--quantize", "int8"], capsys)
     assert status == 2 and "--runtime onnx" in err
@@ -87,3 +96,22 @@ def test_frontier_settings_are_checked():
         check_settings(FrontierSettings(targets=(0.5,)))
     with pytest.raises(FrugalError, match="POLICY or POLICY\\+ensemble"):
         check_settings(FrontierSettings(policies=("confidence+mix",)))
+
+
+def test_dev_choice_can_be_a_static_model():
+    """Per target, the most accurate on dev of what reaches it on dev; a static model wins ties and can win."""
+    def row(name, kind, dev_accuracy, dev_speedup, accuracy):
+        return {"name": name, "kind": kind, "dev_accuracy": dev_accuracy, "dev_speedup": dev_speedup,
+                "accuracy": accuracy, "measured_speedup": {"32": dev_speedup}, "gain_over_static": {"32": 0.0}}
+
+    results = {"settings": {"targets": [1.5, 2.0, 3.0, 8.0], "cost": "time"},
+               "rows": [{"name": "plain (threshold 1)", "kind": "plain"},
+                        row("static 2-layer", "static", 0.74, 2.8, 0.73), row("static 4-layer", "static", 0.81, 1.45, 0.80),
+                        row("adaptive a @ 1.5x time", "adaptive", 0.80, 1.5, 0.79),
+                        row("adaptive a @ 2x time", "adaptive", 0.74, 2.0, 0.76),
+                        row("adaptive a @ 3x time", "adaptive", 0.72, 3.0, 0.70)]}
+    chosen = {c["target_speedup"]: c for c in dev_choices(results)}
+    assert chosen[1.5]["choice"] == "adaptive a @ 1.5x time"  # the 4-layer model is more accurate but too slow on dev
+    assert chosen[2.0]["choice"] == "static 2-layer" and chosen[2.0]["kind"] == "static"  # a tie: the static model
+    assert chosen[3.0]["choice"] == "adaptive a @ 3x time" and chosen[3.0]["accuracy"] == 0.70
+    assert chosen[8.0]["choice"] is None

@@ -7,7 +7,9 @@ its dev split chooses for each target speedup and policy (exit ensembles and rou
 Every configuration is timed in one process, interleaved (`frugalnlp.timing.median_times`), on the same test
 texts in their own order, so the speeds compare; the static frontier in seconds joins the static models
 linearly in time per text (a random share of texts to each of two models costs that) and each adaptive point
-is set against it at its own measured speed.
+is set against it at its own measured speed. At each target, `dev_choices` then picks what to deploy the way a
+user would, on dev alone: the most accurate of the adaptive points and the static models at that speed or faster
+on dev (in layers, or with ``cost="time"`` in time on this runtime), so the answer can be a static model.
 """
 
 from __future__ import annotations
@@ -105,13 +107,16 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
     for trained in statics:  # a plain run is one model; a multi-model run's members are each one
         members, scored = trained.model, split_scores(trained, "test")
         n = members.num_exits
-        for k, exit_score in enumerate(exit_scores(members, scored.exit_logits, scored.gold)):
+        on_dev = split_scores(trained, "dev")
+        for k, (exit_score, dev_score) in enumerate(zip(exit_scores(members, scored.exit_logits, scored.gold),
+                                                        exit_scores(members, on_dev.exit_logits, on_dev.gold))):
             # a cascade at a fixed exit runs that member alone (the others' exits are never used)
             policy = (make_policy("per-exit", fixed_exit_thresholds(n, k), n) if k < n - 1
                       else make_policy("confidence", 1.0, n))
             layer = exit_score["layer"]
             configs.append(Config(f"static {layer}-layer", "static", trained, policy, exit_score["accuracy"],
-                                  depth / layer, {"layers": layer, "run": str(trained.path)}))
+                                  depth / layer, {"layers": layer, "run": str(trained.path),
+                                                  "dev_accuracy": dev_score["accuracy"], "dev_speedup": depth / layer}))
     times = time_split(adaptive, "dev", settings.cost_batch_size) if settings.cost == "time" else None
     for name in settings.policies:
         policy_name, _, ensemble = name.partition("+")
@@ -135,7 +140,28 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
         n = reference.model.num_exits
         configs.append(Config("plain, torch fp32 (reference)", "reference", reference, make_policy("confidence", 1.0, n),
                               split_scores(reference, "test").point("confidence", 1.0).accuracy, 1.0, {"layers": depth}))
+    if times is not None:
+        _time_statics_on_dev(configs, settings)
     return configs, times
+
+
+def _time_statics_on_dev(configs: list[Config], settings: FrontierSettings, examples: int = 256) -> None:
+    """Cost "time": each static model's dev speedup measured on this runtime, as its time per text over the plain
+    model's on the first ``examples`` dev texts at the cost batch size (interleaved medians), so static models
+    compete with the adaptive points (whose dev speedups the segment times model) in the same unit."""
+    plain = next(c for c in configs if c.kind == "plain")
+    statics = [c for c in configs if c.kind == "static"]
+    if not statics:
+        return
+    split = load_spec_task(plain.trained.spec).dev
+    data = encode_split(split.take(range(min(examples, len(split)))), plain.trained.tokenizer,
+                        plain.trained.spec.max_length)
+    batches = unsorted_batches(data, plain.trained.tokenizer, settings.cost_batch_size)
+    with torch.inference_mode():
+        seconds = median_times({c.name: (lambda c=c: [c.trained.model.predict(**b, policy=c.policy) for b in batches])
+                                for c in [plain, *statics]}, settings.repeats)
+    for c in statics:
+        c.details["dev_speedup"] = seconds[plain.name] / seconds[c.name]
 
 
 def run_frontier(run: str, static: list[str], settings: FrontierSettings | None = None,
@@ -176,12 +202,34 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
         results["rows"].append({"name": c.name, "kind": c.kind, "accuracy": c.accuracy,
                                 "speedup_layers": c.speedup_layers, **c.details, "texts_per_second": speeds})
     _compare(results)
+    results["dev_choices"] = dev_choices(results)
     return results
 
 
+def dev_choices(results: dict) -> list[dict]:
+    """At each target speedup, what to deploy chosen on dev alone: of the adaptive points and the static models
+    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev (a tie goes to the
+    static model: one graph, nothing to tune). Each choice is read on test: its accuracy, measured speedup and
+    gain over the static frontier at its measured speed, per batch size (a static model's own gain is 0 unless
+    another static model beats it in measured time). None where nothing reaches the target on dev."""
+    rows = results["rows"]
+    candidates = [r for r in rows if r["kind"] == "static"] + [r for r in rows if r["kind"] == "adaptive"]
+    choices = []
+    for target in results["settings"]["targets"]:
+        reachable = [r for r in candidates if r["dev_speedup"] >= target - 1e-9]
+        choice = {"target_speedup": target, "cost": results["settings"]["cost"], "choice": None}
+        if reachable:
+            best = max(reachable, key=lambda r: r["dev_accuracy"])  # first of equals: static before adaptive
+            choice.update(choice=best["name"], kind=best["kind"], dev_accuracy=best["dev_accuracy"],
+                          dev_speedup=best["dev_speedup"], accuracy=best["accuracy"],
+                          measured_speedup=best["measured_speedup"], gain_over_static=best["gain_over_static"])
+        choices.append(choice)
+    return choices
+
+
 def _compare(results: dict) -> None:
-    """Per batch size: each row's measured speedup over plain and, for adaptive rows, the static frontier in
-    measured time at that speed and the gain over it (points)."""
+    """Per batch size: each row's measured speedup over plain and, for adaptive and static rows, the static
+    frontier in measured time at that speed and the gain over it (points; a static model on the frontier: 0)."""
     rows = results["rows"]
     plain = next(r for r in rows if r["kind"] == "plain")
     reference = next((r for r in rows if r["kind"] == "reference"), plain)  # plain in torch fp32
@@ -194,7 +242,7 @@ def _compare(results: dict) -> None:
             speedup = r["texts_per_second"][b] / base
             r.setdefault("measured_speedup", {})[b] = speedup
             r.setdefault("vs_torch_fp32", {})[b] = r["texts_per_second"][b] / reference["texts_per_second"][b]
-            if r["kind"] == "adaptive":
+            if r["kind"] in ("adaptive", "static"):
                 frontier = static_frontier(static, speedup) if static else None
                 r.setdefault("static_at_measured_speed", {})[b] = frontier
                 r.setdefault("gain_over_static", {})[b] = None if frontier is None else 100 * (r["accuracy"] - frontier)
@@ -206,12 +254,12 @@ def format_frontier(results: dict) -> str:
     sizes = [str(b) for b in s["batch_sizes"]]
     lines = [f"{runtime}: {results['examples_timed']} test texts timed in their own order (medians of {s['repeats']} "
              f"interleaved repeats, tokenisation not counted); accuracy on all {results['test_examples']} test texts; "
-             "speedups are measured texts/s over plain's in this run; the static frontier is read at each adaptive "
-             "point's measured speed (linear in time per text between static models); dev speedup: what dev "
-             "predicted for the chosen point, in layers or in time modelled from its segments' timings "
-             f"(`--cost time`, batch {s['cost_batch_size']})",
+             "speedups are measured texts/s over plain's in this run; the static frontier is read at each row's "
+             "measured speed (linear in time per text between static models); dev speedup: what the choice on dev "
+             "sees, in layers, or (`--cost time`, batch " f"{s['cost_batch_size']}) in time: an adaptive point's "
+             "modelled from its segments' timings on dev, a static model's measured on dev",
              f"machine: {describe_machine(results.get('machine'))}", ""]
-    head = "| configuration | test accuracy | layers speedup | dev speedup (chosen by) | " + " | ".join(
+    head = "| configuration | test accuracy | layers speedup | dev speedup | " + " | ".join(
         f"batch {b}: texts/s (measured speedup; vs plain torch fp32) | batch {b}: static at that speed | "
         f"batch {b}: gain (pts)" for b in sizes)
     lines += [head + " |", "|---|---|---|---|" + "---|---|---|" * len(sizes)]
@@ -228,12 +276,24 @@ def format_frontier(results: dict) -> str:
         chosen_by = cell(r.get("dev_speedup"), "{:.2f}x " + s["cost"])
         lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | {chosen_by} | "
                      + " | ".join(cells) + " |")
+    lines += ["", f"What to deploy at each target, chosen on dev (`dev_choices`): the most accurate on dev of the "
+              f"adaptive points and static models at that speed or faster on dev, in {s['cost']}", "",
+              "| target | chosen on dev | dev accuracy | dev speedup | test accuracy | "
+              + " | ".join(f"batch {b}: measured speedup | batch {b}: gain over static (pts)" for b in sizes) + " |",
+              "|---|---|---|---|---|" + "---|---|" * len(sizes)]
+    for c in results.get("dev_choices", []):
+        if c["choice"] is None:
+            lines.append(f"| {c['target_speedup']:g}x | nothing reaches it on dev |" + " — |" * (3 + 2 * len(sizes)))
+            continue
+        cells = [f"{c['measured_speedup'][b]:.2f}x | {cell(c['gain_over_static'][b], '{:+.1f}')}" for b in sizes]
+        lines.append(f"| {c['target_speedup']:g}x | {c['choice']} | {c['dev_accuracy']:.3f} | "
+                     f"{c['dev_speedup']:.2f}x | {c['accuracy']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot_frontier(results: dict, path: str | Path) -> None:
     """Test accuracy against measured texts/s, one panel per batch size: the static models joined (the frontier),
-    plain, and each policy's adaptive points joined across targets."""
+    plain, each policy's adaptive points joined across targets, and what dev chose at each target ringed."""
     from frugalnlp.report import new_figure, save_figure
 
     sizes = [str(b) for b in results["settings"]["batch_sizes"]]
@@ -254,6 +314,11 @@ def plot_frontier(results: dict, path: str | Path) -> None:
                             key=lambda r: r["texts_per_second"][b])
             ax.plot([r["texts_per_second"][b] for r in points], [r["accuracy"] for r in points],
                     ["o", "^", "v", "D"][k % 4] + "--", label=f"adaptive {policy} (dev choice)")
+        chosen = [next(r for r in rows if r["name"] == c["choice"]) for c in results.get("dev_choices", [])
+                  if c["choice"] is not None]
+        if chosen:
+            ax.plot([r["texts_per_second"][b] for r in chosen], [r["accuracy"] for r in chosen], "o", markersize=13,
+                    markerfacecolor="none", markeredgecolor="crimson", label="deployed per target (chosen on dev)")
         ax.set_xlabel(f"measured texts/s, batch {b}")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
