@@ -6,7 +6,8 @@ it unchanged and decide on it through the same exit step as torch. `frugalnlp.ex
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +54,22 @@ def require_onnx() -> None:
 def is_export(folder: str | Path) -> bool:
     """Whether ``folder`` is an exported model (``model/`` of an export directory)."""
     return (Path(folder) / EXPORT).is_file()
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` in this thread for the block, then restored.
+
+    Between ONNX Runtime's calls an export's exit decisions run small torch ops; on more than one thread each
+    wakes torch's OpenMP pool, whose idle threads then spin on the cores ONNX Runtime's own pool is working on.
+    On a 2-core CPU that made an int8 segment 2-3x slower (on 2 to 32 rows; `benchmarks/deploy.md`). The ops on
+    [rows, labels] logits gain nothing from threads, so the export runs them on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 _POOL: list[int] = []  # the process's one ONNX Runtime thread pool size, once created
@@ -193,11 +210,16 @@ class OnnxModel:
     def exit_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Every exit's logits on the whole batch: one [batch, labels] per exit."""
-        state, logits = self.start(input_ids, attention_mask, token_type_ids), []
-        for e in range(self.num_exits):
-            state, out = self.advance(e, state)
-            logits.append(out)
+        with self.inference_context():
+            state, logits = self.start(input_ids, attention_mask, token_type_ids), []
+            for e in range(self.num_exits):
+                state, out = self.advance(e, state)
+                logits.append(out)
         return tuple(logits)
+
+    def inference_context(self) -> AbstractContextManager:
+        """torch on one thread (`torch_threads`): its thread pool would spin against ONNX Runtime's."""
+        return torch_threads(1)
 
     def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, threshold: float = THRESHOLD,

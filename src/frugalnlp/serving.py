@@ -185,6 +185,10 @@ class ModelWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        with self.model.inference_context():  # this thread runs nothing but the model
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.wake:
                 task = self._next_task()

@@ -142,7 +142,7 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
         return time.perf_counter() - start
 
     texts = sum(len(b["input_ids"]) for b in batches)
-    with torch.inference_mode():
+    with torch.inference_mode(), model.inference_context():  # as `adaptive_predict` runs segments
         for n in rows:  # warm-up
             segments(n)
         plain_pass()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -86,6 +87,10 @@ class Cascade:
     def autocast(self, dtype: torch.dtype | None) -> None:
         for model in self.models:
             model.autocast = dtype
+
+    def inference_context(self) -> nullcontext:
+        """Members run as they are (the `SegmentRunner` interface)."""
+        return nullcontext()
 
     @property
     def cost_model(self) -> EarlyExitModel:

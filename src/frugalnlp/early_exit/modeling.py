@@ -174,6 +174,10 @@ class EarlyExitModel(PreTrainedModel):
         """Every exit's logits on the whole batch: one [batch, labels] per exit."""
         return self(input_ids, attention_mask, token_type_ids).exit_logits
 
+    def inference_context(self) -> nullcontext:
+        """Segments run as they are (the `SegmentRunner` interface; an ONNX export needs more)."""
+        return nullcontext()
+
     # ------------------------------------------------------------------------------------------ building
 
     @classmethod

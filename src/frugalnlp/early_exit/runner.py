@@ -9,6 +9,7 @@ implement it; `adaptive_predict`, the evaluation, the costs and the server know 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,6 +60,10 @@ class SegmentRunner(Protocol):
 
     def merge(self, states: list[Any]) -> Any:
         """One batch of the rows of several states standing at the same exit, right-padded."""
+
+    def inference_context(self) -> AbstractContextManager:
+        """What a run of segments (and the torch decisions between them) goes inside: nothing for torch; for an
+        ONNX export, torch's own thread pool off (`frugalnlp.onnx_model.torch_threads`)."""
 
     def eval(self) -> SegmentRunner: ...
 
@@ -171,22 +176,23 @@ def adaptive_predict(model: SegmentRunner, input_ids: torch.Tensor, attention_ma
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    departures = Departures(policy, input_ids.shape[0], model.temperatures, input_ids.device)
-    state = model.start(input_ids, attention_mask, token_type_ids)
-    for e in range(model.num_exits):
-        head = not departures.skips(e)
-        if max_tokens is None:
-            state, logits = model.advance(e, state, head=head)
-        else:
-            state, logits = _advance_packed(model, e, state, head, max_tokens, departures)
-        if logits is None:
-            continue
-        stay = departures.decide(e, logits)
-        if stay is None:
-            break
-        if departures.dropped:
-            state = model.keep_rows(state, stay)
-    return departures.prediction(model.layers_to_exit(heads_run(policy, model.num_exits)))
+    with model.inference_context():  # the decisions' torch ops too: on an export they share its cores
+        departures = Departures(policy, input_ids.shape[0], model.temperatures, input_ids.device)
+        state = model.start(input_ids, attention_mask, token_type_ids)
+        for e in range(model.num_exits):
+            head = not departures.skips(e)
+            if max_tokens is None:
+                state, logits = model.advance(e, state, head=head)
+            else:
+                state, logits = _advance_packed(model, e, state, head, max_tokens, departures)
+            if logits is None:
+                continue
+            stay = departures.decide(e, logits)
+            if stay is None:
+                break
+            if departures.dropped:
+                state = model.keep_rows(state, stay)
+        return departures.prediction(model.layers_to_exit(heads_run(policy, model.num_exits)))
 
 
 def _advance_packed(model: SegmentRunner, exit_index: int, state, head: bool, max_tokens: int,
