@@ -2,7 +2,7 @@
 at that measured speed, and what dev chose to deploy at each target (adaptive or static), mean ± std over several
 `frugalnlp frontier` runs (one per seed, same settings).
 
-    .venv/bin/python benchmarks/frontier_seeds.py benchmarks/frontier-int8-mr-s{0,1}.json \
+    .venv/bin/python benchmarks/frontier_seeds.py benchmarks/frontier-int8-mr-s{0,1,2}.json \
         --json benchmarks/frontier-int8-mr-seeds.json
 """
 
