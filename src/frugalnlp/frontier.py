@@ -26,7 +26,7 @@ from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_
 from frugalnlp.dev_choice import fixed_exit_thresholds, operating_threshold
 from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import check_policy, make_policy
-from frugalnlp.encoding import encode_split, unsorted_batches
+from frugalnlp.encoding import EncodedSplit, encode_split, unsorted_batches
 from frugalnlp.errors import FrugalError
 from frugalnlp.report import command_line
 from frugalnlp.run import RUNTIMES, TrainedRun, load_run, load_run_config, load_spec_task
@@ -145,6 +145,16 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
     return configs, times
 
 
+def _time_configs(configs: list[Config], data: EncodedSplit, batch_size: int, repeats: int) -> dict[str, float]:
+    """Median seconds of each configuration predicting ``data`` in batches of ``batch_size`` in its own order,
+    interleaved across ``repeats`` (`median_times`)."""
+    tokenizer = configs[0].trained.tokenizer  # every configuration is of one task and model
+    batches = unsorted_batches(data, tokenizer, batch_size)
+    with torch.inference_mode():
+        return median_times({c.name: (lambda c=c: [c.trained.model.predict(**b, policy=c.policy) for b in batches])
+                             for c in configs}, repeats)
+
+
 def _time_statics_on_dev(configs: list[Config], settings: FrontierSettings, examples: int = 256) -> None:
     """Cost "time": each static model's dev speedup measured on this runtime, as its time per text over the plain
     model's on the first ``examples`` dev texts at the cost batch size (interleaved medians), so static models
@@ -156,10 +166,7 @@ def _time_statics_on_dev(configs: list[Config], settings: FrontierSettings, exam
     split = load_spec_task(plain.trained.spec).dev
     data = encode_split(split.take(range(min(examples, len(split)))), plain.trained.tokenizer,
                         plain.trained.spec.max_length)
-    batches = unsorted_batches(data, plain.trained.tokenizer, settings.cost_batch_size)
-    with torch.inference_mode():
-        seconds = median_times({c.name: (lambda c=c: [c.trained.model.predict(**b, policy=c.policy) for b in batches])
-                                for c in [plain, *statics]}, settings.repeats)
+    seconds = _time_configs([plain, *statics], data, settings.cost_batch_size, settings.repeats)
     for c in statics:
         c.details["dev_speedup"] = seconds[plain.name] / seconds[c.name]
 
@@ -190,13 +197,9 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
                    "examples_timed": len(timed), "test_examples": len(split), "batch_sizes": {}, "rows": []}
         data = encode_split(timed, adaptive.tokenizer, adaptive.spec.max_length)
         measured = {}
-        with torch.inference_mode():
-            for batch_size in settings.batch_sizes:
-                progress(f"timing {len(configs)} configurations at batch size {batch_size}")
-                batches = unsorted_batches(data, adaptive.tokenizer, batch_size)
-                measured[batch_size] = median_times(
-                    {c.name: (lambda c=c: [c.trained.model.predict(**b, policy=c.policy) for b in batches])
-                     for c in configs}, settings.repeats)
+        for batch_size in settings.batch_sizes:
+            progress(f"timing {len(configs)} configurations at batch size {batch_size}")
+            measured[batch_size] = _time_configs(configs, data, batch_size, settings.repeats)
     for c in configs:
         speeds = {str(b): len(timed) / measured[b][c.name] for b in settings.batch_sizes}
         results["rows"].append({"name": c.name, "kind": c.kind, "accuracy": c.accuracy,
@@ -273,8 +276,8 @@ def format_frontier(results: dict) -> str:
             cells += [f"{r['texts_per_second'][b]:.0f} ({r['measured_speedup'][b]:.2f}x; {r['vs_torch_fp32'][b]:.2f}x)",
                       cell(r.get("static_at_measured_speed", {}).get(b), "{:.3f}"),
                       cell(r.get("gain_over_static", {}).get(b), "{:+.1f}")]
-        chosen_by = cell(r.get("dev_speedup"), "{:.2f}x " + s["cost"])
-        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | {chosen_by} | "
+        dev_speedup = cell(r.get("dev_speedup"), "{:.2f}x " + s["cost"])
+        lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | {dev_speedup} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"What to deploy at each target, chosen on dev (`dev_choices`): the most accurate on dev of the "
               f"adaptive points and static models at that speed or faster on dev, in {s['cost']}", "",
