@@ -151,7 +151,7 @@ def test_demo_prints_the_table_and_writes_the_report(tiny_dir, tmp_path, capsys)
         assert [r["speedup"] for r in method["comparison"]] == [1.5, 2.0, 3.0, 4.0]
     mm = results["methods"]["multi-model"]
     assert mm["last_exit_vs_plain_points"] == [0.0, 0.0]  # its last member is the plain model
-    assert [p["layers"] for p in results["static"]] == [1, 2, 4]
+    assert [p["layers"] for p in results["static"]] == [1, 2, 3, 4]  # a static model at every depth
     slowest = results["oracle"][0]  # 1x: any exit right counts, for the best variant
     assert slowest["speedup_layers"] == 1.0
     assert all(slowest["accuracy"] >= m["mean_curve"]["mean"][-1]["accuracy"] - 1e-12 for m in results["methods"].values())
@@ -202,7 +202,7 @@ def test_demo_takes_user_files_and_refuses_bad_variants(tiny_dir, tmp_path, caps
     assert results["task"] == "train" and set(results["methods"]) == {"sweet", "multi-model"}
     for bad, message in [("joint:boundary-grad=x", "needs a number"), ("joint:color=red", "KEY=VALUE"),
                          ("plain", "plain has no exits"), ("magic", "unknown method"),
-                         ("multi-model:boundary-grad=0.5", "need joint, sweet or two-stage")]:
+                         ("multi-model:boundary-grad=0.5", "multi-model takes no boundary-grad")]:
         status, _, err = run_cli(["demo", "--model", tiny_dir, "--methods", bad, "--output", tmp_path / "bad"], capsys)
         assert status == 2 and message in err, (bad, err)
         assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.partial").exists()

@@ -1,5 +1,5 @@
-"""What every adaptive curve stands beside: the static frontier (truncated models trained alone, joined linearly
-in cost), the same with a class bias fitted on dev, the oracle (each example at its first right exit) and the
+"""What every adaptive curve stands beside: the static frontier (the upper envelope of truncated models trained
+alone or distilled, at each depth the better, joined linearly in cost between neighbouring depths), the same with a class bias fitted on dev, the oracle (each example at its first right exit) and the
 learnable ceiling (a router cross-fitted on the reported split itself); `compare` reads them all at each target
 speedup beside the adaptive point chosen on dev."""
 
@@ -19,21 +19,40 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.run import load_run, load_run_config
 
 
-def static_frontier(points: list[dict], speedup: float) -> float | None:
-    """Accuracy of separately trained truncated models at ``speedup`` (share of layers 1 / speedup).
+def static_envelope(points: list[dict], speedup: float) -> tuple[float | None, list[dict]]:
+    """The static frontier at ``speedup`` and the static models that make it: (accuracy, points used).
 
-    ``points``: one ``{"layers_share", "accuracy"}`` per static model. Between two neighbouring depths
-    the frontier is linear in cost: sending a random share of the inputs to each model achieves it.
-    None when even the shallowest model is slower; the deepest model's accuracy beyond it.
+    ``points``: one ``{"layers_share", "accuracy"}`` per static model (``"layers"`` too where known: models of
+    one depth are one cost, whatever their measured times). At each depth the better model counts (the upper
+    envelope: trained alone or distilled); between two neighbouring measured depths the frontier is linear in
+    cost (a random share of the inputs sent to each model achieves it), never across a measured depth; and as
+    a budget it is never below a faster model. (None, []) when even the shallowest model is slower; the deepest
+    model's accuracy beyond it.
     """
-    pts = sorted((p["layers_share"], p["accuracy"]) for p in points)
+    best: dict = {}
+    for p in points:
+        key = p.get("layers", round(p["layers_share"], 9))
+        if key not in best or p["accuracy"] > best[key]["accuracy"]:
+            best[key] = p
+    pts = sorted(best.values(), key=lambda p: (p["layers_share"], -p["accuracy"]))
     cost = 1.0 / speedup
-    if not pts or cost < pts[0][0] - 1e-9:
-        return None
-    for (c0, a0), (c1, a1) in zip(pts, pts[1:]):
-        if c0 - 1e-9 <= cost <= c1 + 1e-9:
-            return a0 + (a1 - a0) * (min(max(cost, c0), c1) - c0) / (c1 - c0)
-    return pts[-1][1]
+    if not pts or cost < pts[0]["layers_share"] - 1e-9:
+        return None, []
+    faster = max((p for p in pts if p["layers_share"] <= cost + 1e-9), key=lambda p: p["accuracy"])
+    value, used = faster["accuracy"], [faster]
+    for p0, p1 in zip(pts, pts[1:]):
+        c0, c1 = p0["layers_share"], p1["layers_share"]
+        if c0 + 1e-9 < cost < c1 - 1e-9:
+            mixed = p0["accuracy"] + (p1["accuracy"] - p0["accuracy"]) * (cost - c0) / (c1 - c0)
+            if mixed > value + 1e-12:
+                value, used = mixed, [p0, p1]
+    return value, used
+
+
+def static_frontier(points: list[dict], speedup: float) -> float | None:
+    """Accuracy of the static frontier at ``speedup`` (share of layers, or of time, 1 / speedup):
+    `static_envelope`'s value."""
+    return static_envelope(points, speedup)[0]
 
 
 class Oracle:
@@ -166,28 +185,40 @@ def _static_members(run: str, config: dict, depth: int) -> tuple[dict, list[int]
     return other, layers
 
 
-def _frontier_points(by_depth: dict[int, list[tuple[float, float, str]]], depth: int) -> list[dict]:
-    """Static points from (accuracy, macro-F1, run) per depth; models of equal depth are averaged."""
-    return [{"layers": k, "layers_share": k / depth, "speedup_layers": depth / k,
-             "accuracy": float(np.mean([a for a, _, _ in v])), "macro_f1": float(np.mean([f for _, f, _ in v])),
-             "runs": [r for _, _, r in v]}
-            for k, v in sorted(by_depth.items())]
+def is_distilled(config: dict) -> bool:
+    """Whether a run (its ``config.json``) learnt from a teacher's logits."""
+    return bool(config["spec"].get("teacher"))
+
+
+def _frontier_points(by_depth: dict[int, list[dict]], depth: int) -> list[dict]:
+    """The upper envelope's points: per depth, the most accurate of its static models (``{"accuracy", "macro_f1",
+    "run", "distilled"}`` each), with every model of that depth under ``models``."""
+    points = []
+    for k, models in sorted(by_depth.items()):
+        best = max(models, key=lambda m: m["accuracy"])  # first of equals: the order the runs were given
+        points.append({"layers": k, "layers_share": k / depth, "speedup_layers": depth / k,
+                       "accuracy": best["accuracy"], "macro_f1": best["macro_f1"], "run": best["run"],
+                       "distilled": best["distilled"], "models": models})
+    return points
 
 
 def static_points(runs: list[str], split: str, config: dict, depth: int) -> list[dict]:
-    """The static frontier's points: each separately trained truncated model's accuracy on ``split``.
+    """The static frontier's points on ``split``: the upper envelope of separately trained truncated models.
 
-    ``runs`` are multi-model runs (every member alone) or plain runs (``--num-layers K``) of the same
-    task and model as ``config`` (the evaluated run's config.json). Models of equal depth are averaged.
+    ``runs`` are multi-model runs (every member alone) or plain runs (``--num-layers K``, trained on labels or
+    distilled from a teacher) of the same task and model as ``config`` (the evaluated run's config.json). At each
+    depth the model most accurate on ``split`` itself stands for it (so the frontier is as strong as any of
+    them on the split it is read on).
     """
-    by_depth: dict[int, list[tuple[float, float, str]]] = {}
+    by_depth: dict[int, list[dict]] = {}
     for run in runs:
         other, layers = _static_members(run, config, depth)
         metrics = json.loads((Path(run) / "metrics.json").read_text())[split]
         members = ([(e["accuracy"], e["macro_f1"]) for e in metrics["exits"]] if other["spec"]["method"] == "multi-model"
                    else [(metrics["accuracy"], metrics["macro_f1"])])
         for k, (accuracy, f1) in zip(layers, members):
-            by_depth.setdefault(k, []).append((accuracy, f1, str(run)))
+            by_depth.setdefault(k, []).append({"accuracy": accuracy, "macro_f1": f1, "run": str(run),
+                                               "distilled": is_distilled(other)})
     return _frontier_points(by_depth, depth)
 
 
@@ -195,9 +226,9 @@ def corrected_static_points(runs: list[str], splits: list[str], config: dict, de
     """`static_points` on each of ``splits`` with each static model given a class bias fitted on its dev split
     (`fit_class_bias`): the baseline a policy that fits more than temperatures on dev labels is fairly
     compared with. Returns split -> points."""
-    by_split: dict[str, dict[int, list[tuple[float, float, str]]]] = {split: {} for split in splits}
+    by_split: dict[str, dict[int, list[dict]]] = {split: {} for split in splits}
     for run in runs:
-        _, layers = _static_members(run, config, depth)
+        other, layers = _static_members(run, config, depth)
         trained = load_run(run)
         dev = split_scores(trained, "dev")
         temperatures = trained.model.temperatures
@@ -206,5 +237,6 @@ def corrected_static_points(runs: list[str], splits: list[str], config: dict, de
             scored = dev if split == "dev" else split_scores(trained, split)
             corrected = corrected_logits(scored.exit_logits, temperatures, bias)
             for k, e in zip(layers, exit_scores(trained.model, corrected, scored.gold)):
-                by_depth.setdefault(k, []).append((e["accuracy"], e["macro_f1"], str(run)))
+                by_depth.setdefault(k, []).append({"accuracy": e["accuracy"], "macro_f1": e["macro_f1"],
+                                                   "run": str(run), "distilled": is_distilled(other)})
     return {split: _frontier_points(by_depth, depth) for split, by_depth in by_split.items()}

@@ -31,6 +31,11 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _static_layers(text: str) -> list[int] | str:
+    """``all`` (every depth of the encoder), or comma-separated depths."""
+    return "all" if text.strip() == "all" else _int_list(text)
+
+
 def _threshold(text: str) -> float | list[float]:
     """``0.9``, or one threshold per early exit (``--policy per-exit``): ``0.8,0.9,0.95``."""
     try:
@@ -141,7 +146,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(f"exit recipe ({takers})")
     for f in fields(ExitRecipe):
         g.add_argument(ExitRecipe.flag(f.name), type=f.metadata["type"], default=f.default, help=f.metadata["help"])
-    g.add_argument("--teacher", default=None, help="a finished run whose last exit the exits learn from")
+    g.add_argument("--teacher", default=None, help="a finished run (same task and tokenizer) whose last exit the exits, "
+                                                   "or a plain or multi-model run's models, learn from")
 
 
 def _recipe(args: argparse.Namespace) -> ExitRecipe:
@@ -427,7 +433,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import DemoSpec, run_demo
 
     run_demo(DemoSpec(output=args.output, base=_spec(args, output=""), methods=args.methods, seeds=args.seeds,
-                      policies=args.policies, certify=args.certify, risk=args.risk),
+                      policies=args.policies, certify=args.certify, risk=args.risk, static_layers=args.static_layers,
+                      static_distill=args.static_distill),
              overwrite=args.overwrite, resume=args.resume)
 
 
@@ -703,6 +710,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--certify", type=_float_list, default=[],
                    help="max drops to certify per variant (Learn-then-Test, confidence policy), e.g. 0.01,0.02")
     p.add_argument("--risk", type=float, default=0.1, help="the risk δ of --certify")
+    p.add_argument("--static-layers", type=_static_layers, default=None,
+                   help="depths of the static models beside the multi-model members, e.g. 1,2,3,4,5,6 or all "
+                        "(default: all on encoders of up to 6 layers, else the exit depths)")
+    p.add_argument("--static-distill", action="store_true",
+                   help="also train each static model below full depth distilled from the full model "
+                        "(--distill-alpha, --distill-temperature)")
     p.set_defaults(train_size=DEMO_TRAIN_SIZE, max_length=DEMO_MAX_LENGTH)
     p.add_argument("--output", default="demo")
     p.add_argument("--overwrite", action="store_true")

@@ -2,8 +2,10 @@
 
 Each (seed, variant) is an ordinary training run under ``OUTPUT/seed-S/VARIANT`` followed by a test
 curve; rerunning with ``--resume`` skips the runs already finished. Every seed also trains the
-Multi-Model run: its members alone are the static frontier (and its last member the plain
-full-depth model), and it teaches the variants that distil from a teacher.
+static models: the Multi-Model run (its members alone are static models at the exit depths, its last member
+the plain full-depth model, which teaches the variants and static models that distil from a teacher) and a
+plain ``--num-layers K`` run at every other depth of ``--static-layers`` (every depth on encoders of up to 6
+layers), each also distilled with ``--static-distill``. The static frontier is their upper envelope.
 
 Every (variant, policy) pair is a candidate (``--policies``, each ``POLICY`` or ``POLICY+ensemble``),
 chosen on dev together; ``--certify`` adds each candidate's Learn-then-Test points with their test drops.
@@ -26,9 +28,10 @@ import numpy as np
 from transformers import AutoConfig
 
 from frugalnlp.assets import resolve_model
-from frugalnlp.baselines import static_frontier, static_points, table_speedups
+from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
-from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE
+from frugalnlp.defaults import (DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_exit_layers,
+                                default_static_layers)
 from frugalnlp.dev_choice import check_operating_target
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
@@ -39,7 +42,8 @@ from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_run_config, load_spec_task
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.training import check_spec, train_run
+from frugalnlp.encoding import load_tokenizer
+from frugalnlp.training import check_spec, check_teacher, train_run
 
 STATIC = "multi-model"  # the variant whose members are the static frontier
 SPEEDUPS = (1.5, 2.0, 3.0)
@@ -60,6 +64,10 @@ class DemoSpec:
     policies: list[str] = field(default_factory=lambda: ["confidence"])
     certify: list[float] = field(default_factory=list)  # max drops ε certified (Learn-then-Test) for each candidate
     risk: float = 0.1  # δ of those certificates
+    # depths of the static models trained beside the multi-model run's members: a list, "all", or None for
+    # `default_static_layers`
+    static_layers: list[int] | str | None = None
+    static_distill: bool = False  # each static model shallower than the encoder also distilled from the full one
 
 
 def parse_variant(variant: str, base: RunSpec) -> RunSpec:
@@ -94,6 +102,30 @@ def parse_variant(variant: str, base: RunSpec) -> RunSpec:
     if teacher and recipe.distill is None:
         recipe = replace(recipe, distill="teacher")
     return replace(base, method=name, recipe=recipe, teacher=teacher)
+
+
+def static_runs(spec: DemoSpec, num_layers: int, exit_layers: list[int]) -> dict[str, RunSpec]:
+    """The static models trained beside the multi-model run (whose members are static models at the exit depths):
+    a plain ``--num-layers K`` run at every other depth of ``spec.static_layers``, and with ``static_distill``
+    every depth below the encoder's distilled from the full model (``--teacher``: the multi-model run's last
+    member unless the demo names one), with the recipe's distillation settings. Run name -> spec (no teacher
+    path, no seed: set per seed)."""
+    depths = spec.static_layers
+    if depths is None:
+        depths = default_static_layers(num_layers, exit_layers)
+    elif depths == "all":
+        depths = list(range(1, num_layers + 1))
+    for k in depths:
+        if not 1 <= k <= num_layers:
+            raise FrugalError(f"--static-layers {k} is out of range: this model has layers 1..{num_layers}")
+    base = replace(spec.base, method="plain", exit_layers=None, recipe=ExitRecipe(), teacher=None)
+    runs = {f"static-{k}": replace(base, num_layers=k) for k in sorted(set(depths)) if k not in exit_layers}
+    if spec.static_distill:
+        recipe = ExitRecipe(distill="teacher", distill_alpha=spec.base.recipe.distill_alpha,
+                            distill_temperature=spec.base.recipe.distill_temperature)
+        runs.update({f"static-{k}-distilled": replace(base, num_layers=k, recipe=recipe)
+                     for k in sorted(set(depths)) if k < num_layers})
+    return runs
 
 
 def _run_name(variant: str) -> str:
@@ -164,6 +196,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     for eps in spec.certify:
         check_operating_target(None, eps, spec.risk)
     specs = {v: parse_variant(v, base) for v in names}
+    specs[STATIC] = replace(specs[STATIC], recipe=ExitRecipe(), teacher=None)  # trained on labels: it teaches
     # one candidate per (variant, policy); with the confidence policy alone, named by the variant
     candidates = {_candidate(v, p, len(policies)): (v, p) for v in names for p in policies}
     variants = {c: _Variant(specs[v]) for c, (v, _) in candidates.items()}
@@ -174,34 +207,43 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
         check_spec(replace(variant_spec, teacher=variant_spec.teacher
                            or ("static" if variant_spec.recipe.distill == "teacher" else None)))
     num_layers = AutoConfig.from_pretrained(resolve_model(base.model)).num_hidden_layers  # a bad model fails here
-    if base.exit_layers is not None:
-        check_exit_layers(base.exit_layers, num_layers)
-    load_spec_task(base)  # and a bad task, file or column here: before the output is created
+    exit_layers = check_exit_layers(base.exit_layers or default_exit_layers(num_layers), num_layers)
+    statics = static_runs(spec, num_layers, exit_layers)
+    task = load_spec_task(base)  # and a bad task, file or column here: before the output is created
+    if base.teacher:
+        check_teacher(base.teacher, task, load_tokenizer(resolve_model(base.model)))
     out = RunDir(spec.output, overwrite=overwrite, resume=resume)
     out.open()
     static_by_seed, static_corrected_by_seed, dev_static_by_seed, oracles, layers = {}, {}, {}, [], None
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)
-        for v in [STATIC] + [v for v in names if v != STATIC]:
-            variant_spec = specs[v]
-            run = out.path / f"seed-{seed}" / _run_name(v)
+
+        def train(name: str, run_spec: RunSpec, run: Path) -> None:
             if not (run / "metrics.json").exists():
-                teacher = variant_spec.teacher or str(static_run)  # default teacher: the plain full-depth member
-                print(f"== seed {seed}: training {v}", file=sys.stderr)
-                train_run(replace(variant_spec, output=str(run), seed=seed,
-                                  teacher=teacher if variant_spec.recipe.distill == "teacher" else None),
+                teacher = run_spec.teacher or str(static_run)  # default teacher: the plain full-depth member
+                print(f"== seed {seed}: training {name}", file=sys.stderr)
+                train_run(replace(run_spec, output=str(run), seed=seed,
+                                  teacher=teacher if run_spec.recipe.distill == "teacher" else None),
                           resume=run.with_name(run.name + ".partial").exists())
+
+        train(STATIC, specs[STATIC], static_run)
+        static = [str(static_run)]
+        for name, static_spec in statics.items():
+            train(name, static_spec, out.path / f"seed-{seed}" / name)
+            static.append(str(out.path / f"seed-{seed}" / name))
+        for v in names:
+            run = out.path / f"seed-{seed}" / _run_name(v)
+            train(v, specs[v], run)
             metrics = json.loads((run / "metrics.json").read_text())
             layers = [e["layer"] for e in metrics["test"]["exits"]]
             for policy in policies:
-                evaluation = _evaluation(run, static_run, *policy)
+                evaluation = _evaluation(run, static, *policy)
                 variants[_candidate(v, policy, len(policies))].add(
                     metrics, json.loads((static_run / "metrics.json").read_text()), evaluation)
                 oracles.append(evaluation["baselines"]["oracle"])
                 if v == STATIC and policy == policies[0]:
                     static_by_seed[seed] = evaluation["baselines"]["static"]
-                    dev_static_by_seed[seed] = static_points([str(static_run)], "dev", load_run_config(static_run),
-                                                             layers[-1])
+                    dev_static_by_seed[seed] = static_points(static, "dev", load_run_config(static_run), layers[-1])
                     static_corrected_by_seed[seed] = evaluation["baselines"]["static_corrected"]
                 for eps in spec.certify:
                     certified[_candidate(v, policy, len(policies))][f"{eps:g}"].append(
@@ -210,6 +252,8 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     summary = {"task": base.task or Path(base.train_file).stem, "model": base.model, "seeds": list(seeds),
                "train_size": base.train_size, "epochs": base.epochs, "max_length": base.max_length,
                "exit_layers": layers, "speedups": table_speedups(layers),
+               "static_runs": {"multi-model members": layers, **{n: s.num_layers for n, s in statics.items()}},
+               "static_distill": spec.static_distill,
                "static": _mean_static(list(static_by_seed.values())),
                "static_corrected": _mean_static(list(static_corrected_by_seed.values())),
                "dev_static": _mean_static(list(dev_static_by_seed.values())),
@@ -249,12 +293,13 @@ def _candidate(variant: str, policy: tuple[str, bool], policies: int) -> str:
     return variant if policies == 1 and policy == ("confidence", False) else f"{variant} [{_policy_name(policy)}]"
 
 
-def _evaluation(run: Path, static_run: Path, policy: str = "confidence", ensemble: bool = False) -> dict:
-    """The run's test curve beside its baselines: evaluated now, or as an earlier pass of this demo left it."""
+def _evaluation(run: Path, static: list[str], policy: str = "confidence", ensemble: bool = False) -> dict:
+    """The run's test curve beside its baselines (``static``: the static runs of its seed): evaluated now, or as
+    an earlier pass of this demo left it against the same static runs."""
     saved = evaluation_dir(run, "test", policy + ("-ensemble" if ensemble else "")) / "curve.json"
     evaluation = json.loads(saved.read_text()) if saved.exists() else {}
-    if "ceiling" not in evaluation.get("baselines", {}):  # not evaluated yet, or by a version without the baselines
-        evaluation = evaluate_run(run, split="test", static=[str(static_run)], overwrite=True, policy=policy,
+    if evaluation.get("static_runs") != static or "ceiling" not in evaluation.get("baselines", {}):
+        evaluation = evaluate_run(run, split="test", static=static, overwrite=True, policy=policy,
                                   output=saved.parent, ensemble=ensemble)[1]
     return evaluation
 
@@ -332,11 +377,11 @@ def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | No
 
     frontier = {split: static_frontier(points, speedup) if points else None
                 for split, points in (("dev", dev_static), ("test", static))}
-    options = [("static", "static", _static_models(static, speedup), frontier["dev"], frontier["test"])]
+    options = [("static", "static", _static_models(dev_static or static, speedup), frontier["dev"], frontier["test"])]
     for c, m in methods.items():
         if cell(m, "fixed_exit") is not None:
             is_static = m.get("variant", c) == STATIC  # a cascade's member alone is a static model
-            options.append(("fixed exit", c, _static_models(static, speedup) if is_static
+            options.append(("fixed exit", c, _static_models(dev_static or static, speedup) if is_static
                             else f"{c}'s exit at {speedup:g}x, every example", cell(m, "fixed_exit"),
                             cell(m, "fixed_exit", "comparison")))
     for c, m in methods.items():
@@ -354,19 +399,27 @@ def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | No
 
 
 def _static_models(static: list[dict] | None, speedup: float) -> str:
-    """The static model(s) at ``speedup``: one K-layer model, or a random split between the two around it."""
+    """The static model(s) the envelope ``static`` stands on at ``speedup``: one K-layer model (the most accurate
+    at that depth, distilled or not), or a random split between the two depths around it."""
     if not static:
         return "the static frontier"
-    points = sorted(static, key=lambda p: p["speedup_layers"])
-    exact = [p for p in points if abs(p["speedup_layers"] - speedup) < 1e-6]
-    if exact:
-        return f"the static {exact[0]['layers']}-layer model (train --method plain --num-layers {exact[0]['layers']})"
-    slower = [p for p in points if p["speedup_layers"] < speedup]
-    faster = [p for p in points if p["speedup_layers"] > speedup]
-    if slower and faster:
-        return (f"the static {faster[0]['layers']}- and {slower[-1]['layers']}-layer models, each text sent to one "
-                "at random in the shares that give this cost")
-    return f"the static {points[0]['layers']}-layer model"
+    _, used = static_envelope(static, speedup)
+    if not used:  # slower than the target: only reported, never chosen (its dev accuracy is None)
+        return f"the static {min(static, key=lambda p: p['layers'])['layers']}-layer model"
+
+    def name(p: dict) -> str:
+        distilled, seeds = p.get("distilled_seeds", int(bool(p.get("distilled")))), p.get("seeds", 1)
+        how = ("" if not distilled else " distilled from the full model" if distilled == seeds
+               else f" (distilled in {distilled} of {seeds} seeds)")
+        return f"{p['layers']}-layer model{how}"
+
+    if len(used) == 1:
+        k = used[0]["layers"]
+        return (f"the static {name(used[0])} (train --method plain --num-layers {k}"
+                + (" --teacher FULL_RUN)" if used[0].get("distilled_seeds", used[0].get("distilled")) else ")"))
+    both = (f"{used[0]['layers']}- and {used[1]['layers']}-layer models" if name(used[0]).endswith("-layer model")
+            and name(used[1]).endswith("-layer model") else f"{name(used[0])} and {name(used[1])}")
+    return f"the static {both}, each text sent to one at random in the shares that give this cost"
 
 
 def _best_oracle(oracles: list[list[dict]], seeds: int) -> list[dict]:
@@ -387,9 +440,11 @@ def _best_oracle(oracles: list[list[dict]], seeds: int) -> list[dict]:
 
 
 def _mean_static(per_seed: list[list[dict]]) -> list[dict]:
-    """The static frontier's points averaged over seeds (same depths in every seed)."""
+    """The static envelope's points averaged over seeds (same depths in every seed): each seed's best model at
+    each depth, and in how many seeds that was a distilled one."""
     return [{"layers": pts[0]["layers"], "layers_share": pts[0]["layers_share"], "speedup_layers": pts[0]["speedup_layers"],
-             "accuracy": float(np.mean([p["accuracy"] for p in pts])), "accuracy_std": float(np.std([p["accuracy"] for p in pts]))}
+             "accuracy": float(np.mean([p["accuracy"] for p in pts])), "accuracy_std": float(np.std([p["accuracy"] for p in pts])),
+             "distilled_seeds": sum(bool(p.get("distilled")) for p in pts), "seeds": len(pts)}
             for pts in zip(*per_seed)]
 
 
@@ -425,8 +480,10 @@ def format_table(summary: dict) -> str:
         cells.append("—" if last is None else f"{last[0]:+.1f}" + (f" ± {last[1]:.1f}" if n > 1 else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Against the baselines: thresholds chosen on dev for each target speedup (share of layers run, "
-              "a cascade's recomputation counted), test accuracy at them; static frontier = the multi-model "
-              "members alone, linear in cost between depths; oracle = each example at its first right exit:", "",
+              "a cascade's recomputation counted), test accuracy at them; static frontier = the upper envelope of "
+              "every static model (the multi-model members and the plain and distilled --num-layers K runs; at each "
+              "depth the better), linear in cost between neighbouring depths; oracle = each example at its first "
+              "right exit:", "",
               format_comparison({method: [{k: v if not isinstance(v, list) or n > 1 else [v[0], None]
                                            for k, v in row.items()} for row in m["comparison"]]
                                  for method, m in summary["methods"].items()})]

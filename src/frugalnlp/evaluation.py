@@ -102,7 +102,7 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     speedups = table_speedups(model.exit_layers)
     test_base, dev_base = baselines(split, reported_split), baselines("dev", dev)
     result = {"run": str(run), "split": split, "policy": policy, "method": spec.method, "examples": len(gold),
-              "points": [p.to_dict() for p in curve],
+              "points": [p.to_dict() for p in curve], "static_runs": static_runs,
               "baselines": {"fixed_exits": fixed, "fixed_exits_corrected": test_base["fixed_corrected"],
                             "static": test_base["static"], "static_corrected": test_base["static_corrected"],
                             "oracle_best": oracle.best,

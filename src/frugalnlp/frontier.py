@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from frugalnlp.baselines import static_frontier
+from frugalnlp.baselines import is_distilled, static_frontier
 from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_split
 from frugalnlp.dev_choice import fixed_exit_thresholds, operating_threshold
 from frugalnlp.early_exit.policies import ExitPolicy
@@ -113,9 +113,12 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
             # a cascade at a fixed exit runs that member alone (the others' exits are never used)
             policy = (make_policy("per-exit", fixed_exit_thresholds(n, k), n) if k < n - 1
                       else make_policy("confidence", 1.0, n))
-            layer = exit_score["layer"]
-            configs.append(Config(f"static {layer}-layer", "static", trained, policy, exit_score["accuracy"],
-                                  depth / layer, {"layers": layer, "run": str(trained.path),
+            layer, distilled = exit_score["layer"], is_distilled(trained.config)
+            name = f"static {layer}-layer" + (" distilled" if distilled else "")
+            if any(c.name == name for c in configs):  # a second run of that kind: named by its directory
+                name += f" ({trained.path.name})"
+            configs.append(Config(name, "static", trained, policy, exit_score["accuracy"],
+                                  depth / layer, {"layers": layer, "distilled": distilled, "run": str(trained.path),
                                                   "dev_accuracy": dev_score["accuracy"], "dev_speedup": depth / layer}))
     times = time_split(adaptive, "dev", settings.cost_batch_size) if settings.cost == "time" else None
     for name in settings.policies:
@@ -239,7 +242,7 @@ def _compare(results: dict) -> None:
     for b in map(str, results["settings"]["batch_sizes"]):
         base = plain["texts_per_second"][b]
         # the static frontier in seconds: cost = time per text relative to plain's
-        static = [{"layers_share": base / r["texts_per_second"][b], "accuracy": r["accuracy"]}
+        static = [{"layers": r["layers"], "layers_share": base / r["texts_per_second"][b], "accuracy": r["accuracy"]}
                   for r in rows if r["kind"] == "static"]
         for r in rows:
             speedup = r["texts_per_second"][b] / base
@@ -303,13 +306,23 @@ def plot_frontier(results: dict, path: str | Path) -> None:
     fig, axes = new_figure(ncols=len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
     rows = results["rows"]
     for ax, b in zip(axes[0], sizes):
-        static = sorted((r for r in rows if r["kind"] == "static"), key=lambda r: r["texts_per_second"][b])
-        if static:
-            ax.plot([r["texts_per_second"][b] for r in static], [r["accuracy"] for r in static], "s-", color="0.3",
-                    label="static models (frontier)")
+        static = [r for r in rows if r["kind"] == "static"]
+        best = {}  # the envelope: the most accurate static model of each depth
+        for r in static:
+            if r["layers"] not in best or r["accuracy"] > best[r["layers"]]["accuracy"]:
+                best[r["layers"]] = r
+        envelope = sorted(best.values(), key=lambda r: r["texts_per_second"][b])
+        if envelope:
+            ax.plot([r["texts_per_second"][b] for r in envelope], [r["accuracy"] for r in envelope], "s-", color="0.3",
+                    label="static models (envelope)")
+            others = [r for r in static if r not in envelope]
+            if others:
+                ax.plot([r["texts_per_second"][b] for r in others], [r["accuracy"] for r in others], "s",
+                        color="0.6", markerfacecolor="none", label="static models below it")
             for r in static:
-                ax.annotate(f"{r['layers']}L", (r["texts_per_second"][b], r["accuracy"]), fontsize=7,
-                            textcoords="offset points", xytext=(3, -9))
+                ax.annotate(f"{r['layers']}L" + (" d" if r.get("distilled") else ""),
+                            (r["texts_per_second"][b], r["accuracy"]), fontsize=7, textcoords="offset points",
+                            xytext=(3, -9))
         plain = next(r for r in rows if r["kind"] == "plain")
         ax.plot([plain["texts_per_second"][b]], [plain["accuracy"]], "k*", markersize=10, label="plain (threshold 1)")
         for k, policy in enumerate(dict.fromkeys(r["policy"] for r in rows if r["kind"] == "adaptive")):

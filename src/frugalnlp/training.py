@@ -28,7 +28,7 @@ from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
 from frugalnlp.methods import METHODS
-from frugalnlp.run import RunSpec, load_run, load_spec_task, run_config
+from frugalnlp.run import RunSpec, load_run, load_run_config, load_spec_task, run_config
 from frugalnlp.rundir import RunDir, write_json
 from frugalnlp.tasks import TaskData
 
@@ -114,8 +114,8 @@ def check_spec(spec: RunSpec) -> None:
     refused = [name for name in recipe.changed() if name not in method.recipe_fields]
     if refused:
         flags = ", ".join("--distill/--teacher" if name == "distill" else ExitRecipe.flag(name) for name in refused)
-        takers = ", ".join(name for name, m in METHODS.items() if m.recipe_fields)
-        raise FrugalError(f"{flags} shape(s) how exits share a backbone: use --method {takers}")
+        takers = ", ".join(name for name, m in METHODS.items() if set(refused) <= set(m.recipe_fields))
+        raise FrugalError(f"--method {spec.method} takes no {flags}: use --method {takers}")
     recipe.check()
 
 
@@ -145,13 +145,24 @@ class TeacherCollator:
         return batch
 
 
+def check_teacher(teacher_run: str, task: TaskData, tokenizer: PreTrainedTokenizerBase) -> None:
+    """FrugalError in one line unless ``teacher_run`` is a finished run of ``task`` (same name, labels in the same
+    order, single texts or pairs alike) whose tokenizer splits text as ``tokenizer`` does (the same vocabulary):
+    checked before any training, so a mismatched teacher costs nothing."""
+    config = load_run_config(teacher_run)
+    theirs, ours = config["task"], task.summary()
+    for key, what in (("name", "task"), ("labels", "labels"), ("pair", "input kind (single text or pair)")):
+        if theirs.get(key) != ours.get(key):
+            raise FrugalError(f"--teacher {teacher_run} was trained with {what} {theirs.get(key)!r}, not "
+                              f"{ours.get(key)!r}; give a run of the same task")
+    if load_tokenizer(Path(teacher_run) / "model").get_vocab() != tokenizer.get_vocab():
+        raise FrugalError(f"--teacher {teacher_run} uses another tokenizer ({config['spec']['model']}, not this "
+                          "run's): give a teacher trained from the same model family")
+
+
 def teacher_logits(teacher_run: str, task: TaskData) -> torch.Tensor:
     """The raw last-exit logits of a finished run on ``task``'s training split: [n, labels]."""
     teacher = load_run(teacher_run)
-    labels = list(teacher.config["task"]["labels"])
-    if labels != task.label_names:
-        raise FrugalError(f"--teacher {teacher_run} was trained on labels {labels}, not {task.label_names}; "
-                          "give a run of the same task")
     data = encode_split(task.train, teacher.tokenizer, teacher.spec.max_length)
     return collect_exit_logits(teacher.model, data, teacher.tokenizer, teacher.spec.eval_batch_size)[-1]
 
@@ -192,6 +203,8 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
     task = load_spec_task(spec)
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path)
+    if spec.teacher:
+        check_teacher(spec.teacher, task, tokenizer)
     spec.exit_layers = method.exit_layers(spec, AutoConfig.from_pretrained(model_path).num_hidden_layers)
     set_seed(spec.seed)  # heads are initialised randomly
     models = method.build(spec, model_path, task)

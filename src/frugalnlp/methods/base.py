@@ -59,6 +59,18 @@ class Method:
         return models[0]
 
 
+# The recipe fields of a method whose models are each one classifier (plain, multi-model): logit distillation
+# from --teacher RUN, the only recipe that does not need exits sharing a backbone.
+TEACHER_FIELDS = ("distill", "distill_alpha", "distill_temperature")
+
+
+def check_teacher_only(spec: RunSpec) -> None:
+    """FrugalError for ``--distill self`` on models with one exit each: they have no later exit to learn from."""
+    if spec.recipe.distill == "self":
+        raise FrugalError(f"--distill self needs a model with exits (joint, sweet, two-stage); a {spec.method} model "
+                          "distils from a finished run: --teacher RUN")
+
+
 def head_args(spec: RunSpec, task: TaskData) -> dict:
     """`EarlyExitModel.from_backbone` keywords every method passes: labels and pooling."""
     return dict(num_labels=task.num_labels, pooling=spec.pooling, id2label=dict(enumerate(task.label_names)))

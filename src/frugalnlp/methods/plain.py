@@ -1,18 +1,20 @@
-"""``plain``: one classifier on the last layer (or on layer K with ``--num-layers K``: a static model)."""
+"""``plain``: one classifier on the last layer (or on layer K with ``--num-layers K``: a static model), trained on
+labels or distilled from ``--teacher RUN`` (DistilBERT-style logits: the static alternative at its strongest)."""
 
 from __future__ import annotations
 
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.errors import FrugalError
-from frugalnlp.methods.base import Method, head_args
+from frugalnlp.methods.base import TEACHER_FIELDS, Method, check_teacher_only, head_args
 
 
 class Plain(Method):
     name = "plain"
     kind = "plain"
+    recipe_fields = TEACHER_FIELDS
 
     def check(self, spec) -> None:
-        pass  # --num-layers is this method's
+        check_teacher_only(spec)  # --num-layers is this method's
 
     def exit_layers(self, spec, num_layers: int) -> list[int]:
         if spec.exit_layers:
@@ -23,4 +25,4 @@ class Plain(Method):
 
     def build(self, spec, model_path: str, task) -> list[EarlyExitModel]:
         return [EarlyExitModel.from_backbone(model_path, method="joint", num_layers=spec.num_layers,
-                                             **head_args(spec, task))]
+                                             recipe=spec.recipe, **head_args(spec, task))]
