@@ -156,7 +156,10 @@ def test_demo_trains_a_static_model_at_every_depth_and_distilled_ones(tiny_dir, 
     three = next(p for p in curve["baselines"]["static"] if p["layers"] == 3)
     assert three["accuracy"] == max(json.loads((seed / n / "metrics.json").read_text())["test"]["accuracy"]
                                     for n in ("static-3", "static-3-distilled"))
-    assert "upper envelope of every static model" in stdout
+    assert "upper envelope of every static model" in stdout and "| depth | trained alone | distilled | envelope |" in stdout
+    row = next(p for p in results["static"] if p["layers"] == 3)
+    assert row["accuracy"] == pytest.approx(max(row["alone_accuracy"][0], row["distilled_accuracy"][0]))
+    assert next(p for p in results["static"] if p["layers"] == 2)["distilled_accuracy"] is None  # not distilled at 2
     # the default on a 4-layer encoder: every depth, no distillation
     status, _, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 48, "--epochs", 1, "--max-length", 24,
                               "--exit-layers", "2,4", "--methods", "joint", "--output", tmp_path / "d2"], capsys)

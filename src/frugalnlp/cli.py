@@ -418,7 +418,8 @@ def cmd_frontier(args: argparse.Namespace) -> None:
                                                      ("cost_batch_size", args.cost_batch_size)) if v is not None})
     check_settings(settings)  # before the output is claimed and minutes of timing
     name = f"frontier-{args.runtime}" + (f"-{args.precision}" if args.precision != "fp32" else "")
-    out = RunDir(args.output or os.path.join(args.run, name), overwrite=args.overwrite)
+    out = RunDir(args.output or os.path.join(args.run, name), overwrite=args.overwrite, kind="frontier",
+                 inputs=[args.run, *(args.static or [])])
     results = run_frontier(args.run, args.static or [], settings, progress=lambda msg: print(msg, file=sys.stderr))
     table = format_frontier(results)
     out.open()

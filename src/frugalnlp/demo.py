@@ -40,7 +40,7 @@ from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.evaluation import certified_point, evaluate_run, evaluation_dir
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
-from frugalnlp.run import RunSpec, load_run_config, load_spec_task
+from frugalnlp.run import RunSpec, load_run_config, load_spec_task, spec_inputs
 from frugalnlp.rundir import RunDir, write_bytes, write_json
 from frugalnlp.encoding import load_tokenizer
 from frugalnlp.training import check_spec, check_teacher, train_run
@@ -212,7 +212,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     task = load_spec_task(base)  # and a bad task, file or column here: before the output is created
     if base.teacher:
         check_teacher(base.teacher, task, load_tokenizer(resolve_model(base.model)))
-    out = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    out = RunDir(spec.output, overwrite=overwrite, resume=resume, kind="demo", inputs=spec_inputs(base))
     out.open()
     static_by_seed, static_corrected_by_seed, dev_static_by_seed, oracles, layers = {}, {}, {}, [], None
     for seed in seeds:
@@ -444,7 +444,10 @@ def _mean_static(per_seed: list[list[dict]]) -> list[dict]:
     each depth, and in how many seeds that was a distilled one."""
     return [{"layers": pts[0]["layers"], "layers_share": pts[0]["layers_share"], "speedup_layers": pts[0]["speedup_layers"],
              "accuracy": float(np.mean([p["accuracy"] for p in pts])), "accuracy_std": float(np.std([p["accuracy"] for p in pts])),
-             "distilled_seeds": sum(bool(p.get("distilled")) for p in pts), "seeds": len(pts)}
+             "distilled_seeds": sum(bool(p.get("distilled")) for p in pts), "seeds": len(pts),
+             **{kind: _mean_std([max((m["accuracy"] for m in p.get("models", []) if m["distilled"] == distilled),
+                                     default=None) for p in pts])
+                for kind, distilled in (("alone_accuracy", False), ("distilled_accuracy", True))}}
             for pts in zip(*per_seed)]
 
 
@@ -487,6 +490,12 @@ def format_table(summary: dict) -> str:
               format_comparison({method: [{k: v if not isinstance(v, list) or n > 1 else [v[0], None]
                                            for k, v in row.items()} for row in m["comparison"]]
                                  for method, m in summary["methods"].items()})]
+    static = summary.get("static") or []
+    if any(p.get("distilled_accuracy") for p in static):
+        lines += ["", "The static models (test accuracy; at each depth the envelope takes the better on the split it "
+                      "is read on, per seed):", "", "| depth | trained alone | distilled | envelope |", "|---|---|---|---|"]
+        lines += [f"| {p['layers']} | {_fmt(p['alone_accuracy'], n)} | {_fmt(p['distilled_accuracy'], n)} | "
+                  f"{_fmt([p['accuracy'], p['accuracy_std']], n)} |" for p in static]
     selected = summary.get("selected_on_dev")
     if selected:
         gains = ", ".join(f"{v} {g:+.1f}" for v, g in selected["dev_worst_gain_points"].items())

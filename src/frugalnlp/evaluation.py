@@ -52,7 +52,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     check_policy(policy)  # an unknown policy fails now, not after the forward passes
     if target_speedup is not None or max_drop is not None or risk is not None:
         check_operating_target(target_speedup, max_drop, risk)
-    out = RunDir(output or evaluation_dir(run, split, policy + ("-ensemble" if ensemble else "")), overwrite=overwrite)
+    out = RunDir(output or evaluation_dir(run, split, policy + ("-ensemble" if ensemble else "")), overwrite=overwrite,
+                 kind="evaluation", inputs=[run, *(static or [])])
     trained = load_run(run)
     spec, model = trained.spec, trained.model
     depth = model.exit_layers[-1]

@@ -196,7 +196,7 @@ def export_run(run: str | Path, output: str | Path | None = None, quantize: str 
         raise FrugalError(f"{run} is already an ONNX export; export the run it came from "
                           f"({trained.model.manifest.get('run')})")
     output = Path(output) if output is not None else Path(run) / ("onnx" if quantize is None else f"onnx-{quantize}")
-    out = RunDir(output, overwrite=overwrite)
+    out = RunDir(output, overwrite=overwrite, kind="export", inputs=[run])
     task = load_spec_task(trained.spec)
     data = {name: encode_split(task.split(name), trained.tokenizer, trained.spec.max_length) for name in ("dev", "test")}
     path = out.open(spec={"run": str(run), "quantize": quantize})

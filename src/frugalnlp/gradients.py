@@ -88,7 +88,7 @@ def analyze_run(run: str | Path, num_batches: int = 8, output: str | Path | None
     from frugalnlp.run import load_run, load_spec_task
     from frugalnlp.rundir import RunDir, write_json
 
-    out = RunDir(output or Path(run) / "gradients", overwrite=overwrite)
+    out = RunDir(output or Path(run) / "gradients", overwrite=overwrite, kind="gradients", inputs=[run])
     trained = load_run(run)
     if not isinstance(trained.model, EarlyExitModel):
         raise FrugalError("gradient analysis needs a joint or sweet run (one backbone with several exits)")

@@ -71,6 +71,11 @@ def load_spec_task(spec: RunSpec) -> TaskData:
     return with_train_size(task, spec.train_size, spec.seed)
 
 
+def spec_inputs(spec: RunSpec) -> list[str]:
+    """What a run reads besides the model: its data files and its teacher (an output may be none of them)."""
+    return [p for p in (spec.train_file, spec.dev_file, spec.test_file, spec.teacher) if p]
+
+
 def run_config(spec: RunSpec, task: TaskData) -> dict:
     """What a finished run's ``config.json`` holds: the spec, the task, the training ids' hash, versions."""
     from frugalnlp import __version__

@@ -19,6 +19,11 @@ from frugalnlp.errors import FrugalError
 
 WRITER = ".writer"  # pid of the process that holds the lock
 SPEC = ".spec.json"  # what the run was started with, checked by --resume
+KIND = ".kind"  # which command's output a directory is: only that command may --overwrite it
+# Outputs written before KIND existed, told apart by the file their command writes.
+_KIND_FILES = (("frontier.json", "frontier"), ("curve.json", "evaluation"), ("results.json", "demo"),
+               ("gradients.json", "gradients"), ("ranking.json", "papa-ranking"), ("constants.json", "papa-constants"),
+               ("sweep.json", "papa-sweep"), ("compare.json", "papa-compare"))
 _open: list[RunDir] = []  # this process's uncommitted runs, for `abandon_failed_starts`
 
 
@@ -68,18 +73,57 @@ def check_output_file(output: str | os.PathLike, overwrite: bool = False, flag: 
     return output
 
 
+def output_kind(path: Path) -> str | None:
+    """Which command's output the directory ``path`` is (``run``, ``export``, ``demo``, ...); None if none we know."""
+    marker = path / KIND
+    if marker.is_file():
+        return marker.read_text().strip()
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            recorded = json.loads(config.read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(recorded, dict) and recorded.get("kind") == "frugalnlp-run":
+            return "export" if "exported_from" in recorded else "run"
+        if isinstance(recorded, dict) and recorded.get("kind") == "frugalnlp-papa-run":
+            return "papa-run"
+    return next((kind for name, kind in _KIND_FILES if (path / name).is_file()), None)
+
+
+def check_inputs(output: Path, inputs: list[str | os.PathLike], kind: str) -> None:
+    """FrugalError unless writing ``output`` leaves every input whole: the output is not an input, does not hold
+    one, and inside one it is new or an earlier output of this command (``RUN/onnx``, ``RUN/eval-test-...``)."""
+    out = output.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if out == source or out in source.parents:
+            raise FrugalError(f"--output {output} is the input {given}" + ("" if out == source else "'s folder")
+                              + ": writing it would destroy the input; choose another --output")
+        if source in out.parents and output.exists() and output_kind(output) != kind:
+            raise FrugalError(f"--output {output} is part of the input {given}: writing it would destroy the input; "
+                              "choose another --output")
+
+
 class RunDir:
     """A run's output directory, checked before any work starts.
 
     ``open()`` creates ``path`` to write in and locks it, ``commit()`` publishes it. ``resume`` continues
-    in an existing ``.partial``; ``overwrite`` replaces a finished output (only once the new one is complete).
+    in an existing ``.partial``; ``overwrite`` replaces a finished output (only once the new one is complete)
+    and only one that ``kind``'s command wrote (never a run with an export, an export with a demo, ...).
+    ``inputs``: what the command reads, which the output may never be, hold or replace part of.
     """
 
-    def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False) -> None:
+    def __init__(self, output: str | os.PathLike, overwrite: bool = False, resume: bool = False, kind: str = "run",
+                 inputs: list[str | os.PathLike] = ()) -> None:
         self.final = check_output_path(output)
         self.path = self.final.with_name(self.final.name + ".partial")
         self.overwrite = overwrite
+        self.kind = kind
+        check_inputs(self.final, list(inputs), kind)
         self._check_final()
+        for existing in (self.final, self.path):
+            self._check_kind(existing)
         if resume:
             if not self.path.is_dir():
                 raise FrugalError(f"nothing to resume: {self.path} does not exist; start the run without --resume")
@@ -90,6 +134,17 @@ class RunDir:
                               "or --overwrite to discard it")
         self.resume = resume
         self._lock: int | None = None
+
+    def _check_kind(self, existing: Path) -> None:
+        """Refuse to replace or continue in a directory another command wrote (a run, an export, a demo...)."""
+        if not existing.is_dir() or not any(existing.iterdir()):
+            return
+        found = output_kind(existing)
+        # a .partial from before kinds were recorded may not show one yet: only a known other kind is refused there
+        if found != self.kind and (existing == self.final and self.overwrite or existing == self.path and found):
+            what = f"the output of another command ({found})" if found else "not an output of this command"
+            raise FrugalError(f"{existing} is {what}; --overwrite only replaces an earlier {self.kind} output: "
+                              "choose another --output")
 
     def _check_final(self) -> None:
         exists = self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir()))
@@ -117,6 +172,7 @@ class RunDir:
         self._take_lock()
         self._check_final()  # another process may have published the output since the check
         (self.path / WRITER).write_text(f"{os.getpid()}\n")
+        (self.path / KIND).write_text(f"{self.kind}\n")
         if spec is not None:
             self._check_spec(spec)
         _open.append(self)
@@ -192,7 +248,7 @@ class RunDir:
 
     def abandon_if_empty(self) -> None:
         """After a failed start: remove the ``.partial`` this process created if nothing was saved in it."""
-        if not self.resume and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {WRITER, SPEC}:
+        if not self.resume and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {WRITER, SPEC, KIND}:
             shutil.rmtree(self.path, ignore_errors=True)
         self._release()
         if self in _open:

@@ -28,7 +28,7 @@ from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
 from frugalnlp.methods import METHODS
-from frugalnlp.run import RunSpec, load_run, load_run_config, load_spec_task, run_config
+from frugalnlp.run import RunSpec, load_run, load_run_config, load_spec_task, run_config, spec_inputs
 from frugalnlp.rundir import RunDir, write_json
 from frugalnlp.tasks import TaskData
 
@@ -199,7 +199,7 @@ def train_run(spec: RunSpec, overwrite: bool = False, resume: bool = False,
     check_spec(spec)
     method = METHODS[spec.method]
     processes = PartialState(cpu=not torch.cuda.is_available())
-    run = RunDir(spec.output, overwrite=overwrite, resume=resume)  # refuses before any work, on every rank
+    run = RunDir(spec.output, overwrite=overwrite, resume=resume, inputs=spec_inputs(spec))  # before any work
     task = load_spec_task(spec)
     model_path = resolve_model(spec.model)
     tokenizer = load_tokenizer(model_path)

@@ -56,7 +56,7 @@ def make_constants(task: str | None, model: str, max_length: int, output: str, t
 
     ``source`` (from `task_source`) gives user files instead of the task name ``task``.
     """
-    run = RunDir(output, overwrite=overwrite)
+    run = RunDir(output, overwrite=overwrite, kind="papa-constants")
     source = source or task_source(task)
     data = load_source(source)
     train = with_train_size(data, train_size, seed=0).train
@@ -177,7 +177,7 @@ def rank_heads(spec: PapaSpec, overwrite: bool = False, resume: bool = False) ->
     """Learn one gate per head (probe setting: only gates and probe train) and order the heads by gate logit,
     ascending: the first heads are those that lean most on their constant matrix. Writes ``ranking.json``
     and a layers x heads heatmap ``ranking.png``."""
-    run = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    run = RunDir(spec.output, overwrite=overwrite, resume=resume, kind="papa-ranking", inputs=[spec.constants])
     experiment = _Experiment.load(spec)
     model = experiment.model(spec, constant_heads=[], gated=True)
     run.open()
@@ -215,7 +215,8 @@ def run_papa(spec: PapaSpec, overwrite: bool = False, resume: bool = False,
     ``states`` (probe setting): the frozen encoder's hidden states per split (train, dev, test), from
     `frozen_states`; the probe then trains and is scored on them without running the encoder.
     """
-    run = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    run = RunDir(spec.output, overwrite=overwrite, resume=resume, kind="papa-run",
+                 inputs=[spec.constants, *([spec.ranking] if spec.ranking else [])])
     experiment = _Experiment.load(spec)
     total = experiment.metadata["layers"] * experiment.metadata["heads"]
     constant_heads = experiment.constant_heads(spec)
@@ -309,7 +310,8 @@ def sweep(spec: SweepSpec, overwrite: bool = False, resume: bool = False) -> dic
     """Run a `SweepSpec`. Prints a table of test accuracy and relative drop against N=0; writes ``sweep.json``,
     ``sweep.png`` and ``report.md``. With ``resume`` the finished parts are kept."""
     started = time.perf_counter()
-    out = RunDir(spec.output, overwrite=overwrite, resume=resume)
+    out = RunDir(spec.output, overwrite=overwrite, resume=resume, kind="papa-sweep",
+                 inputs=[spec.constants] if spec.constants else [])
     seeds, setting, lr = spec.seeds, spec.setting, spec.lr
     if not seeds:
         raise FrugalError("--seeds: give at least one seed")
@@ -432,7 +434,7 @@ def compare_sweeps(paths: list[str], output: str, overwrite: bool = False) -> di
     the best baseline lost the most with all heads constant. Writes ``compare.json``, ``compare.md`` and
     ``compare.png`` (relative drops per task and model); returns the summary.
     """
-    run = RunDir(output, overwrite=overwrite)
+    run = RunDir(output, overwrite=overwrite, kind="papa-compare", inputs=paths)
     if not paths:
         raise FrugalError("give at least one sweep directory")
     rows = []

@@ -1,0 +1,74 @@
+"""Nothing destroyed: no command's --output may be its own input, hold it or replace part of it, and --overwrite
+only replaces an earlier output of the same command's kind (never a run with an export, an export with a demo)."""
+
+import hashlib
+import shutil
+
+import pytest
+
+from conftest import run_cli
+from frugalnlp.errors import FrugalError
+from frugalnlp.rundir import RunDir, output_kind
+
+
+def _fingerprint(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    path = tmp_path / "run"
+    shutil.copytree(tiny_run, path)
+    return path
+
+
+def test_an_output_that_is_the_input_or_another_artefact_is_refused_and_both_stay_whole(run_copy, tiny_dir, tmp_path,
+                                                                                         capsys):
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    before = {path: _fingerprint(path) for path in (run_copy, other)}
+    cases = [
+        (["export", run_copy, "--output", run_copy, "--overwrite"], "is the input"),
+        (["export", run_copy, "--output", tmp_path, "--overwrite"], "is the input"),  # the input's folder
+        (["export", run_copy, "--output", run_copy / "model", "--overwrite"], "part of the input"),
+        (["export", run_copy, "--output", other, "--overwrite"], "another command (run)"),
+        (["evaluate", run_copy, "--output", other, "--overwrite"], "another command (run)"),
+        (["evaluate", run_copy, "--static", other, "--output", other / "model", "--overwrite"], "part of the input"),
+        (["frontier", run_copy, "--runtime", "torch", "--output", run_copy, "--overwrite"], "is the input"),
+    ]
+    for args, message in cases:
+        status, _, err = run_cli(args, capsys)
+        assert status == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+    # a training run may replace an earlier run, never its own teacher
+    status, _, err = run_cli(["train", "--task", "mr", "--model", tiny_dir, "--method", "plain", "--output", run_copy,
+                              "--overwrite", "--teacher", run_copy], capsys)
+    assert status == 2 and "is the input" in err
+    assert {path: _fingerprint(path) for path in (run_copy, other)} == before
+    assert not list(tmp_path.glob("*.partial")) and not list(run_copy.glob("*.partial"))
+
+
+def test_overwrite_replaces_only_an_output_of_the_same_kind(run_copy, tmp_path):
+    assert output_kind(run_copy) == "run"
+    demo = tmp_path / "demo"
+    RunDir(demo, kind="demo").open()
+    (tmp_path / "demo.partial" / "results.json").write_text("{}")
+    (tmp_path / "demo.partial").rename(demo)
+    assert output_kind(demo) == "demo"
+    with pytest.raises(FrugalError, match=r"another command \(demo\)"):
+        RunDir(demo, overwrite=True, kind="run")
+    with pytest.raises(FrugalError, match="not an output of this command"):
+        (tmp_path / "notes").mkdir()
+        (tmp_path / "notes" / "mine.txt").write_text("keep me")
+        RunDir(tmp_path / "notes", overwrite=True, kind="export")
+    replaced = RunDir(demo, overwrite=True, kind="demo")  # the same kind: replaced once the new one is complete
+    replaced.open()
+    assert replaced.commit() == demo and output_kind(demo) == "demo"
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+def test_an_export_and_an_evaluation_inside_their_run_are_still_written_and_replaced(run_copy, capsys):
+    for args in (["evaluate", run_copy, "--thresholds", 3], ["evaluate", run_copy, "--thresholds", 3, "--overwrite"]):
+        status, _, err = run_cli(args, capsys)
+        assert status == 0, err
+    assert output_kind(run_copy / "eval-test-confidence") == "evaluation"
