@@ -148,3 +148,31 @@ def test_calibrate_with_cost_time_chooses_in_seconds_measured_on_the_runtime(tin
     assert Predictor(run).operating_point.cost == "time"  # predict and serve load it as any saved point
     status, _, err = run_cli(["calibrate", run, "--target-speedup", "2", "--cost", "flops", "--overwrite"], capsys)
     assert status == 2 and "unknown --cost 'flops'" in err
+
+
+def test_an_export_without_the_runs_saved_point_is_refused_never_answered_at_the_default(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "onnx", ignore_errors=True)
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a fine film", "dull and long"]))
+    for args in (["export", run], ["calibrate", run, "--target-speedup", 1.5]):
+        status, _, err = run_cli(args, capsys)
+        assert status == 0, err
+    predict = ["predict", run, "--runtime", "onnx", "--input", data]
+    status, _, err = run_cli([*predict, "--output", tmp_path / "a.jsonl"], capsys)
+    assert_clean_error(status, err, "has a saved operating point but its export", f"frugalnlp calibrate {run / 'onnx'}")
+    assert not (tmp_path / "a.jsonl").exists()
+    status, _, err = run_cli(["serve", run, "--runtime", "onnx", "--port", 0], capsys)
+    assert_clean_error(status, err, "has a saved operating point but its export")
+    # an explicit threshold is the user's choice; a point calibrated on the export is used as saved
+    status, _, err = run_cli([*predict, "--threshold", 0.9, "--output", tmp_path / "b.jsonl"], capsys)
+    assert status == 0, err
+    status, _, err = run_cli(["calibrate", run / "onnx", "--target-speedup", 1.5], capsys)
+    assert status == 0, err
+    status, _, err = run_cli([*predict, "--output", tmp_path / "c.jsonl"], capsys)
+    assert status == 0 and "the run's saved operating point" in err, err
+    # and a run with no point at all says which threshold it answers at
+    (run / "operating-point.json").unlink()
+    status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "d.jsonl"], capsys)
+    assert status == 0 and "no saved operating point: confidence threshold 0.9" in err, err

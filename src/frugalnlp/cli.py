@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from dataclasses import fields, replace
+from pathlib import Path
 
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, MAX_LENGTH, PAPA_LENGTH, THRESHOLD
 from frugalnlp.early_exit.config import ExitRecipe
@@ -137,6 +138,23 @@ def _run_path(args: argparse.Namespace) -> str | None:
     from frugalnlp.run import runtime_path
 
     return args.run if args.run is None or args.runtime is None else str(runtime_path(args.run, args.runtime))
+
+
+def _deployed_path(args: argparse.Namespace) -> str | None:
+    """`_run_path` for predict and serve, which deploy a saved operating point unless told otherwise: a run whose
+    point its ONNX export lacks is refused under ``--runtime onnx`` (the export decides on its own logits), never
+    answered at the default threshold without a word."""
+    from frugalnlp.operating import OPERATING_POINT
+
+    path = _run_path(args)
+    told = (args.threshold is not None or args.target_speedup is not None or args.max_drop is not None
+            or args.ensemble)
+    if (not told and path is not None and Path(path) != Path(args.run) and (Path(args.run) / OPERATING_POINT).exists()
+            and not (Path(path) / OPERATING_POINT).exists()):
+        raise FrugalError(f"{args.run} has a saved operating point but its export {path} has none (an export decides "
+                          f"on its own logits): run `frugalnlp calibrate {path}` with the flags that calibrated "
+                          f"{args.run}, or give --threshold")
+    return path
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -351,7 +369,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     check_positive(args.ray_cpus_per_actor, "--ray-cpus-per-actor")
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
-    predictor = Predictor(_run_path(args), threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
+    predictor = Predictor(_deployed_path(args), threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
                           max_tokens=args.max_tokens,
                           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop,
                           risk=args.risk, ensemble=args.ensemble)
@@ -366,6 +384,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
               file=sys.stderr)
     if point and point.certified is not None:
         print(_certificate_line(point.certificate), file=sys.stderr)
+    if point is None and args.threshold is None:
+        print(f"no saved operating point: {predictor.args['policy']} threshold {THRESHOLD} (choose one on dev with "
+              f"--target-speedup or --max-drop, or save one with `frugalnlp calibrate`)", file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
                                 progress=True, engine=args.engine, ray_actors=args.ray_actors,
@@ -389,7 +410,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                              idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
-    serve(_run_path(args), host=args.host, port=args.port, settings=settings,
+    serve(_deployed_path(args), host=args.host, port=args.port, settings=settings,
           threshold=args.threshold, policy=args.policy,
           trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
           ensemble=args.ensemble)
