@@ -36,13 +36,13 @@ from frugalnlp.dev_choice import check_operating_target
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.early_exit.registry import check_policy
+from frugalnlp.encoding import load_tokenizer
 from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.evaluation import certified_point, evaluate_run, evaluation_dir
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_run_config, load_spec_task, spec_inputs
 from frugalnlp.rundir import RunDir, write_bytes, write_json
-from frugalnlp.encoding import load_tokenizer
 from frugalnlp.training import check_spec, check_teacher, train_run
 
 STATIC = "multi-model"  # the variant whose members are the static frontier
@@ -108,8 +108,8 @@ def static_runs(spec: DemoSpec, num_layers: int, exit_layers: list[int]) -> dict
     """The static models trained beside the multi-model run (whose members are static models at the exit depths):
     a plain ``--num-layers K`` run at every other depth of ``spec.static_layers``, and with ``static_distill``
     every depth below the encoder's distilled from the full model (``--teacher``: the multi-model run's last
-    member unless the demo names one), with the recipe's distillation settings. Run name -> spec (no teacher
-    path, no seed: set per seed)."""
+    member unless the demo names one), with the recipe's distillation settings. Run name -> spec (no seed:
+    set per seed)."""
     depths = spec.static_layers
     if depths is None:
         depths = default_static_layers(num_layers, exit_layers)
@@ -123,7 +123,7 @@ def static_runs(spec: DemoSpec, num_layers: int, exit_layers: list[int]) -> dict
     if spec.static_distill:
         recipe = ExitRecipe(distill="teacher", distill_alpha=spec.base.recipe.distill_alpha,
                             distill_temperature=spec.base.recipe.distill_temperature)
-        runs.update({f"static-{k}-distilled": replace(base, num_layers=k, recipe=recipe)
+        runs.update({f"static-{k}-distilled": replace(base, num_layers=k, recipe=recipe, teacher=spec.base.teacher)
                      for k in sorted(set(depths)) if k < num_layers})
     return runs
 
