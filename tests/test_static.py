@@ -160,6 +160,18 @@ def test_demo_trains_a_static_model_at_every_depth_and_distilled_ones(tiny_dir, 
     row = next(p for p in results["static"] if p["layers"] == 3)
     assert row["accuracy"] == pytest.approx(max(row["alone_accuracy"][0], row["distilled_accuracy"][0]))
     assert next(p for p in results["static"] if p["layers"] == 2)["distilled_accuracy"] is None  # not distilled at 2
+    # frontier: every static model timed beside the adaptive points, the envelope in measured time
+    statics = [a for n in ("multi-model", "static-3", "static-1-distilled", "static-3-distilled")
+               for a in ("--static", seed / n)]
+    status, _, err = run_cli(["frontier", seed / "joint", *statics, "--runtime", "torch", "--examples", 16,
+                              "--repeats", 1, "--batch-sizes", 8, "--targets", "1.5", "--policies", "confidence",
+                              "--output", tmp_path / "frontier"], capsys)
+    assert status == 0, err
+    rows = json.loads((tmp_path / "frontier" / "frontier.json").read_text())["rows"]
+    static_rows = {r["name"]: r for r in rows if r["kind"] == "static"}
+    assert set(static_rows) == {"static 1-layer", "static 2-layer", "static 4-layer", "static 3-layer",
+                                "static 1-layer distilled", "static 3-layer distilled"}
+    assert static_rows["static 3-layer distilled"]["distilled"] and not static_rows["static 3-layer"]["distilled"]
     # the default on a 4-layer encoder: every depth, no distillation
     status, _, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 48, "--epochs", 1, "--max-length", 24,
                               "--exit-layers", "2,4", "--methods", "joint", "--output", tmp_path / "d2"], capsys)
