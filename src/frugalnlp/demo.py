@@ -414,9 +414,11 @@ def _static_models(static: list[dict] | None, speedup: float) -> str:
         return f"{p['layers']}-layer model{how}"
 
     if len(used) == 1:
-        k = used[0]["layers"]
-        return (f"the static {name(used[0])} (train --method plain --num-layers {k}"
-                + (" --teacher FULL_RUN)" if used[0].get("distilled_seeds", used[0].get("distilled")) else ")"))
+        p = used[0]
+        distilled, seeds = p.get("distilled_seeds", int(bool(p.get("distilled")))), p.get("seeds", 1)
+        how = ("" if not distilled else " --teacher FULL_RUN" if distilled == seeds
+               else ", with and without --teacher FULL_RUN, keeping the better on dev")
+        return f"the static {name(p)} (train --method plain --num-layers {p['layers']}{how})"
     both = (f"{used[0]['layers']}- and {used[1]['layers']}-layer models" if name(used[0]).endswith("-layer model")
             and name(used[1]).endswith("-layer model") else f"{name(used[0])} and {name(used[1])}")
     return f"the static {both}, each text sent to one at random in the shares that give this cost"
