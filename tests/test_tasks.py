@@ -1,5 +1,7 @@
 """Tasks on the real packaged files, and user files."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -84,6 +86,29 @@ def test_user_files_csv_tsv_jsonl(tmp_path):
 def test_user_file_errors_name_file_and_line(tmp_path, content, message):
     with pytest.raises(FrugalError, match=message):
         load_files(_write(tmp_path / "d.csv", content))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("d.csv", "\n\ntext,label,text\nok,pos,other\n", r"d.csv:3: the header names column\(s\) 'text' more than once"),
+    ("d.tsv", "text\tlabel\tlabel\nok\tpos\tneg\n", r"d.tsv:1: the header names column\(s\) 'label'"),
+    ("d.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": {"a": 1}}\n',
+     r"d.jsonl:2: column 'label' holds a JSON object .*not a label"),
+    ("d.jsonl", '{"text": "a", "label": ["pos"]}\n', r"d.jsonl:1: column 'label' holds a JSON list"),
+    ("d.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b", "label": true}\n',
+     r"d.jsonl:2: the label true is a JSON boolean where line 1's is a string"),
+    ("d.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": "0"}\n',
+     r"d.jsonl:2: the label \"0\" is a JSON string where line 1's is a number"),
+])
+def test_duplicated_columns_and_labels_of_odd_kinds_are_refused_with_the_line(tmp_path, name, content, message):
+    with pytest.raises(FrugalError, match=message):
+        load_files(_write(tmp_path / name, content))
+
+
+def test_labels_of_one_kind_are_classes(tmp_path):
+    rows = "".join(f'{{"text": "t{i}", "label": {json.dumps(i % 2 == 0)}}}\n' for i in range(20))
+    assert load_files(_write(tmp_path / "b.jsonl", rows)).label_names == ["False", "True"]
+    rows = "".join(f'{{"text": "t{i}", "label": {[0, 1.0][i % 2]}}}\n' for i in range(20))  # 1.0 and 0: numbers
+    assert load_files(_write(tmp_path / "n.jsonl", rows)).label_names == ["0", "1"]
 
 
 def test_unseen_dev_label_is_an_error(tmp_path):

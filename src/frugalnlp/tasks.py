@@ -395,6 +395,10 @@ def _csv_rows(path: Path, delimiter: str, report: Callable[[int, str], None],
     if delimiter == "," and len(header) == 1 and "\t" in header[0]:
         raise FrugalError(f"{path}: the header holds tabs and no commas: this looks like a TSV file; "
                           "rename it to .tsv")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise FrugalError(f"{path}:{lines.row_start or 1}: the header names column(s) {', '.join(map(repr, twice))} "
+                          "more than once; rename them so each column has one name")
     missing = [c for c in required if c not in header]
     if missing:
         raise FrugalError(f"{path}: no column {', '.join(map(repr, missing))} in the header "
@@ -434,9 +438,11 @@ def row_example(path: str | os.PathLike, number: int, row: dict, columns: Column
     for column in names:
         value = row[column]
         if column != columns.label and value is not None and not isinstance(value, str):
-            kind = {bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(type(value), "value")
-            raise FrugalError(f"{path}:{number}: column '{column}' holds a JSON {kind} ({json.dumps(value)[:40]}), "
-                              "not a string; quote the text")
+            raise FrugalError(f"{path}:{number}: column '{column}' holds a JSON {json_kind(value)} "
+                              f"({json.dumps(value)[:40]}), not a string; quote the text")
+        if column == columns.label and isinstance(value, (list, dict)):
+            raise FrugalError(f"{path}:{number}: column '{column}' holds a JSON {json_kind(value)} "
+                              f"({json.dumps(value)[:40]}), not a label; a label is a string or a number")
         value = "" if value is None else str(value)
         if not value.strip():
             raise FrugalError(f"{path}:{number}: column '{column}' is empty; fill or remove the row")
@@ -452,10 +458,22 @@ def row_example(path: str | os.PathLike, number: int, row: dict, columns: Column
     return text, pair, label
 
 
+def json_kind(value: object) -> str:
+    """What JSON calls a parsed value's type: string, number, boolean, list, object."""
+    return {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(
+        type(value), "value")
+
+
 def _file_pool(path: str | os.PathLike, columns: Columns) -> _Pool:
     pool = _Pool(pairs=[] if columns.text_pair else None)
+    first: tuple[int, str] | None = None  # line and JSON kind of the first label: every label is written alike
     for number, row in read_rows(path, required=columns.names()):
         text, pair, label = row_example(path, number, row, columns)
+        kind = json_kind(row[columns.label])
+        first = first or (number, kind)
+        if kind != first[1]:
+            raise FrugalError(f"{path}:{number}: the label {json.dumps(row[columns.label])} is a JSON {kind} where "
+                              f"line {first[0]}'s is a {first[1]}; write every label the same way")
         pool.ids.append(f"{Path(path).name}:{number}")
         pool.texts.append(text)
         pool.labels.append(label)
