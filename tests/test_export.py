@@ -233,3 +233,67 @@ def test_the_real_checkpoint_exports_within_tolerance(tmp_path):
         expected = model.exit_logits(ids, mask, types)
     for g, x in zip(exported.exit_logits(ids, mask, types), expected):
         assert (g - x).abs().max() <= 1e-4
+
+
+def _edit(manifest: dict, key: str, value) -> dict:
+    return {k: v for k, v in manifest.items() if k != key} if value is _DROP else {**manifest, key: value}
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("temperatures", [1.0, 0.0, 1.0], "temperatures must be 3 finite positive numbers"),
+    ("temperatures", [1.0, -2.0, 1.0], "temperatures must be"),
+    ("temperatures", [1.0, 1.0], "temperatures must be 3"),
+    ("temperatures", [1.0, "1", 1.0], "temperatures must be"),
+    ("temperatures", _DROP, "no temperatures"),
+    ("exit_layers", [1, 2], "exit_layers must be 3 ascending"),
+    ("exit_layers", [2, 1, 4], "exit_layers must be 3 ascending"),
+    ("exit_layers", [1, 2, 3], "are not the model's"),
+    ("graphs", [], "graphs must be a non-empty list"),
+    ("graphs", "segment-1.onnx", "graphs must be a non-empty list"),
+    ("graphs", ["GRAPH0", "GRAPH0", "GRAPH2"], "listed twice"),
+    ("graphs", ["GRAPH1", "GRAPH0", "GRAPH2"], "not in segment order"),
+    ("graphs", ["/etc/passwd", "GRAPH1", "GRAPH2"], "not a file inside the export folder"),
+    ("graphs", ["../x.onnx", "GRAPH1", "GRAPH2"], "not a file inside the export folder"),
+    ("graphs", ["GRAPH0", "GRAPH1", "gone.onnx"], "is missing"),
+    ("precision", "int4", "precision fp32 or int8"),
+    ("kind", "something", "is not a frugalnlp export"),
+])
+def test_an_edited_export_json_is_refused_in_one_line_before_any_graph_loads(exported_run, tmp_path, capsys,
+                                                                            key, value, message):
+    import shutil
+
+    from test_cli_errors import assert_clean_error
+
+    export = tmp_path / "export"
+    shutil.copytree(exported_run, export)
+    path = export / "model" / "export.json"
+    manifest = json.loads(path.read_text())
+    graphs = manifest["graphs"]
+    if isinstance(value, list):
+        value = [graphs[int(v[5:])] if isinstance(v, str) and v.startswith("GRAPH") else v for v in value]
+    path.write_text(json.dumps(_edit(manifest, key, value)))
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a fine film"}\n')
+    status, _, err = run_cli(["predict", export, "--threshold", 0.9, "--input", data, "--output", tmp_path / "o.jsonl"],
+                             capsys)
+    assert_clean_error(status, err, message)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_truncated_graph_is_refused_in_one_line(exported_run, tmp_path, capsys):
+    import shutil
+
+    from test_cli_errors import assert_clean_error
+
+    export = tmp_path / "export"
+    shutil.copytree(exported_run, export)
+    graph = export / "model" / json.loads((export / "model" / "export.json").read_text())["graphs"][1]
+    graph.write_bytes(graph.read_bytes()[:200])
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a fine film"}\n')
+    status, _, err = run_cli(["predict", export, "--threshold", 0.9, "--input", data, "--output", tmp_path / "o.jsonl"],
+                             capsys)
+    assert_clean_error(status, err, "ONNX Runtime cannot load this graph")

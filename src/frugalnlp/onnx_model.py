@@ -6,6 +6,7 @@ it unchanged and decide on it through the same exit step as torch. `frugalnlp.ex
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -90,6 +91,57 @@ def _shared_thread_pool(threads: int) -> bool:
     return _POOL[0] == threads
 
 
+def read_manifest(folder: Path) -> dict:
+    """An export's ``export.json``, every field that decides an answer checked against the folder: FrugalError in
+    one line naming the file and what is wrong (a graph outside the folder, temperatures that are not finite and
+    positive, one exit layer or temperature per graph, ...) before any graph loads."""
+    path = folder / EXPORT
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FrugalError(f"{path} cannot be read as JSON ({str(error).splitlines()[0]}); export the run again")
+    if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
+        raise FrugalError(f"{path} is not a frugalnlp export")
+
+    def bad(what: str) -> FrugalError:
+        return FrugalError(f"{path}: {what}; export the run again")
+
+    missing = [k for k in ("precision", "cascade", "graphs", "exit_layers", "temperatures") if k not in manifest]
+    if missing:
+        raise bad(f"no {', '.join(missing)}")
+    graphs, layers, temperatures = manifest["graphs"], manifest["exit_layers"], manifest["temperatures"]
+    if not isinstance(graphs, list) or not graphs or not all(isinstance(g, str) and g for g in graphs):
+        raise bad("graphs must be a non-empty list of file names")
+    if len(set(graphs)) != len(graphs):
+        raise bad("a graph is listed twice")
+    root = folder.resolve()
+    for graph in graphs:
+        where = (folder / graph).resolve()
+        if Path(graph).is_absolute() or ".." in Path(graph).parts or root not in where.parents:
+            raise bad(f"graph {graph!r} is not a file inside the export folder")
+        if not where.is_file():
+            raise bad(f"graph {graph!r} is missing")
+    if manifest["cascade"] not in (True, False) or manifest["precision"] not in ("fp32", "int8"):
+        raise bad("cascade must be true or false and precision fp32 or int8")
+    if (not isinstance(layers, list) or len(layers) != len(graphs)
+            or not all(type(k) is int and k > 0 for k in layers) or layers != sorted(set(layers))):
+        raise bad(f"exit_layers must be {len(graphs)} ascending layer numbers, one per graph")
+    if (not isinstance(temperatures, list) or len(temperatures) != len(graphs)
+            or not all(type(t) in (int, float) and math.isfinite(t) and t > 0 for t in temperatures)):
+        raise bad(f"temperatures must be {len(graphs)} finite positive numbers, one per graph")
+    return manifest
+
+
+def _session(ort, graph: Path, options):
+    """ONNX Runtime's session on one graph; its refusals (external data outside the folder, an unknown op, a
+    truncated file) as one line naming the graph."""
+    try:
+        return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own exception types, not exported under one base
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FrugalError(f"{graph}: ONNX Runtime cannot load this graph ({first[:200]}); export the run again")
+
+
 class OnnxModel:
     """An exported early-exit model or cascade on ONNX Runtime, with `EarlyExitModel`'s segment interface
     (``start``/``advance``/``keep_rows``/``merge``), so batched predict, the server and the evaluation
@@ -101,13 +153,14 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / EXPORT).read_text())
-        if self.manifest.get("kind") != KIND:
-            raise FrugalError(f"{self.folder / EXPORT} is not a frugalnlp export")
+        self.manifest = read_manifest(self.folder)
         self.cascade = bool(self.manifest["cascade"])
         deepest = Path(self.manifest["graphs"][-1]).parent if self.cascade else Path()
         self.config = EarlyExitConfig.from_pretrained(self.folder / deepest)
         self.exit_layers = list(self.manifest["exit_layers"])
+        if not self.cascade and self.exit_layers != list(self.config.exit_layers):
+            raise FrugalError(f"{self.folder / EXPORT}: exit_layers {self.exit_layers} are not the model's "
+                              f"{self.config.exit_layers}; export the run again")
         self.temperatures = list(self.manifest["temperatures"])
         options = ort.SessionOptions()
         if _shared_thread_pool(threads or torch.get_num_threads()):
@@ -118,9 +171,12 @@ class OnnxModel:
             options.inter_op_num_threads = 1
         # idle threads sleep rather than spin: the server's event loop and tokeniser share these cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.sessions = [ort.InferenceSession(str(self.folder / g), options, providers=["CPUExecutionProvider"])
-                         for g in self.manifest["graphs"]]
+        self.sessions = [_session(ort, self.folder / g, options) for g in self.manifest["graphs"]]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
+        # a segment after the first resumes from a hidden state; a cascade's members each start from the tokens
+        if [("input_ids" in names) for names in self._inputs] != [self.cascade or k == 0 for k in range(len(self.sessions))]:
+            raise FrugalError(f"{self.folder / EXPORT}: the graphs are not in segment order (the first takes the "
+                              "tokens, each later one the previous segment's hidden state); export the run again")
         self.device = torch.device("cpu")
         self._pad = self.config.backbone_config.get("pad_token_id") or 0
 
