@@ -72,3 +72,31 @@ def test_an_export_and_an_evaluation_inside_their_run_are_still_written_and_repl
         status, _, err = run_cli(args, capsys)
         assert status == 0, err
     assert output_kind(run_copy / "eval-test-confidence") == "evaluation"
+
+
+def test_an_interrupted_output_names_only_flags_its_command_has(run_copy, tmp_path, capsys):
+    (run_copy / "onnx.partial").mkdir()
+    (run_copy / "onnx.partial" / "segment-1.onnx").write_bytes(b"half")
+    status, _, err = run_cli(["export", run_copy], capsys)
+    assert status == 2 and "pass --overwrite to discard it" in err and "--resume" not in err, err
+    (tmp_path / "t.partial").mkdir()
+    (tmp_path / "t.partial" / "checkpoints").mkdir()
+    with pytest.raises(FrugalError, match="pass --resume to continue it"):
+        RunDir(tmp_path / "t")
+
+
+def test_demo_resume_with_other_settings_is_refused(tiny_dir, tmp_path, capsys):
+    from dataclasses import asdict
+
+    from frugalnlp.demo import DemoSpec
+    from frugalnlp.run import RunSpec
+
+    out = tmp_path / "demo"
+    spec = DemoSpec(output=str(out), base=RunSpec(output="", model=str(tiny_dir), train_size=48, max_length=24))
+    started = RunDir(out, kind="demo")
+    started.open(spec={k: v for k, v in asdict(spec).items() if k != "output"})
+    (started.path / "seed-0").mkdir()  # some work saved: then the first demo died
+    started._release()
+    status, _, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 48, "--max-length", 24, "--seeds", "0,1",
+                              "--output", out, "--resume"], capsys)
+    assert status == 2 and "--resume with other settings" in err and "seeds: [0] -> [0, 1]" in err, err

@@ -213,7 +213,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     if base.teacher:
         check_teacher(base.teacher, task, load_tokenizer(resolve_model(base.model)))
     out = RunDir(spec.output, overwrite=overwrite, resume=resume, kind="demo", inputs=spec_inputs(base))
-    out.open()
+    out.open(spec={k: v for k, v in asdict(spec).items() if k != "output"})  # --resume with other settings: refused
     static_by_seed, static_corrected_by_seed, dev_static_by_seed, oracles, layers = {}, {}, {}, [], None
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)

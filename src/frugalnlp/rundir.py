@@ -20,6 +20,7 @@ from frugalnlp.errors import FrugalError
 WRITER = ".writer"  # pid of the process that holds the lock
 SPEC = ".spec.json"  # what the run was started with, checked by --resume
 KIND = ".kind"  # which command's output a directory is: only that command may --overwrite it
+RESUMABLE = ("run", "demo", "papa-ranking", "papa-run")  # the kinds whose commands take --resume
 # Outputs written before KIND existed, told apart by the file their command writes.
 _KIND_FILES = (("frontier.json", "frontier"), ("curve.json", "evaluation"), ("results.json", "demo"),
                ("gradients.json", "gradients"), ("ranking.json", "papa-ranking"), ("constants.json", "papa-constants"),
@@ -130,8 +131,11 @@ class RunDir:
         elif self.path.exists() and not overwrite:
             if self._held():
                 raise self._busy()
-            raise FrugalError(f"{self.path} holds an interrupted run; pass --resume to continue it, "
-                              "or --overwrite to discard it")
+            if kind in RESUMABLE:
+                raise FrugalError(f"{self.path} holds an interrupted run; pass --resume to continue it, "
+                                  "or --overwrite to discard it")
+            raise FrugalError(f"{self.path} holds an interrupted {kind} output; pass --overwrite to discard it "
+                              "and start again")
         self.resume = resume
         self._lock: int | None = None
 
