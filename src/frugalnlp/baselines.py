@@ -1,7 +1,8 @@
 """What every adaptive curve stands beside: the static frontier (the upper envelope of truncated models trained
-alone or distilled, at each depth the better, joined linearly in cost between neighbouring depths), the same with a class bias fitted on dev, the oracle (each example at its first right exit) and the
-learnable ceiling (a router cross-fitted on the reported split itself); `compare` reads them all at each target
-speedup beside the adaptive point chosen on dev."""
+alone or distilled: at each depth the better, joined linearly in cost between neighbouring depths), the same
+with a class bias fitted on dev, the oracle (each example at its first right exit) and the learnable ceiling (a
+router cross-fitted on the reported split itself); `compare` reads them all at each target speedup beside the
+adaptive point chosen on dev."""
 
 from __future__ import annotations
 
