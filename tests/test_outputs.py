@@ -51,9 +51,10 @@ def test_an_output_that_is_the_input_or_another_artefact_is_refused_and_both_sta
 def test_overwrite_replaces_only_an_output_of_the_same_kind(run_copy, tmp_path):
     assert output_kind(run_copy) == "run"
     demo = tmp_path / "demo"
-    RunDir(demo, kind="demo").open()
-    (tmp_path / "demo.partial" / "results.json").write_text("{}")
-    (tmp_path / "demo.partial").rename(demo)
+    written = RunDir(demo, kind="demo")
+    written.open()
+    (written.path / "results.json").write_text("{}")
+    written.commit()
     assert output_kind(demo) == "demo"
     with pytest.raises(FrugalError, match=r"another command \(demo\)"):
         RunDir(demo, overwrite=True, kind="run")
@@ -67,7 +68,7 @@ def test_overwrite_replaces_only_an_output_of_the_same_kind(run_copy, tmp_path):
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
-def test_an_export_and_an_evaluation_inside_their_run_are_still_written_and_replaced(run_copy, capsys):
+def test_an_evaluation_inside_its_run_is_still_written_and_replaced(run_copy, capsys):
     for args in (["evaluate", run_copy, "--thresholds", 3], ["evaluate", run_copy, "--thresholds", 3, "--overwrite"]):
         status, _, err = run_cli(args, capsys)
         assert status == 0, err
