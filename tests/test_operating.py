@@ -175,4 +175,4 @@ def test_an_export_without_the_runs_saved_point_is_refused_never_answered_at_the
     # and a run with no point at all says which threshold it answers at
     (run / "operating-point.json").unlink()
     status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "d.jsonl"], capsys)
-    assert status == 0 and "no saved operating point: confidence threshold 0.9" in err, err
+    assert status == 0 and "no saved operating point: answered at confidence threshold 0.9" in err, err

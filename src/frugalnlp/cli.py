@@ -384,15 +384,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
               file=sys.stderr)
     if point and point.certified is not None:
         print(_certificate_line(point.certificate), file=sys.stderr)
-    if point is None and args.threshold is None:
-        print(f"no saved operating point: {predictor.args['policy']} threshold {THRESHOLD} (choose one on dev with "
-              f"--target-speedup or --max-drop, or save one with `frugalnlp calibrate`)", file=sys.stderr)
     columns = Columns(text=args.text_column, text_pair=args.text_pair_column)
     written, bad = predict_file(predictor, args.input, args.output, columns, overwrite=args.overwrite,
                                 progress=True, engine=args.engine, ray_actors=args.ray_actors,
                                 ray_cpus_per_actor=args.ray_cpus_per_actor, strict=args.strict)
     for line, problem in bad:
         print(f"frugalnlp: warning: {args.input}:{line}: {problem}; row skipped", file=sys.stderr)
+    if point is None and args.threshold is None:  # said once the file is done: an error stays one line
+        print(f"no saved operating point: answered at {predictor.args['policy']} threshold {THRESHOLD} (choose one "
+              "on dev with --target-speedup or --max-drop, or save one with `frugalnlp calibrate`)", file=sys.stderr)
     print(f"wrote {written} predictions to {args.output}; {len(bad)} bad row(s) skipped")
 
 
