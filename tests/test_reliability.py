@@ -124,11 +124,14 @@ def test_odd_rows_are_reported_by_line_and_the_rest_predicted(tiny_run, tmp_path
 
 
 def test_numeric_label_spellings_are_one_class(tmp_path):
+    """Within one JSON kind: 1 and 1.0 are one class, and so are "1" and "1.0"; a file that mixes numbers and
+    strings is refused (test_tasks: labels of odd kinds)."""
     from frugalnlp.tasks import load_files
 
-    rows = [json.dumps({"text": f"t{i}", "label": [1, 1.0, "1", 0, "0.0", 0][i % 6]}) for i in range(60)]
-    (tmp_path / "d.jsonl").write_text("\n".join(rows) + "\n")
-    assert load_files(str(tmp_path / "d.jsonl")).label_names == ["0", "1"]
+    for name, spellings in (("n", [1, 1.0, 0, 0.0]), ("s", ["1", "1.0", "0", "0.0"])):
+        rows = [json.dumps({"text": f"t{i}", "label": spellings[i % 4]}) for i in range(60)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+        assert load_files(str(tmp_path / f"{name}.jsonl")).label_names == ["0", "1"]
 
 
 def _predicted_lines(path: Path) -> list[int]:

@@ -28,7 +28,7 @@ def test_plain_fine_tune_on_mr_reaches_070(fine_tuned):
     config = json.loads((fine_tuned / "config.json").read_text())
     assert config["spec"]["lr"] == 5e-5 and config["train_ids_sha256"]
     files = sorted(p.name for p in fine_tuned.rglob("*") if p.is_file())
-    assert files == ["config.json", "config.json", "metrics.json", "model.safetensors", "tokenizer.json",
+    assert files == [".kind", "config.json", "config.json", "metrics.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]
 
 
@@ -64,8 +64,9 @@ def test_real_checkpoint_evaluate_static_and_max_drop(tmp_path, capsys):
     result = json.loads((tmp_path / "joint" / "eval-test-confidence" / "curve.json").read_text())
     static = result["baselines"]["static"]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert static == [{"layers": 2, "layers_share": 2 / 6, "speedup_layers": 3.0, "accuracy": two["test"]["accuracy"],
-                       "macro_f1": two["test"]["macro_f1"], "runs": [str(tmp_path / "two")]}]
+    model = {"accuracy": two["test"]["accuracy"], "macro_f1": two["test"]["macro_f1"], "run": str(tmp_path / "two"),
+             "distilled": False}
+    assert static == [{"layers": 2, "layers_share": 2 / 6, "speedup_layers": 3.0, **model, "models": [model]}]
     row = next(r for r in result["comparison"] if r["speedup"] == 3.0)
     assert row["static"] == static_frontier(static, row["test_speedup"])  # read where the adaptive model landed
     assert static_frontier(static, 3.0) == two["test"]["accuracy"]

@@ -147,7 +147,8 @@ def _label_order(labels: Sequence[str]) -> list[str]:
 
 
 def canonical_label(label: str) -> str:
-    """One spelling per label: surrounding white space is dropped, and ``1``, ``1.0`` and ``"1"`` are one class."""
+    """One spelling per label: surrounding white space is dropped, and ``1`` and ``1.0`` are one class (as numbers,
+    or as the strings ``"1"`` and ``"1.0"``: a file writes every label as one JSON kind, `_file_pool`)."""
     text = label.strip()
     try:
         number = float(text)
