@@ -162,13 +162,15 @@ def test_an_export_runs_its_segments_with_torch_on_one_thread(exported_run):
     model.advance = lambda *args, **kwargs: (seen.append(torch.get_num_threads()), advance(*args, **kwargs))[1]
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # as on a 2-core machine, whatever this one has
-    model.predict(ids, torch.ones_like(ids), threshold=1.0)
-    model.exit_logits(ids, torch.ones_like(ids))
-    assert set(seen) == {1} and len(seen) == 2 * model.num_exits and torch.get_num_threads() == 2
-    with pytest.raises(RuntimeError), torch_threads(1):
-        raise RuntimeError("a failing segment")
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(before)
+    try:
+        model.predict(ids, torch.ones_like(ids), threshold=1.0)
+        model.exit_logits(ids, torch.ones_like(ids))
+        assert set(seen) == {1} and len(seen) == 2 * model.num_exits and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), torch_threads(1):
+            raise RuntimeError("a failing segment")
+        assert torch.get_num_threads() == 2
+    finally:  # a failed assertion must not leave the rest of the suite on 2 threads
+        torch.set_num_threads(before)
 
 
 def test_int8_curve_comes_from_its_own_logits_and_temperatures(tiny_run, exported_run, tmp_path):
