@@ -133,7 +133,17 @@ def test_the_ensembles_dev_scores_are_cross_fitted_no_row_scored_by_a_fit_that_s
     assert nll[0] < nll[1]
 
 
-def test_calibrate_with_cost_time_chooses_in_seconds_measured_on_the_runtime(tiny_run, tmp_path, capsys):
+def test_calibrate_with_cost_time_chooses_in_the_segment_times_it_is_given(tiny_run, tmp_path, capsys, monkeypatch):
+    """The choosing logic on segment times the test controls (how fast the machine is now cannot flip it)."""
+    import frugalnlp.curves
+    from frugalnlp.timing import SegmentTimes
+
+    # exits after layers 1, 2, 4: segments of 1, 1 and 2 layers, each call costing its layers per row plus a fixed
+    # overhead; the plain model at threshold 1 runs all three segments on full batches of 8
+    calls = [[0.5 + layers * n for n in (1, 2, 4, 8)] for layers in (1, 1, 2)]
+    given = SegmentTimes(rows=[1, 2, 4, 8], call_seconds=calls, plain=sum(c[-1] for c in calls) / 8, batch_size=8,
+                         runtime="torch fp32")
+    monkeypatch.setattr(frugalnlp.curves, "time_split", lambda *args, **kwargs: given)
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     status, stdout, err = run_cli(["calibrate", run, "--target-speedup", "1.1", "--cost", "time",
@@ -141,13 +151,26 @@ def test_calibrate_with_cost_time_chooses_in_seconds_measured_on_the_runtime(tin
     assert status == 0, err
     saved = json.loads((run / "operating-point.json").read_text())
     assert saved["cost"] == "time" and "in time measured on torch fp32 at batch 8" in saved["chosen_by"]
-    times = saved["segment_times"]
-    assert times["rows"] == [1, 2, 4, 8] and times["batch_size"] == 8 and times["plain"] > 0
-    assert len(times["call_seconds"]) == 3 and all(len(c) == 4 and min(c) > 0 for c in times["call_seconds"])
-    assert saved["dev"]["speedup_time"] >= 1.1 - 1e-9 and "in measured time" in stdout
+    assert saved["segment_times"] == given.to_dict() and "in measured time" in stdout
+    assert saved["dev"]["speedup_time"] >= 1.1 - 1e-9
     assert Predictor(run).operating_point.cost == "time"  # predict and serve load it as any saved point
     status, _, err = run_cli(["calibrate", run, "--target-speedup", "2", "--cost", "flops", "--overwrite"], capsys)
     assert status == 2 and "unknown --cost 'flops'" in err
+
+
+def test_calibrate_with_cost_time_measures_the_runtime(tiny_run, tmp_path, capsys):
+    """The real timer, asserting only what a loaded machine cannot flip: it runs, records every segment's time at
+    every row count, and a --max-drop choice (always reachable: threshold 1 drops nothing) is saved in time."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    status, _, err = run_cli(["calibrate", run, "--max-drop", "0.5", "--cost", "time", "--cost-batch-size", 8],
+                             capsys)
+    assert status == 0, err
+    saved = json.loads((run / "operating-point.json").read_text())
+    times = saved["segment_times"]
+    assert saved["cost"] == "time" and times["rows"] == [1, 2, 4, 8] and times["batch_size"] == 8 and times["plain"] > 0
+    assert len(times["call_seconds"]) == 3 and all(len(c) == 4 and min(c) > 0 for c in times["call_seconds"])
+    assert saved["dev"]["speedup_time"] > 0
 
 
 def test_an_export_without_the_runs_saved_point_is_refused_never_answered_at_the_default(tiny_run, tmp_path, capsys):
