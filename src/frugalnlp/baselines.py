@@ -20,6 +20,17 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.run import load_run, load_run_config
 
 
+def best_per_depth(points: list[dict]) -> list[dict]:
+    """The most accurate of ``points`` (static models) at each depth (``"layers"``, else the same
+    ``"layers_share"``), in the order the depths first appear; first of equals."""
+    best: dict = {}
+    for p in points:
+        key = p["layers"] if "layers" in p else round(p["layers_share"], 9)
+        if key not in best or p["accuracy"] > best[key]["accuracy"]:
+            best[key] = p
+    return list(best.values())
+
+
 def static_envelope(points: list[dict], speedup: float) -> tuple[float | None, list[dict]]:
     """The static frontier at ``speedup`` and the static models that make it: (accuracy, points used).
 
@@ -30,12 +41,7 @@ def static_envelope(points: list[dict], speedup: float) -> tuple[float | None, l
     a budget it is never below a faster model. (None, []) when even the shallowest model is slower; the deepest
     model's accuracy beyond it.
     """
-    best: dict = {}
-    for p in points:
-        key = p.get("layers", round(p["layers_share"], 9))
-        if key not in best or p["accuracy"] > best[key]["accuracy"]:
-            best[key] = p
-    pts = sorted(best.values(), key=lambda p: (p["layers_share"], -p["accuracy"]))
+    pts = sorted(best_per_depth(points), key=lambda p: (p["layers_share"], -p["accuracy"]))
     cost = 1.0 / speedup
     if not pts or cost < pts[0]["layers_share"] - 1e-9:
         return None, []

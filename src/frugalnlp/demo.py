@@ -30,11 +30,9 @@ from transformers import AutoConfig
 from frugalnlp.assets import resolve_model
 from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
-from frugalnlp.defaults import (DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_exit_layers,
-                                default_static_layers)
+from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_static_layers
 from frugalnlp.dev_choice import check_operating_target
 from frugalnlp.early_exit.config import ExitRecipe
-from frugalnlp.early_exit.modeling import check_exit_layers
 from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.encoding import load_tokenizer
 from frugalnlp.errors import FrugalError, check_seed
@@ -207,7 +205,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
         check_spec(replace(variant_spec, teacher=variant_spec.teacher
                            or ("static" if variant_spec.recipe.distill == "teacher" else None)))
     num_layers = AutoConfig.from_pretrained(resolve_model(base.model)).num_hidden_layers  # a bad model fails here
-    exit_layers = check_exit_layers(base.exit_layers or default_exit_layers(num_layers), num_layers)
+    exit_layers = METHODS[STATIC].exit_layers(base, num_layers)  # the multi-model members' depths
     statics = static_runs(spec, num_layers, exit_layers)
     task = load_spec_task(base)  # and a bad task, file or column here: before the output is created
     if base.teacher:
@@ -407,16 +405,19 @@ def _static_models(static: list[dict] | None, speedup: float) -> str:
     if not used:  # slower than the target: only reported, never chosen (its dev accuracy is None)
         return f"the static {min(static, key=lambda p: p['layers'])['layers']}-layer model"
 
+    def distilled(p: dict) -> tuple[int, int]:
+        """In how many of how many seeds the model standing for this depth was the distilled one."""
+        return p.get("distilled_seeds", int(bool(p.get("distilled")))), p.get("seeds", 1)
+
     def name(p: dict) -> str:
-        distilled, seeds = p.get("distilled_seeds", int(bool(p.get("distilled")))), p.get("seeds", 1)
-        how = ("" if not distilled else " distilled from the full model" if distilled == seeds
-               else f" (distilled in {distilled} of {seeds} seeds)")
+        d, seeds = distilled(p)
+        how = "" if not d else " distilled from the full model" if d == seeds else f" (distilled in {d} of {seeds} seeds)"
         return f"{p['layers']}-layer model{how}"
 
     if len(used) == 1:
         p = used[0]
-        distilled, seeds = p.get("distilled_seeds", int(bool(p.get("distilled")))), p.get("seeds", 1)
-        how = ("" if not distilled else " --teacher FULL_RUN" if distilled == seeds
+        d, seeds = distilled(p)
+        how = ("" if not d else " --teacher FULL_RUN" if d == seeds
                else ", with and without --teacher FULL_RUN, keeping the better on dev")
         return f"the static {name(p)} (train --method plain --num-layers {p['layers']}{how})"
     both = (f"{used[0]['layers']}- and {used[1]['layers']}-layer models" if name(used[0]).endswith("-layer model")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from frugalnlp.baselines import is_distilled, static_frontier
+from frugalnlp.baselines import best_per_depth, is_distilled, static_frontier
 from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_split
 from frugalnlp.dev_choice import fixed_exit_thresholds, operating_threshold
 from frugalnlp.early_exit.policies import ExitPolicy
@@ -307,11 +307,7 @@ def plot_frontier(results: dict, path: str | Path) -> None:
     rows = results["rows"]
     for ax, b in zip(axes[0], sizes):
         static = [r for r in rows if r["kind"] == "static"]
-        best = {}  # the envelope: the most accurate static model of each depth
-        for r in static:
-            if r["layers"] not in best or r["accuracy"] > best[r["layers"]]["accuracy"]:
-                best[r["layers"]] = r
-        envelope = sorted(best.values(), key=lambda r: r["texts_per_second"][b])
+        envelope = sorted(best_per_depth(static), key=lambda r: r["texts_per_second"][b])
         if envelope:
             ax.plot([r["texts_per_second"][b] for r in envelope], [r["accuracy"] for r in envelope], "s-", color="0.3",
                     label="static models (envelope)")

@@ -174,7 +174,8 @@ class OnnxModel:
         self.sessions = [_session(ort, self.folder / g, options) for g in self.manifest["graphs"]]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         # a segment after the first resumes from a hidden state; a cascade's members each start from the tokens
-        if [("input_ids" in names) for names in self._inputs] != [self.cascade or k == 0 for k in range(len(self.sessions))]:
+        starts = [self.cascade or k == 0 for k in range(len(self.sessions))]
+        if [("input_ids" in names) for names in self._inputs] != starts:
             raise FrugalError(f"{self.folder / EXPORT}: the graphs are not in segment order (the first takes the "
                               "tokens, each later one the previous segment's hidden state); export the run again")
         self.device = torch.device("cpu")
