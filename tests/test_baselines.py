@@ -222,7 +222,7 @@ def test_a_deployed_point_is_never_below_its_own_fixed_exit_on_dev(tiny_bert):
         assert chosen.policy == "per-exit" and chosen.point.threshold == fixed_exit_thresholds(3, 1) == [1.0, 0.0]
         assert chosen.point.accuracy == 1.0 and chosen.point.speedup_layers == 2.0
         assert chosen.point.exit_histogram == [0, 200, 0]
-    point = operating_point("unused", dev, chosen, "confidence", max_drop=0.0)
+    point = operating_point(None, dev, chosen, "confidence", max_drop=0.0)
     assert point.policy == "per-exit" and "fixed exit 2 (layer 2) beats the confidence policy" in point.chosen_by
     # at equal accuracy the faster point wins (the fixed exit over threshold 1 at 1x); a policy that does as
     # well as every fixed exit at its speed keeps its own point (threshold 0 is the fixed exit 1)

@@ -48,7 +48,7 @@ def test_a_saved_operating_point_is_used_by_predict_and_serve_and_refused_by_ano
     assert status == 0, err
     shutil.copy(run / "operating-point.json", other / "operating-point.json")
     status, _, err = run_cli(["predict", other, "--input", data, "--output", tmp_path / "q.jsonl"], capsys)
-    assert_clean_error(status, err, "chosen for other weights", "calibrate")
+    assert_clean_error(status, err, "chosen for other", "calibrate")
     assert not (tmp_path / "q.jsonl").exists()
     status, _, err = run_cli(["predict", other, "--input", data, "--output", tmp_path / "q.jsonl",
                               "--threshold", 0.9], capsys)
@@ -98,8 +98,9 @@ def test_the_exit_ensemble_is_fitted_on_dev_alone_and_saved_with_the_point(tiny_
     shutil.copytree(tiny_run, run)
     status, _, err = run_cli(["calibrate", run, "--ensemble", "--target-speedup", 1.5], capsys)
     assert status == 0, err
-    assert json.loads((run / "operating-point.json").read_text())["ensemble"] is True
-    assert (run / "operating-point.safetensors").exists()
+    saved = json.loads((run / "operating-point.json").read_text())
+    assert saved["ensemble"] is True
+    assert (run / saved["tensors"]).exists() and len(list(run.glob("operating-point.*.safetensors"))) == 1
     saved = Predictor(run)
     texts = ["a fine film", "dull and long", "tedious"]
     fresh = Predictor(run, threshold=saved.threshold, policy=saved.policy_name, ensemble=saved.ensemble)

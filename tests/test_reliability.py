@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from conftest import cli_process, run_cli
+from frugalnlp.manifest import write_manifest
 from frugalnlp.rundir import RunDir
 from test_cli_errors import assert_clean_error
 
@@ -94,6 +95,9 @@ def test_pickle_through_a_shard_index_is_refused(tiny_run, tiny_dir, tmp_path, c
     _poison(run / "model", marker)
     data = tmp_path / "in.jsonl"
     data.write_text('{"text": "a fine film"}\n')
+    status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "p.jsonl"], capsys)
+    assert_clean_error(status, err, "model.safetensors is missing", "manifest.json")
+    write_manifest(run)  # with the manifest rewritten to match, the weights' own check still refuses the pickle
     status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "p.jsonl"], capsys)
     assert_clean_error(status, err, "weights.data", "pytorch_model.bin.index.json", "not safetensors")
     encoder = tmp_path / "encoder"

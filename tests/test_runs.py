@@ -125,10 +125,15 @@ def test_predict_cli_reports_bad_rows_and_predictor(tiny_dir, tmp_path, capsys):
 
 
 def test_pickle_checkpoints_are_refused(tiny_dir, tmp_path, capsys):
+    from frugalnlp.manifest import write_manifest
+
     run = train(tmp_path, capsys, tiny_dir, "plain", "plain")
     (run / "model" / "pytorch_model.bin").write_bytes(b"not safe")
     data = tmp_path / "in.csv"
     data.write_text("text\nhello\n")
+    status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "o.jsonl"], capsys)
+    assert status == 2 and "pytorch_model.bin is not listed in" in err  # not what was written: refused first
+    write_manifest(run)  # listed by hand, the weights' own check still refuses the pickle
     status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "o.jsonl"], capsys)
     assert status == 2 and "pytorch_model.bin" in err and "--trust-pickle" in err
 

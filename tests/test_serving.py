@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import torch
 import pytest
-from conftest import cli_process
+from conftest import cli_process, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from frugalnlp.loadtest import ServerProcess
@@ -281,6 +281,59 @@ def test_a_client_that_leaves_mid_body_is_counted_as_499_not_a_server_error(tiny
         assert server.stop() == 0
 
 
+def test_a_client_that_leaves_after_its_body_is_counted_499_and_its_rows_are_not_computed(tiny_run):
+    """The row waits for its batch to fill (3 s); its client leaves before that: counted 499 at once, and the
+    row is dropped from the worker, so no text is ever classified."""
+    server = Server(tiny_run, "--max-wait-ms", "3000", "--max-batch", "64")
+    try:
+        body = b'{"texts": ["a fine film"]}'
+        sock = _raw(server.port, _post_head(len(body)), body)
+        time.sleep(0.3)
+        sock.close()
+        deadline = time.monotonic() + 2.5  # well inside the 3 s the row would wait
+        while ("frugalnlp_requests_total", (("code", "499"),)) not in server.metrics() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.metrics()[("frugalnlp_requests_total", (("code", "499"),))] == 1
+        time.sleep(3.5)  # past the wait: a row still queued would have run by now
+        metrics = server.metrics()
+        assert metrics[("frugalnlp_texts_total", ())] == 0 and metrics[("frugalnlp_queued_texts", ())] == 0
+        assert httpx.post(f"{server.url}/predict", json={"texts": ["still serving"]}, timeout=30).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_non_finite_scores_are_a_500_in_the_error_shape_and_a_one_line_predict_error(tiny_run, tmp_path, capsys):
+    """Broken weights (NaN in an exit head) never reach an answer: not as NaN in JSON, not as a 200."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from frugalnlp.manifest import write_manifest
+    from test_cli_errors import assert_clean_error
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    weights = load_file(run / "model" / "model.safetensors")
+    assert any("heads" in k for k in weights)
+    weights = {k: v.fill_(float("nan")) if "heads" in k else v for k, v in weights.items()}
+    save_file(weights, run / "model" / "model.safetensors", metadata={"format": "pt"})
+    write_manifest(run)  # as if written so: the answers' own check must hold
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a fine film"}\n')
+    status, _, err = run_cli(["predict", run, "--threshold", 0.9, "--input", data, "--output", tmp_path / "o.jsonl"],
+                             capsys)
+    assert_clean_error(status, err, "not a finite number")
+    assert not (tmp_path / "o.jsonl").exists()
+    server = Server(run, "--threshold", "0.9")
+    try:
+        response = httpx.post(f"{server.url}/predict", json={"texts": ["a fine film"]}, timeout=30)
+        assert response.status_code == 500 and set(response.json()) == {"error", "field"}
+        assert "not a finite number" in response.json()["error"]
+        assert server.metrics()[("frugalnlp_requests_total", (("code", "500"),))] == 1
+    finally:
+        assert server.stop() == 0
+
+
 def test_every_error_has_the_documented_shape(tiny_run):
     """{"error": ..., "field": ...}, FastAPI's own 404 and 405 too; the README shows the same."""
     server = Server(tiny_run)
@@ -306,7 +359,7 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
     from frugalnlp.curves import collect_exit_logits, replay
     from frugalnlp.early_exit.registry import make_policy
     from frugalnlp.encoding import EncodedSplit, encode_texts
-    from frugalnlp.operating import OperatingPoint, run_weights_sha256
+    from frugalnlp.operating import OperatingPoint, run_binding
 
     policy, _, with_ensemble = policy.partition("+")
     ensemble = Predictor(tiny_run, threshold=1.0, ensemble=True).ensemble if with_ensemble else None
@@ -362,8 +415,8 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
     else:  # the same fitted ensemble and router reach the server as a saved operating point
         run = tmp_path / "run"
         shutil.copytree(tiny_run, run)
-        OperatingPoint(policy=policy, threshold=threshold, chosen_by="test", dev={},
-                       model_sha256=run_weights_sha256(run), ensemble=ensemble, router=router).save(run)
+        OperatingPoint(policy=policy, threshold=threshold, chosen_by="test", dev={"accuracy": 0.5},
+                       model_sha256=run_binding(run), ensemble=ensemble, router=router).save(run)
         server = Server(run, "--max-batch", "8", "--max-wait-ms", "50")
     try:
         served = [p for r in post_all(server.url, [texts[i:i + 2] for i in range(0, len(texts), 2)])

@@ -28,8 +28,8 @@ def test_plain_fine_tune_on_mr_reaches_070(fine_tuned):
     config = json.loads((fine_tuned / "config.json").read_text())
     assert config["spec"]["lr"] == 5e-5 and config["train_ids_sha256"]
     files = sorted(p.name for p in fine_tuned.rglob("*") if p.is_file())
-    assert files == [".kind", "config.json", "config.json", "metrics.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert files == [".kind", "config.json", "config.json", "manifest.json", "metrics.json", "model.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.mark.slow  # a second 45-s fine-tune; the tiny model's reproducibility is in test_resume

@@ -293,7 +293,7 @@ def cmd_analyze_gradients(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from frugalnlp.rundir import write_json
+    from frugalnlp.atomic import write_json
 
     if args.json:  # refuse before minutes of timing
         from frugalnlp.rundir import check_output_file
@@ -430,7 +430,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_frontier(args: argparse.Namespace) -> None:
     from frugalnlp.frontier import FrontierSettings, check_settings, format_frontier, plot_frontier, run_frontier
-    from frugalnlp.rundir import RunDir, write_bytes, write_json
+    from frugalnlp.atomic import write_bytes, write_json
+    from frugalnlp.rundir import RunDir
 
     settings = FrontierSettings(runtime=args.runtime, precision=args.precision,
                                 **{k: v for k, v in (("batch_sizes", args.batch_sizes), ("examples", args.examples),

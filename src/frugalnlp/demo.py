@@ -28,6 +28,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from frugalnlp.assets import resolve_model
+from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_static_layers
@@ -40,7 +41,7 @@ from frugalnlp.evaluation import certified_point, evaluate_run, evaluation_dir
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_run_config, load_spec_task, spec_inputs
-from frugalnlp.rundir import RunDir, write_bytes, write_json
+from frugalnlp.rundir import RunDir
 from frugalnlp.training import check_spec, check_teacher, train_run
 
 STATIC = "multi-model"  # the variant whose members are the static frontier

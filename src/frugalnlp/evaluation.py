@@ -14,6 +14,7 @@ import numpy as np
 
 from frugalnlp.baselines import (Oracle, compare, corrected_logits, corrected_static_points, learnable_ceiling,
                                  oracle_speedups, static_points, table_speedups)
+from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.curves import CurvePoint, SplitScores, accuracy_at_speedup, dev_scores, exit_scores, split_scores
 from frugalnlp.defaults import OPERATING_GRID
 from frugalnlp.dev_choice import check_operating_target, operating_record, search_per_exit
@@ -22,7 +23,7 @@ from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.errors import FrugalError
 from frugalnlp.report import curve_csv, plot_curves
 from frugalnlp.run import load_run
-from frugalnlp.rundir import RunDir, write_bytes, write_json
+from frugalnlp.rundir import RunDir
 
 
 def evaluation_dir(run: str | Path, split: str = "test", policy: str = "confidence") -> Path:

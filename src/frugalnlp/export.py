@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from frugalnlp.assets import weights_sha256
+from frugalnlp.atomic import write_json
 from frugalnlp.curves import collect_exit_logits, exit_scores
 from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.cascade import Cascade
@@ -30,7 +31,7 @@ from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
 from frugalnlp.onnx_model import EXPORT, KIND, OnnxModel, is_export, require_onnx
 from frugalnlp.run import load_run, load_spec_task
-from frugalnlp.rundir import RunDir, write_json
+from frugalnlp.rundir import RunDir
 
 QUANTIZATIONS = ("int8",)
 # Opset 23 has attention as one op: the exporter writes scaled_dot_product_attention as `Attention`, which ONNX

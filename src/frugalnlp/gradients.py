@@ -86,7 +86,8 @@ def analyze_run(run: str | Path, num_batches: int = 8, output: str | Path | None
     Returns the output directory (default ``RUN/gradients``) and the result.
     """
     from frugalnlp.run import load_run, load_spec_task
-    from frugalnlp.rundir import RunDir, write_json
+    from frugalnlp.atomic import write_json
+    from frugalnlp.rundir import RunDir
 
     out = RunDir(output or Path(run) / "gradients", overwrite=overwrite, kind="gradients", inputs=[run])
     trained = load_run(run)

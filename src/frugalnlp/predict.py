@@ -117,12 +117,20 @@ class Predictor:
         for index, batch in batches(data, self.tokenizer, self.batch_size):
             pred = self.model.predict(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
                                       policy=self.policy, max_tokens=self.max_tokens)
+            check_finite(pred.confidence)
             for i, label, conf, exit_index, layers in zip(index.tolist(), pred.labels.tolist(),
                                                           pred.confidence.tolist(), pred.exit_index.tolist(),
                                                           pred.layers_run.tolist()):
                 results[i] = {"label": self.id2label[label], "confidence": round(conf, 6),
                               "exit_layer": self.exit_layers[exit_index], "layers_run": layers}
         return results
+
+
+def check_finite(confidence: torch.Tensor) -> None:
+    """FrugalError if a confidence [rows] is NaN or infinite: never written as an answer (nor as invalid JSON)."""
+    if not torch.isfinite(confidence).all():
+        raise FrugalError("the model gave a confidence that is not a finite number (NaN or infinite logits): its "
+                          "weights or temperatures are broken; export or train the run again")
 
 
 ENGINES = ("local", "ray")
@@ -184,7 +192,8 @@ def _predict_chunk(predictor: Predictor, part: list[tuple[int, str, str | None]]
     """The JSONL lines of one chunk of (line number, text, pair) rows."""
     texts, pairs = [t for _, t, _ in part], [p for _, _, p in part]
     results = predictor(texts, None if pairs[0] is None else pairs)
-    return "".join(json.dumps({"line": number, **result}) + "\n" for (number, _, _), result in zip(part, results))
+    return "".join(json.dumps({"line": number, **result}, allow_nan=False) + "\n"
+                   for (number, _, _), result in zip(part, results))
 
 
 class _RayChunkPredictor:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from frugalnlp.rundir import write_bytes
+from frugalnlp.atomic import write_bytes
 
 CURVE_COLUMNS = ["threshold", "accuracy", "macro_f1", "layers_share", "speedup_layers", "flops_share",
                  "speedup_flops", "exit_histogram"]

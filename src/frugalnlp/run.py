@@ -15,12 +15,13 @@ import transformers
 from transformers import PreTrainedTokenizerBase
 
 from frugalnlp.defaults import MAX_LENGTH
-from frugalnlp.early_exit.cascade import MANIFEST, Cascade
+from frugalnlp.early_exit.cascade import MANIFEST as CASCADE, Cascade
 from frugalnlp.early_exit.config import RECIPE_FIELDS, ExitRecipe
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.runner import SegmentRunner
 from frugalnlp.encoding import load_tokenizer
 from frugalnlp.errors import FrugalError
+from frugalnlp.manifest import verify_manifest
 from frugalnlp.onnx_model import EXPORT, OnnxModel, is_export  # onnxruntime itself loads only for an export
 from frugalnlp.tasks import Columns, TaskData, load_task, with_train_size
 
@@ -91,8 +92,11 @@ def load_run_config(run: str | Path) -> dict:
     path = Path(run) / "config.json"
     if not path.exists():
         raise FrugalError(f"{run} is not a frugalnlp run directory (no config.json); give the --output of `frugalnlp train`")
-    config = json.loads(path.read_text())
-    if config.get("kind") != RUN_KIND:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise FrugalError(f"{path} cannot be read as JSON ({str(error).splitlines()[0]})") from None
+    if not isinstance(config, dict) or config.get("kind") != RUN_KIND:
         raise FrugalError(f"{run} is not a frugalnlp run directory (config.json of another kind)")
     return config
 
@@ -113,7 +117,7 @@ def load_adaptive(directory: str | Path, trust_pickle: bool = False) -> SegmentR
     directory = Path(directory)
     if is_export(directory):
         return OnnxModel(directory)
-    if (directory / MANIFEST).exists():
+    if (directory / CASCADE).exists():
         return Cascade.from_pretrained(directory, trust_pickle=trust_pickle)
     return EarlyExitModel.from_pretrained(directory, trust_pickle=trust_pickle)
 
@@ -137,9 +141,21 @@ def runtime_path(run: str | Path, runtime: str | None) -> Path:
 
 
 def load_run(run: str | Path, trust_pickle: bool = False) -> TrainedRun:
-    """Load a run directory written by `frugalnlp.training.train_run`; FrugalError if it is not one."""
+    """Load a run directory written by `frugalnlp.training.train_run` (or `frugalnlp.export.export_run`), every
+    file checked against its manifest first; FrugalError if it is not one or a file has changed."""
     config = load_run_config(run)
+    verify_run(run, config)
     folder = Path(run) / "model"
     return TrainedRun(path=Path(run), config=config, spec=spec_from_config(config),
                       model=load_adaptive(folder, trust_pickle=trust_pickle).eval(),
                       tokenizer=load_tokenizer(str(folder)))
+
+
+def verify_run(run: str | Path, config: dict | None = None) -> dict[str, str]:
+    """Check a run's (or an export's) files against its manifest (`frugalnlp.manifest.verify_manifest`); its
+    listing. The fix named is the command that writes the directory again."""
+    config = load_run_config(run) if config is None else config
+    exported = config.get("exported_from")
+    fix = (f"export the run again (`frugalnlp export {exported.get('run')} --output {run} --overwrite`)"
+           if isinstance(exported, dict) else "train the run again (`frugalnlp train ... --output RUN --overwrite`)")
+    return verify_manifest(run, fix, complete=("config.json", "model"))

@@ -15,7 +15,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from frugalnlp.atomic import jsonable, write_json
 from frugalnlp.errors import FrugalError
+from frugalnlp.manifest import write_manifest
 
 WRITER = ".writer"  # pid of the process that holds the lock
 SPEC = ".spec.json"  # what the run was started with, checked by --resume
@@ -26,30 +28,6 @@ _KIND_FILES = (("frontier.json", "frontier"), ("curve.json", "evaluation"), ("re
                ("gradients.json", "gradients"), ("ranking.json", "papa-ranking"), ("constants.json", "papa-constants"),
                ("sweep.json", "papa-sweep"), ("compare.json", "papa-compare"))
 _open: list[RunDir] = []  # this process's uncommitted runs, for `abandon_failed_starts`
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically."""
-    write_bytes(path, (json.dumps(obj, indent=2, default=_jsonable) + "\n").encode())
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file atomically: a temporary file in the same directory, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def check_output_path(output: str | os.PathLike, flag: str = "--output") -> Path:
@@ -224,7 +202,7 @@ class RunDir:
         file = self.path / SPEC
         if self.resume and file.exists():
             recorded = json.loads(file.read_text())
-            current = json.loads(json.dumps(spec, default=_jsonable))
+            current = json.loads(json.dumps(spec, default=jsonable))
             differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
             if differ:
                 details = "; ".join(f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in differ)
@@ -235,9 +213,11 @@ class RunDir:
             write_json(file, spec)
 
     def commit(self) -> Path:
-        """Publish the finished run as ``output`` and return that path."""
+        """List its files with their sha256 (`frugalnlp.manifest`), publish the finished run as ``output`` and
+        return that path."""
         for name in (WRITER, SPEC):
             (self.path / name).unlink(missing_ok=True)
+        write_manifest(self.path)
         if self.final.exists():
             old = self.final.with_name(self.final.name + f".replaced-{os.getpid()}")
             os.replace(self.final, old)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import signal
 import socket
 import threading
@@ -47,57 +46,8 @@ from frugalnlp.backbones.base import used_length
 from frugalnlp.early_exit.policies import exit_step, heads_run
 from frugalnlp.early_exit.runner import length_runs
 from frugalnlp.errors import FrugalError
-from frugalnlp.predict import Predictor
-
-BATCHING = ("segment", "request")
-
-
-@dataclass
-class ServeSettings:
-    """Batching and request limits of `create_app`."""
-
-    max_batch: int = 64  # texts per micro-batch (and per segment run)
-    max_wait_ms: float = 5.0  # how long the oldest waiting text may wait for a batch to fill
-    length_bucket: int = 16  # a run's rows go through the model sorted by length, this many at a time
-    max_tokens: int | None = None  # instead: as many sorted rows at a time as fit in this many padded tokens
-    batching: str = "segment"  # or "request"
-    max_texts: int = 256  # per request
-    max_chars: int = 20_000  # per text
-    max_queue: int = 8192  # texts waiting before new requests get 503
-    max_body_bytes: int = 16 * 2**20  # per request body, checked on Content-Length before reading
-    body_timeout_s: float = 10.0  # a request body must have arrived in full by then (else 408)
-    idle_timeout_s: float = 5.0  # a connection without a request's complete headers for this long is closed
-    max_connections: int = 512  # open connections (and requests) at once; past it, requests get 503
-
-    def __post_init__(self) -> None:
-        if self.batching not in BATCHING:
-            raise FrugalError(f"unknown --batching '{self.batching}'; choose one of {', '.join(BATCHING)}")
-        for name in ("max_batch", "length_bucket", "max_texts", "max_chars", "max_queue", "max_body_bytes",
-                     "max_connections"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
-                raise FrugalError(f"--{name.replace('_', '-')} {getattr(self, name)!r} must be a whole number >= 1")
-        if self.max_tokens is not None and not (isinstance(self.max_tokens, int) and self.max_tokens >= 1):
-            raise FrugalError(f"--max-tokens {self.max_tokens!r} must be a whole number >= 1")
-        if not 0 <= self.max_wait_ms < float("inf"):
-            raise FrugalError(f"--max-wait-ms {self.max_wait_ms!r} must be a finite number >= 0")
-        for name in ("body_timeout_s", "idle_timeout_s"):
-            if not 0 < getattr(self, name) < float("inf"):
-                raise FrugalError(f"--{name[:-2].replace('_', '-')} {getattr(self, name)!r} must be a positive "
-                                  "number of seconds")
-
-
-class RequestError(Exception):
-    """A bad request: answered with ``status`` and ``{"error": message, "field": field}``.
-
-    ``close``: the connection is closed after the answer (its body was not read to the end).
-    """
-
-    def __init__(self, status: int, field: str | None, message: str, close: bool = False) -> None:
-        super().__init__(message)
-        self.status, self.field, self.message, self.close = status, field, message, close
-
-
-CLIENT_CLOSED = 499  # the client went away before its request was read: counted apart from server errors
+from frugalnlp.predict import Predictor, check_finite
+from frugalnlp.serve_request import CLIENT_CLOSED, RequestError, ServeSettings, parse_request, read_body
 
 
 class Metrics:
@@ -128,6 +78,7 @@ class Job:
     future: asyncio.Future
     results: list[dict | None] = field(default_factory=list)
     remaining: int = 0
+    cancelled: bool = False  # its client left: rows not yet run are dropped
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.texts)
@@ -181,6 +132,28 @@ class ModelWorker:
             self.metrics.queued.set(self.queued)
             self.wake.notify()
 
+    def cancel(self, job: Job) -> None:
+        """The job's client has left: its rows still in the inbox are dropped now, those past an exit when their
+        queue is next taken (`_live`); rows in a segment already running finish unseen."""
+        with self.wake:
+            job.cancelled = True
+            waiting = len(self.inbox)
+            self.inbox = deque(entry for entry in self.inbox if entry[0] is not job)
+            self._forget(waiting - len(self.inbox))
+
+    def _forget(self, rows: int) -> None:
+        """``rows`` texts leave the worker unanswered (called under the lock)."""
+        self.queued -= rows
+        self.metrics.queued.set(self.queued)
+
+    def _live(self, group: Group) -> Group | None:
+        """The group without the rows of cancelled jobs; None when none is left (called under the lock)."""
+        keep = [i for i, (job, _) in enumerate(group.owners) if not job.cancelled]
+        if len(keep) == len(group.owners):
+            return group
+        self._forget(len(group.owners) - len(keep))
+        return self._subset(group, torch.tensor(keep, dtype=torch.long)) if keep else None
+
     # ---------------------------------------------------------------------------------- worker thread
 
     def _run(self) -> None:
@@ -231,7 +204,9 @@ class ModelWorker:
         """Pop up to ``max_batch`` rows of queue ``e`` (splitting a group if needed) into one task."""
         queue, room, groups = self.queues[e], self.settings.max_batch, []
         while queue and room:
-            group = queue.popleft()
+            group = self._live(queue.popleft())
+            if group is None:
+                continue
             if len(group.owners) > room:
                 keep = torch.arange(room)
                 rest = torch.arange(room, len(group.owners))
@@ -239,6 +214,8 @@ class ModelWorker:
                 group = self._subset(group, keep)
             groups.append(group)
             room -= len(group.owners)
+        if not groups:  # every row waiting there belonged to clients that left
+            return (lambda: None), []
         return (lambda: self._advance_buckets(e, self._merge(groups))), [owner for g in groups for owner in g.owners]
 
     def _subset(self, group: Group, rows: torch.Tensor) -> Group:
@@ -314,6 +291,7 @@ class ModelWorker:
         if not rows:
             return
         probs = logits.softmax(-1)
+        check_finite(probs.amax(-1))  # raised here, the batch's requests get a 500 in the error shape
         labels, confidence = probs.argmax(-1).tolist(), probs.amax(-1).tolist()
         p, layers_to_exit = self.predictor, self.layers_to_exit
         finished = []
@@ -340,6 +318,27 @@ class ModelWorker:
             job.loop.call_soon_threadsafe(_resolve, job.future, None, error)
 
 
+async def answer_unless_client_leaves(request: Request, job: Job, worker: ModelWorker) -> list[dict]:
+    """The job's answers; starlette's ClientDisconnect as soon as the client closes the connection, its rows
+    cancelled in the worker (a client that sent its body and left is not served for nobody)."""
+    left = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({job.future, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if not job.future.done():
+        worker.cancel(job)
+        job.future.cancel()
+        raise ClientDisconnect()
+    return job.future.result()
+
+
+async def _client_left(request: Request) -> None:
+    """Returns once the ASGI server reports the client gone (after the body, ``receive`` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> None:
     if future.done():  # the client went away
         return
@@ -347,88 +346,6 @@ def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> No
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-async def read_body(request: Request, settings: ServeSettings) -> bytes:
-    """The request's body, refused (413) past ``max_body_bytes`` before it is read when ``Content-Length``
-    says so, and while it streams otherwise; 408 when it has not arrived within ``body_timeout_s``.
-
-    Raises `RequestError`, or starlette's ClientDisconnect when the client goes away mid-body.
-    """
-    limit = settings.max_body_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, "body", f"Content-Length {declared[:20]!r} is not a number of bytes", close=True)
-        if int(declared) > limit:
-            raise RequestError(413, "body", f"the body has {int(declared)} bytes; at most {limit} per request",
-                               close=True)
-    body = bytearray()
-    try:
-        async with asyncio.timeout(settings.body_timeout_s):
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    raise RequestError(413, "body", f"the body is over {limit} bytes; at most {limit} per request",
-                                       close=True)
-    except TimeoutError:
-        raise RequestError(408, "body", f"the body did not arrive within {settings.body_timeout_s:g} s",
-                           close=True) from None
-    return bytes(body)
-
-
-def parse_request(body: bytes, is_pair: bool, settings: ServeSettings) -> tuple[list[str], list[str] | None]:
-    """Validate a /predict body: ``{"texts": [...]}`` (and ``"text_pairs"`` for pair models).
-
-    Raises `RequestError` naming the offending field.
-    """
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise RequestError(400, "body", "the body is not valid JSON (UTF-8)") from None
-    if not isinstance(payload, dict):
-        raise RequestError(422, "body", 'the body must be a JSON object such as {"texts": ["..."]}')
-    allowed = {"texts", "text_pairs"}
-    unknown = sorted(set(payload) - allowed)
-    if unknown:
-        raise RequestError(422, unknown[0], f"unknown field '{unknown[0]}'; send {{\"texts\": [...]}}"
-                           + (' and "text_pairs"' if is_pair else ""))
-    texts = _text_list(payload, "texts", settings)
-    pairs = None
-    if is_pair:
-        if "text_pairs" not in payload:
-            raise RequestError(422, "text_pairs", "this model classifies text pairs: send text_pairs beside texts")
-        pairs = _text_list(payload, "text_pairs", settings)
-        if len(pairs) != len(texts):
-            raise RequestError(422, "text_pairs", f"text_pairs has {len(pairs)} items but texts has {len(texts)}")
-    elif "text_pairs" in payload:
-        raise RequestError(422, "text_pairs", "this model classifies single texts: leave out text_pairs")
-    return texts, pairs
-
-
-def _text_list(payload: dict, name: str, settings: ServeSettings) -> list[str]:
-    if name not in payload:
-        raise RequestError(422, name, f"missing field '{name}': a list of strings")
-    texts = payload[name]
-    if not isinstance(texts, list):
-        raise RequestError(422, name, f"'{name}' must be a list of strings, not {type(texts).__name__}")
-    if not texts:
-        raise RequestError(422, name, f"'{name}' is empty")
-    if len(texts) > settings.max_texts:
-        raise RequestError(413, name, f"'{name}' has {len(texts)} items; at most {settings.max_texts} per request")
-    for i, text in enumerate(texts):
-        where = f"{name}[{i}]"
-        if not isinstance(text, str):
-            raise RequestError(422, where, f"'{where}' must be a string, not {type(text).__name__}")
-        if not text.strip():
-            raise RequestError(422, where, f"'{where}' is empty")
-        if len(text) > settings.max_chars:
-            raise RequestError(413, where, f"'{where}' has {len(text)} characters; at most {settings.max_chars}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise RequestError(422, where, f"'{where}' is not valid Unicode (a lone surrogate)") from None
-    return texts
 
 
 def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_name: str = ""):
@@ -463,8 +380,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
             loop = asyncio.get_running_loop()
             job = Job(texts, pairs, loop, loop.create_future())
             worker.submit(job)
-            results = await job.future
+            results = await answer_unless_client_leaves(request, job, worker)
             status, content = 200, {"predictions": results}
+            response = JSONResponse(content)  # refuses NaN and infinity: a 500 below, never invalid JSON
         except RequestError as e:
             status, content = e.status, {"error": e.message, "field": e.field}
             headers = {"connection": "close"} if e.close else None
@@ -474,7 +392,13 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
             status, content = 500, {"error": f"prediction failed: {type(e).__name__}: {e}", "field": None}
         metrics.requests.labels(str(status)).inc()
         metrics.latency.observe(time.perf_counter() - start)
-        return JSONResponse(content, status_code=status, headers=headers)
+        return response if status == 200 else JSONResponse(content, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> Response:
+        """Anything else that escapes a route: still the one error shape, counted by its real status."""
+        metrics.requests.labels("500").inc()
+        return JSONResponse({"error": f"internal error: {type(error).__name__}", "field": None}, status_code=500)
 
     @app.get("/healthz")
     async def healthz() -> dict:

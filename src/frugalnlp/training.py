@@ -21,6 +21,7 @@ from transformers import (AutoConfig, DataCollatorWithPadding, PreTrainedModel, 
                           TrainerCallback, TrainingArguments, set_seed)
 
 from frugalnlp.assets import resolve_model
+from frugalnlp.atomic import write_json
 from frugalnlp.curves import collect_exit_logits, exit_scores
 from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.config import ExitRecipe
@@ -29,7 +30,7 @@ from frugalnlp.encoding import EncodedSplit, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
 from frugalnlp.methods import METHODS
 from frugalnlp.run import RunSpec, load_run, load_run_config, load_spec_task, run_config, spec_inputs
-from frugalnlp.rundir import RunDir, write_json
+from frugalnlp.rundir import RunDir
 from frugalnlp.tasks import TaskData
 
 

@@ -19,13 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from frugalnlp.atomic import write_json
 from frugalnlp.backbones.base import used_length
 from frugalnlp.defaults import THRESHOLD
 from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.early_exit.runner import Prediction, adaptive_predict
 from frugalnlp.errors import FrugalError
-from frugalnlp.rundir import write_json
 
 MANIFEST = "cascade.json"
 

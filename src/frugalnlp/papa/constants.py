@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from frugalnlp.atomic import write_bytes
 from frugalnlp.errors import FrugalError
-from frugalnlp.rundir import write_bytes
+from frugalnlp.manifest import verify_manifest
 
 FILE = "constant_attention.safetensors"
 
@@ -72,6 +73,7 @@ def load_constant_attention(path: str | Path) -> tuple[torch.Tensor, dict]:
         path = path / FILE
     if not path.exists():
         raise FrugalError(f"no constant attention at {path}; make one with `frugalnlp papa constants`")
+    verify_manifest(path.parent, "make it again with `frugalnlp papa constants`", complete=(path.name,))
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
     if "frugalnlp" not in metadata:

@@ -19,16 +19,18 @@ import torch
 from transformers import AutoConfig, AutoModel, PreTrainedTokenizerBase, default_data_collator, set_seed
 
 from frugalnlp.assets import MODEL_ALIASES, resolve_model, verify_checkpoint
+from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.curves import scores
 from frugalnlp.defaults import PAPA_LENGTH
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
+from frugalnlp.manifest import verify_manifest
 from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
 from frugalnlp.papa.families import check_family
 from frugalnlp.papa.frozen_states import FrozenStates
 from frugalnlp.papa.modeling import SETTINGS, PapaModel, layout_position_offset
 from frugalnlp.report import command_line, new_figure, save_figure
-from frugalnlp.rundir import RunDir, write_bytes, write_json
+from frugalnlp.rundir import RunDir
 from frugalnlp.tasks import Columns, Split, TaskData, load_task, with_train_size
 from frugalnlp.training import check_max_length, fit, remove_checkpoints
 
@@ -202,6 +204,7 @@ def load_ranking(path: str | Path) -> list[list[int]]:
     path = path / "ranking.json" if path.is_dir() else path
     if not path.exists():
         raise FrugalError(f"no head ranking at {path}; make one with `frugalnlp papa rank`")
+    verify_manifest(path.parent, "make it again with `frugalnlp papa rank`", complete=(path.name,))
     ranking = json.loads(path.read_text())
     if ranking.get("kind") != "frugalnlp-papa-ranking":
         raise FrugalError(f"{path} is not a frugalnlp head ranking")
@@ -361,6 +364,8 @@ def sweep(spec: SweepSpec, overwrite: bool = False, resume: bool = False) -> dic
         del states
         gc.collect()
         shutil.rmtree(scratch, ignore_errors=True)
+        for seed in seeds:  # a run finished by an earlier, interrupted sweep is read only once verified
+            verify_manifest(paths[seed], "run the sweep again with --overwrite", complete=("metrics.json", "model"))
         results[n] = [json.loads((paths[seed] / "metrics.json").read_text()) for seed in seeds]
 
     base = float(np.mean([m["test"]["accuracy"] for m in results[counts[0]]])) if counts[0] == 0 else None
