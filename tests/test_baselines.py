@@ -224,11 +224,28 @@ def test_a_deployed_point_is_never_below_its_own_fixed_exit_on_dev(tiny_bert):
         assert chosen.point.exit_histogram == [0, 200, 0]
     point = operating_point(None, dev, chosen, "confidence", max_drop=0.0)
     assert point.policy == "per-exit" and "fixed exit 2 (layer 2) beats the confidence policy" in point.chosen_by
-    # at equal accuracy the faster point wins (the fixed exit over threshold 1 at 1x); a policy that does as
-    # well as every fixed exit at its speed keeps its own point (threshold 0 is the fixed exit 1)
+    # at equal accuracy the fixed exit wins (over threshold 1 at 1x, and over threshold 0, which is the fixed
+    # exit 1 at 4x): `choose`'s tie rule, the simpler first
     assert choose_operating_point(curve, dev, 1.0, None, "confidence", None).policy == "per-exit"
-    kept = choose_operating_point(curve, dev, 4.0, None, "confidence", None)
-    assert kept.policy == "confidence" and kept.point.threshold == 0.0
+    tied = choose_operating_point(curve, dev, 4.0, None, "confidence", None)
+    assert tied.policy == "per-exit" and tied.point.threshold == fixed_exit_thresholds(3, 0)
+
+
+def test_one_choice_with_one_tie_rule_static_then_fixed_exit_then_adaptive():
+    from frugalnlp.dev_choice import Candidate, choose
+
+    adaptive, fixed, static = (Candidate("adaptive", "joint", 0.80, 2.1), Candidate("fixed exit", "exit 2", 0.80, 2.0),
+                               Candidate("static", "static 3-layer", 0.80, 2.0))
+    for order in ([adaptive, fixed, static], [static, adaptive, fixed], [fixed, static, adaptive]):
+        assert choose(order, target_speedup=2.0) is static
+        assert choose([c for c in order if c is not static], target_speedup=2.0) is fixed
+        assert choose(order, max_drop=0.0, reference=0.80) is adaptive  # faster first with a drop target
+    better = Candidate("adaptive", "joint", 0.81, 2.0)
+    assert choose([static, fixed, better], target_speedup=2.0) is better  # accuracy decides before the tie rule
+    assert choose([static, Candidate("static", "slow", 0.9, 1.5)], target_speedup=2.0) is static  # too slow: out
+    assert choose([Candidate("static", "slow", 0.9, 1.5)], target_speedup=2.0) is None
+    tied = [Candidate("adaptive", "joint", 0.78, 2.0), Candidate("fixed exit", "exit 1", 0.78, 2.0)]
+    assert choose(tied, max_drop=0.02, reference=0.80).kind == "fixed exit"  # equally fast: the simpler
 
 
 def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert):

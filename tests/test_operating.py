@@ -20,8 +20,10 @@ def test_a_saved_operating_point_is_used_by_predict_and_serve_and_refused_by_ano
     status, out, err = run_cli(["calibrate", run, "--target-speedup", 1.5], capsys)
     assert status == 0, err
     point = json.loads((run / "operating-point.json").read_text())
-    assert point["kind"] == "frugalnlp-operating-point" and point["policy"] == "confidence"
-    assert point["chosen_by"] == "dev: target speedup 1.5" and point["dev"]["speedup_layers"] >= 1.5
+    assert point["kind"] == "frugalnlp-operating-point"
+    # the random tiny model's exits are all at chance: a fixed exit may win the tie (`choose`: the simpler first)
+    assert point["policy"] == "confidence" or "fixed exit" in point["chosen_by"]
+    assert point["chosen_by"].startswith("dev: target speedup 1.5") and point["dev"]["speedup_layers"] >= 1.5
     status, _, err = run_cli(["calibrate", run, "--max-drop", 0.01], capsys)
     assert_clean_error(status, err, "already exists", "--overwrite")
 
@@ -30,7 +32,7 @@ def test_a_saved_operating_point_is_used_by_predict_and_serve_and_refused_by_ano
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     status, _, err = run_cli(["predict", run, "--input", data, "--output", tmp_path / "p.jsonl"], capsys)
     assert status == 0 and "the run's saved operating point" in err, err
-    expected = Predictor(run, threshold=point["threshold"])(texts)
+    expected = Predictor(run, threshold=point["threshold"], policy=point["policy"])(texts)
     got = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [(g["label"], g["exit_layer"]) for g in got] == [(e["label"], e["exit_layer"]) for e in expected]
     assert Predictor(run).threshold == point["threshold"]  # the library's default too

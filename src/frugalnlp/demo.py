@@ -32,7 +32,7 @@ from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_static_layers
-from frugalnlp.dev_choice import check_operating_target
+from frugalnlp.dev_choice import Candidate, check_operating_target, choose
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.encoding import load_tokenizer
@@ -368,8 +368,8 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, de
 def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | None,
                dev_static: list[dict] | None) -> dict:
     """At one target speedup: the static frontier there, a candidate's fixed exit or a candidate's adaptive point
-    (at that speed or faster), whichever is most accurate on dev (a tie goes to the simpler), with its dev and
-    test gain over the static frontier at the target."""
+    (at that speed or faster), whichever `frugalnlp.dev_choice.choose` takes on dev (a tie goes to the simpler),
+    with its dev and test gain over the static frontier at the target."""
     def cell(m: dict, key: str, split: str = "dev_comparison") -> float | None:
         row = next((r for r in m.get(split, []) if abs(r["speedup"] - speedup) < 1e-9), None)
         return None if row is None or row[key] is None else row[key][0]
@@ -386,8 +386,8 @@ def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | No
     for c, m in methods.items():
         options.append(("adaptive", c, f"{c} (threshold chosen on dev)", cell(m, "adaptive"), cell(m, "adaptive",
                                                                                                    "comparison")))
-    scored = [o for o in options if o[3] is not None]
-    choice, candidate, what, accuracy, test = max(scored, key=lambda o: o[3]) if scored else options[0]
+    chosen = choose([Candidate(o[0], o[1], o[3], speedup, o) for o in options if o[3] is not None], speedup)
+    choice, candidate, what, accuracy, test = options[0] if chosen is None else chosen.item
 
     def gain(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else 100 * (a - b)

@@ -30,6 +30,36 @@ def check_operating_target(target_speedup: float | None, max_drop: float | None,
         raise FrugalError(f"--max-drop {max_drop!r} is outside [0, 1] (an accuracy drop, e.g. 0.01)")
 
 
+KINDS = ("static", "fixed exit", "adaptive")  # the tie rule, simplest first: one graph and nothing to tune wins
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing that could be deployed at a target, as dev sees it: ``kind`` (one of `KINDS`), a name, its dev
+    accuracy and its dev speedup in the cost the choice is made in (layers, or measured seconds); ``item`` is
+    whatever the caller deploys when it is chosen."""
+
+    kind: str
+    name: str
+    dev_accuracy: float
+    dev_speedup: float
+    item: object = None
+
+
+def choose(candidates: list[Candidate], target_speedup: float | None = None, max_drop: float | None = None,
+           reference: float | None = None) -> Candidate | None:
+    """The one choice of what to deploy, made on dev: with ``target_speedup`` the most accurate candidate at that
+    speedup or faster; with ``max_drop`` the fastest within that drop of ``reference`` (an accuracy). A tie goes
+    by `KINDS` (a static model, then a fixed exit, then an adaptive point), then to the faster (or, with
+    ``max_drop``, the more accurate), then to the earlier candidate. None when no candidate qualifies."""
+    rank = {kind: -i for i, kind in enumerate(KINDS)}
+    if target_speedup is not None:
+        allowed = [c for c in candidates if c.dev_speedup >= target_speedup - 1e-9]
+        return max(allowed, key=lambda c: (c.dev_accuracy, rank[c.kind], c.dev_speedup), default=None)
+    allowed = [c for c in candidates if c.dev_accuracy >= reference - max_drop - 1e-12]
+    return max(allowed, key=lambda c: (c.dev_speedup, rank[c.kind], c.dev_accuracy), default=None)
+
+
 def choose_threshold(dev_curve: list[CurvePoint], target_speedup: float | None = None,
                      max_drop: float | None = None, reference: float | None = None) -> CurvePoint:
     """The dev curve point to operate at: best dev accuracy at ``target_speedup`` or more (`CurvePoint.speedup`:
@@ -156,14 +186,17 @@ def fixed_exit_thresholds(num_exits: int, exit_index: int) -> list[float]:
 
 def _unless_fixed_exit(chosen: DevChoice, dev: SplitScores, last_accuracy: float, target_speedup: float | None,
                        max_drop: float | None) -> DevChoice:
-    """``chosen``, or the model's fixed exit that beats it on dev: at ``target_speedup`` or faster with a
-    better dev accuracy, or within ``max_drop`` of ``last_accuracy`` (the last exit's, as the policy answers
-    there) and faster. So no deployed point is below its own model's fixed exit at the same cost on dev."""
+    """``chosen``, or the model's fixed exit that `choose` prefers on dev: at ``target_speedup`` or faster and at
+    least as accurate, or within ``max_drop`` of ``last_accuracy`` (the last exit's, as the policy answers
+    there) and at least as fast. So no deployed point is below its own model's fixed exit at the same cost."""
     n = dev.model.num_exits
-    fixed = [dev.point("per-exit", fixed_exit_thresholds(n, k)) for k in range(n - 1)]
-    # chosen first: on a tie it stays
-    best = choose_threshold([chosen.point, *fixed], target_speedup, max_drop, reference=last_accuracy)
-    return chosen if best is chosen.point else DevChoice(best, "per-exit")
+    candidates = [Candidate("adaptive", chosen.policy, chosen.point.accuracy, chosen.point.speedup, chosen)]
+    for k in range(n - 1):
+        point = dev.point("per-exit", fixed_exit_thresholds(n, k))
+        candidates.append(Candidate("fixed exit", f"exit {k + 1}", point.accuracy, point.speedup,
+                                    DevChoice(point, "per-exit")))
+    best = choose(candidates, target_speedup, max_drop, reference=last_accuracy)
+    return chosen if best is None else best.item
 
 
 def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: SplitScores, split: str, policy: str,

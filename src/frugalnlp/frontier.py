@@ -23,7 +23,7 @@ import torch
 
 from frugalnlp.baselines import best_per_depth, is_distilled, static_frontier
 from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_split
-from frugalnlp.dev_choice import fixed_exit_thresholds, operating_threshold
+from frugalnlp.dev_choice import Candidate, choose, fixed_exit_thresholds, operating_threshold
 from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import check_policy, make_policy
 from frugalnlp.encoding import EncodedSplit, encode_split, unsorted_batches
@@ -214,18 +214,18 @@ def run_frontier(run: str, static: list[str], settings: FrontierSettings | None 
 
 def dev_choices(results: dict) -> list[dict]:
     """At each target speedup, what to deploy chosen on dev alone: of the adaptive points and the static models
-    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev (a tie goes to the
-    static model: one graph, nothing to tune). Each choice is read on test: its accuracy, measured speedup and
+    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev
+    (`frugalnlp.dev_choice.choose`: a tie goes to the static model, one graph with nothing to tune). Each choice is read on test: its accuracy, measured speedup and
     gain over the static frontier at its measured speed, per batch size (a static model's own gain is 0 unless
     another static model beats it in measured time). None where nothing reaches the target on dev."""
-    rows = results["rows"]
-    candidates = [r for r in rows if r["kind"] == "static"] + [r for r in rows if r["kind"] == "adaptive"]
+    candidates = [Candidate(r["kind"], r["name"], r["dev_accuracy"], r["dev_speedup"], r) for r in results["rows"]
+                  if r["kind"] in ("static", "adaptive")]
     choices = []
     for target in results["settings"]["targets"]:
-        reachable = [r for r in candidates if r["dev_speedup"] >= target - 1e-9]
+        chosen = choose(candidates, target_speedup=target)
         choice = {"target_speedup": target, "cost": results["settings"]["cost"], "choice": None}
-        if reachable:
-            best = max(reachable, key=lambda r: r["dev_accuracy"])  # first of equals: static before adaptive
+        if chosen is not None:
+            best = chosen.item
             choice.update(choice=best["name"], kind=best["kind"], dev_accuracy=best["dev_accuracy"],
                           dev_speedup=best["dev_speedup"], accuracy=best["accuracy"],
                           measured_speedup=best["measured_speedup"], gain_over_static=best["gain_over_static"])
