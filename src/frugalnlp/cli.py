@@ -143,10 +143,16 @@ def _run_path(args: argparse.Namespace) -> str | None:
 def _deployed_path(args: argparse.Namespace) -> str | None:
     """`_run_path` for predict and serve, which deploy a saved operating point unless told otherwise: a run whose
     point its ONNX export lacks is refused under ``--runtime onnx`` (the export decides on its own logits), never
-    answered at the default threshold without a word."""
+    answered at the default threshold without a word. A deploy directory measured on a CPU with other features
+    than this one is run with one line saying its speed may not hold."""
     from frugalnlp.operating import OPERATING_POINT
 
+    from frugalnlp.deploy import machine_note
+
     path = _run_path(args)
+    note = None if path is None else machine_note(path)
+    if note:
+        print(note, file=sys.stderr)
     told = (args.threshold is not None or args.target_speedup is not None or args.max_drop is not None
             or args.ensemble)
     if (not told and path is not None and Path(path) != Path(args.run) and (Path(args.run) / OPERATING_POINT).exists()

@@ -9,6 +9,8 @@ layers), each also distilled with ``--static-distill``. The static frontier is t
 
 Every (variant, policy) pair is a candidate (``--policies``, each ``POLICY`` or ``POLICY+ensemble``),
 chosen on dev together; ``--certify`` adds each candidate's Learn-then-Test points with their test drops.
+What dev chooses at each target is written, from the first seed's runs, as ``OUTPUT/deploy/<target>x``
+(`frugalnlp.deploy`), which ``predict`` and ``serve`` run with no other flags.
 
 A variant is ``METHOD[:key=value...]`` with METHOD one of joint, sweet, two-stage, multi-model and
 keys boundary-grad, distill (self or teacher), distill-alpha, distill-temperature, exit-weights,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,6 +35,7 @@ from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_static_layers
+from frugalnlp.deploy import deploy_dir
 from frugalnlp.dev_choice import Candidate, check_operating_target, choose
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.registry import check_policy
@@ -261,9 +265,11 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                            for c, variant in variants.items()},
                "certified": {"risk": spec.risk, "per_candidate": certified} if spec.certify else None}
     summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"], summary["dev_static"])
-    summary["seconds"] = time.perf_counter() - started
     summary["command"] = command_line()
-    table = format_table(summary)
+    summary["deploy"] = deploy_choices(out.path, summary, seeds[0], static_by_seed[seeds[0]],
+                                       dev_static_by_seed[seeds[0]])
+    summary["seconds"] = time.perf_counter() - started
+    table = format_table(summary) + "\n\n" + format_deploy(summary["deploy"], seeds[0])
     print(table)
     write_json(out.path / "results.json", summary)
     plot_curves({m: (s["mean_curve"]["mean"], s["mean_curve"]["std"]) for m, s in summary["methods"].items()},
@@ -273,6 +279,56 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     write_bytes(out.path / "report.md", (f"# frugalnlp demo: {summary['task']}\n\n{table}\n\n![curves](curves.png)\n").encode())
     out.commit()
     return summary
+
+
+def deploy_choices(out: Path, summary: dict, seed: int, test_static: list[dict], dev_static: list[dict]) -> list[dict]:
+    """Per target, the dev choice (``summary["selected_on_dev"]``) handed over as ``OUTPUT/deploy/<target>x``
+    (`frugalnlp.deploy.deploy_dir`), from seed ``seed``'s runs: a static choice deploys that seed's best static
+    model on dev at the target (`frugalnlp.dev_choice.choose`), an adaptive or fixed-exit choice the candidate's
+    run at its own dev-chosen point for the target. Returns each card's summary."""
+    depth = summary["exit_layers"][-1]
+    written = []
+    for choice in summary["selected_on_dev"]["per_target"]:
+        target, folder = choice["speedup"], out / "deploy" / f"{choice['speedup']:g}x"
+        shutil.rmtree(folder, ignore_errors=True)  # what a resumed demo writes again
+        method = summary["methods"].get(choice["candidate"], {})
+        member = None
+        if choice["choice"] == "static" or method.get("variant") == STATIC:  # a cascade's member is a static model
+            best = choose([Candidate("static", p["run"], p["accuracy"], p["speedup_layers"], p) for p in dev_static],
+                          target)
+            if best is None:
+                continue
+            point = best.item
+            run, policy, ensemble = Path(point["run"]), "confidence", False
+            member = point["layers"] if load_run_config(run)["spec"]["method"] == STATIC else None
+            what = f"the static {point['layers']}-layer model" + (" (distilled)" if point["distilled"] else "")
+        else:
+            run = out / f"seed-{seed}" / _run_name(method["variant"])
+            (policy, ensemble), what = _policy(method["policy"]), choice["deploy"]
+        print(f"== deploying {what} at {target:g}x to {folder}", file=sys.stderr)
+        card = deploy_dir(folder, run, target, policy, ensemble, member, facts={
+            "choice": choice["choice"], "candidate": choice["candidate"], "deploy": what, "seed": seed,
+            "source_run": str(run.relative_to(out)), "full_depth": depth,
+            "static_on_test": static_frontier(test_static, target), "command": summary["command"]})
+        written.append({"target_speedup": target, "path": str(folder.relative_to(out)), "deploy": what,
+                        "policy": card["policy"], "test_accuracy": card["test"]["accuracy"],
+                        "test_speedup_layers": card["test"]["speedup_layers"],
+                        "test_gain_over_static": card["test_gain_over_static"]})
+    return written
+
+
+def format_deploy(deployed: list[dict], seed: int) -> str:
+    """The deploy directories as a table: what each holds and what it gave on test."""
+    lines = [f"What to deploy, handed over (seed {seed}'s runs; `frugalnlp predict DIR` and `frugalnlp serve DIR` "
+             "run each with no other flags):", "",
+             "| target | directory | what | policy | test accuracy | test speedup (layers) | gain over static |",
+             "|---|---|---|---|---|---|---|"]
+    for d in deployed:
+        gain = "n/a" if d["test_gain_over_static"] is None else f"{d['test_gain_over_static']:+.1f}"
+        speed = "n/a" if d["test_speedup_layers"] is None else f"{d['test_speedup_layers']:.2f}x"
+        lines.append(f"| {d['target_speedup']:g}x | {d['path']} | {d['deploy']} | {d['policy']} | "
+                     f"{d['test_accuracy']:.4f} | {speed} | {gain} |")
+    return "\n".join(lines)
 
 
 def _policy(text: str) -> tuple[str, bool]:

@@ -22,7 +22,7 @@ from frugalnlp.errors import FrugalError
 
 MANIFEST = "manifest.json"
 KIND = "frugalnlp-manifest"
-_CONTROL = (".writer", ".spec.json")  # a writer's lock and resume state: gone once the output is committed
+_CONTROL = (".writer", ".spec.json")  # a writer's pid and resume state: gone once the output is committed
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -56,7 +56,8 @@ def write_manifest(root: str | os.PathLike) -> dict[str, str]:
         dirs[:] = sorted(d for d in dirs if not (folder / d / MANIFEST).is_file())
         for name in sorted(names):
             path = folder / name
-            if folder == root and name in (MANIFEST, *_CONTROL) or name.startswith(f".{MANIFEST}.tmp"):
+            if folder == root and (name in (MANIFEST, *_CONTROL) or name.startswith(".") and name.endswith(".lock")) \
+                    or name.startswith(f".{MANIFEST}.tmp"):
                 continue
             files[path.relative_to(root).as_posix()] = sha256_file(path)
     write_json(root / MANIFEST, {"kind": KIND, "files": files})
