@@ -302,3 +302,46 @@ def test_a_truncated_graph_is_refused_in_one_line(exported_run, tmp_path, capsys
     status, _, err = run_cli(["predict", export, "--threshold", 0.9, "--input", data, "--output", tmp_path / "o.jsonl"],
                              capsys)
     assert_clean_error(status, err, "ONNX Runtime cannot load this graph")
+
+
+def test_int8_is_quantized_for_an_instruction_set_recorded_in_export_json_and_flagged_on_another_cpu(
+        tiny_run, tmp_path, capsys, monkeypatch):
+    """export.json records the quantization configuration and the session options; an export quantized for an
+    instruction set this CPU lacks loads with one line saying its speed or accuracy may not hold."""
+    import onnx
+
+    import frugalnlp.quantization as quantization
+    from frugalnlp.quantization import detect_isa, quantization_config
+
+    assert detect_isa({"avx2": True, "avx512f": True, "avx512_vnni": False}) == "avx512"
+    assert detect_isa({"avx2": True, "avx_vnni": True}) == "avx512_vnni"  # AVX-VNNI: no saturation either
+    assert detect_isa({"arm64": True}) == "arm64" and detect_isa({}) == "avx2"
+    assert quantization_config("avx2")["reduce_range"] and not quantization_config("avx512_vnni")["reduce_range"]
+    status, out, err = run_cli(["export", tiny_run, "--quantize", "int8", "--isa", "avx2", "--output",
+                                tmp_path / "avx2"], capsys)
+    assert status == 0, err
+    assert "int8 for avx2 (chosen by --isa)" in out and "range reduced to 7 bits" in out
+    record = json.loads((tmp_path / "avx2" / "model" / "export.json").read_text())
+    assert record["quantization"]["isa"] == "avx2" and record["quantization"]["reduce_range"] is True
+    assert record["quantization"]["per_channel"] is True and record["quantization"]["weight_type"] == "QInt8"
+    assert record["session_options"] == {"shared_thread_pool": True, "allow_spinning": False}
+    graph = onnx.load(str(tmp_path / "avx2" / "model" / record["graphs"][0]))
+    assert "MatMulInteger" in {node.op_type for node in graph.graph.node}
+    auto = export_run(tiny_run, output=tmp_path / "auto", quantize="int8")
+    assert auto["quantization"]["isa"] == detect_isa() and auto["quantization"]["chosen"] == "this CPU's features"
+    for flags in (["--quantize", "int8", "--isa", "avx9"], ["--isa", "avx2"]):  # unknown; without int8
+        status, _, err = run_cli(["export", tiny_run, "--output", tmp_path / "bad", *flags], capsys)
+        assert status == 2 and len(err.strip().splitlines()) == 1 and "--isa" in err
+        assert not (tmp_path / "bad").exists()
+
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"text": "a fine film"}\n')
+    lacking = {"avx2": True, "avx512f": False, "avx512_vnni": False, "avx_vnni": False, "arm64": False}
+    monkeypatch.setattr(quantization, "_features", lambda: dict(lacking))
+    status, _, err = run_cli(["predict", tmp_path / "auto", "--threshold", 0.9, "--input", data, "--output",
+                              tmp_path / "o.jsonl"], capsys)
+    noted = [line for line in err.splitlines() if "which this CPU lacks" in line]
+    assert status == 0 and (len(noted) == 1 if auto["quantization"]["isa"] != "avx2" else not noted)
+    status, _, err = run_cli(["predict", tmp_path / "avx2", "--threshold", 0.9, "--input", data, "--output",
+                              tmp_path / "p.jsonl"], capsys)
+    assert status == 0 and "which this CPU lacks" not in err  # an avx2 export on an avx2 CPU

@@ -425,18 +425,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from frugalnlp.export import export_run
 
-    record = export_run(args.run, output=args.output, quantize=args.quantize, overwrite=args.overwrite)
+    record = export_run(args.run, output=args.output, quantize=args.quantize, overwrite=args.overwrite,
+                        isa=args.isa)
     diffs = ", ".join(f"{d:.1e}" for d in record["check"]["max_abs_diff_vs_torch"])
     print(f"exported {len(record['graphs'])} {record['precision']} graph(s) to {record['output']}; max |ONNX - torch| "
           f"exit logits on dev ({record['check']['examples']} examples), per exit: {diffs}")
     for graph, ops in record["fused_ops"].items():
         print(f"  {graph}: " + (", ".join(f"{n} {op}" for op, n in ops.items()) or "no fused op"))
+    if record["quantization"]:
+        q = record["quantization"]
+        print(f"int8 for {q['isa']} (chosen by {q['chosen']}): {q['weight_type']} weights per channel"
+              + (", range reduced to 7 bits" if q["reduce_range"] else ""))
     print(f"use it with --runtime onnx (or give {record['output']} as the run)")
 
 
 def cmd_frontier(args: argparse.Namespace) -> None:
-    from frugalnlp.frontier import FrontierSettings, check_settings, format_frontier, plot_frontier, run_frontier
     from frugalnlp.atomic import write_bytes, write_json
+    from frugalnlp.frontier import FrontierSettings, check_settings, format_frontier, plot_frontier, run_frontier
     from frugalnlp.rundir import RunDir
 
     settings = FrontierSettings(runtime=args.runtime, precision=args.precision,
@@ -704,6 +709,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--output", default=None, help="directory to write (default: RUN/onnx, RUN/onnx-int8)")
     p.add_argument("--quantize", default=None, help="int8: dynamic quantization of the linear layers")
+    p.add_argument("--isa", default=None, help="with --quantize int8: the instruction set to quantize for (auto, "
+                                               "avx2, avx512, avx512_vnni, arm64; default auto: this CPU's)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -29,7 +29,8 @@ from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.cascade import Cascade
 from frugalnlp.encoding import encode_split
 from frugalnlp.errors import FrugalError
-from frugalnlp.onnx_model import EXPORT, KIND, OnnxModel, is_export, require_onnx
+from frugalnlp.onnx_model import EXPORT, KIND, SESSION_OPTIONS, OnnxModel, is_export, require_onnx
+from frugalnlp.quantization import quantization_config
 from frugalnlp.run import load_run, load_spec_task
 from frugalnlp.rundir import RunDir
 
@@ -126,8 +127,9 @@ def fused_ops(path: str | Path) -> dict[str, int]:
     return {op: ops.count(op) for op in FUSED_OPS if op in ops}
 
 
-def _quantize(folder: Path, graphs: list[str]) -> None:
-    """Dynamic int8 quantization of the graphs' linear layers (`onnxruntime.quantization`), in place.
+def _quantize(folder: Path, graphs: list[str], config: dict) -> None:
+    """Dynamic int8 quantization of the graphs' linear layers (`onnxruntime.quantization`), in place, as
+    ``config`` (`frugalnlp.quantization.quantization_config`) says for the instruction set it is for.
 
     Per-channel weight scales, and only matmuls with a weight operand (attention's activation products
     stay fp32): with both, MiniLM's int8 exits stay within half a point of torch's on MR. The fused ONNX
@@ -143,7 +145,8 @@ def _quantize(folder: Path, graphs: list[str]) -> None:
         for name in graphs:
             source = folder / name
             target = folder / f".{name}.int8"
-            quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+            quantize_dynamic(str(source), str(target), weight_type=QuantType[config["weight_type"]],
+                             per_channel=config["per_channel"], reduce_range=config["reduce_range"],
                              op_types_to_quantize=[op for op in IntegerOpsRegistry if op != "Attention"],
                              extra_options={"MatMulConstBOnly": True})
             target.replace(source)
@@ -152,13 +155,15 @@ def _quantize(folder: Path, graphs: list[str]) -> None:
 
 
 def export_model(model, folder: str | Path, quantize: str | None = None, optimize: bool = True,
-                 opset: int = OPSET) -> dict:
+                 opset: int = OPSET, isa: str | None = None) -> dict:
     """Write an `EarlyExitModel`'s segments (a `Cascade`: each member's one graph, in ``layers-K/``) and their
     configs into ``folder``, with ``export.json``; returns that record (`OnnxModel` loads the folder).
     ``optimize=False`` skips the exporter's own graph optimizer (faster; ONNX Runtime still optimizes on load);
-    ``opset`` below 23 writes attention as MatMul/Softmax (benchmarks/export_variants.py compares them)."""
+    ``opset`` below 23 writes attention as MatMul/Softmax (benchmarks/export_variants.py compares them).
+    ``isa``: the instruction set int8 is quantized for (`frugalnlp.quantization`; default this CPU's)."""
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise FrugalError(f"unknown --quantize '{quantize}'; choose {', '.join(QUANTIZATIONS)}")
+    config = quantization_config(isa) if quantize else None
     require_onnx()
     folder = Path(folder)
     cascade = isinstance(model, Cascade)
@@ -169,9 +174,10 @@ def export_model(model, folder: str | Path, quantize: str | None = None, optimiz
         member.config.save_pretrained(folder / sub)
         names = _segment_graphs(member, folder / sub, optimize, opset)
         if quantize:
-            _quantize(folder / sub, names)
+            _quantize(folder / sub, names, config)
         graphs += [str(Path(sub) / n) for n in names]
     manifest = {"kind": KIND, "precision": quantize or "fp32", "opset": opset, "cascade": cascade, "graphs": graphs,
+                "quantization": config, "session_options": dict(SESSION_OPTIONS),
                 "fused_ops": {graph: fused_ops(folder / graph) for graph in graphs},
                 "exit_layers": model.exit_layers, "layers_to_exit": model.layers_to_exit(),
                 "temperatures": model.temperatures}
@@ -180,17 +186,21 @@ def export_model(model, folder: str | Path, quantize: str | None = None, optimiz
 
 
 def export_run(run: str | Path, output: str | Path | None = None, quantize: str | None = None,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, isa: str | None = None) -> dict:
     """Export a finished run's segments to ONNX (`export_model`, `OnnxModel` runs them); returns the record.
 
     fp32 graphs are checked against the torch model's exit logits on the run's dev split (max abs
     difference recorded; FrugalError above `FP32_TOLERANCE`) and keep its temperatures; ``quantize="int8"``
     quantizes the linear layers dynamically and fits the int8 exits' own temperatures on dev, since
-    their logits differ. The output (default ``RUN/onnx`` or ``RUN/onnx-int8``) is written as
+    their logits differ; ``isa`` is the instruction set it is quantized for (default this CPU's,
+    `frugalnlp.quantization`). The output (default ``RUN/onnx`` or ``RUN/onnx-int8``) is written as
     ``OUTPUT.partial`` and published when complete.
     """
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise FrugalError(f"unknown --quantize '{quantize}'; choose {', '.join(QUANTIZATIONS)}")
+    if isa is not None and quantize is None:
+        raise FrugalError("--isa goes with --quantize int8 (an fp32 export is the same for every CPU)")
+    quantization_config(isa)  # an unknown --isa fails before the run loads
     require_onnx()
     trained = load_run(run)
     if isinstance(trained.model, OnnxModel):
@@ -200,10 +210,10 @@ def export_run(run: str | Path, output: str | Path | None = None, quantize: str 
     out = RunDir(output, overwrite=overwrite, kind="export", inputs=[run])
     task = load_spec_task(trained.spec)
     data = {name: encode_split(task.split(name), trained.tokenizer, trained.spec.max_length) for name in ("dev", "test")}
-    path = out.open(spec={"run": str(run), "quantize": quantize})
+    path = out.open(spec={"run": str(run), "quantize": quantize, "isa": isa})
     folder = path / "model"
     model = trained.model
-    manifest = export_model(model, folder, quantize)
+    manifest = export_model(model, folder, quantize, isa=isa)
     trained.tokenizer.save_pretrained(folder)
     exported = OnnxModel(folder)
     logits = {name: collect_exit_logits(exported, data[name], trained.tokenizer, trained.spec.eval_batch_size)

@@ -22,9 +22,14 @@ from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.early_exit.runner import Prediction, adaptive_predict
 from frugalnlp.errors import FrugalError
+from frugalnlp.quantization import check_config, note_isa
 
 EXPORT = "export.json"  # in an export's model/ folder: what makes a folder an exported model
 KIND = "frugalnlp-export"
+# How an export's sessions run, recorded in export.json: one thread pool shared by every segment's session
+# (per-session pools would wait on, or spin against, each other), and idle threads sleep rather than spin (the
+# server's event loop and tokeniser share these cores).
+SESSION_OPTIONS = {"shared_thread_pool": True, "allow_spinning": False}
 
 
 class Hidden(NamedTuple):
@@ -129,6 +134,13 @@ def read_manifest(folder: Path) -> dict:
     if (not isinstance(temperatures, list) or len(temperatures) != len(graphs)
             or not all(type(t) in (int, float) and math.isfinite(t) and t > 0 for t in temperatures)):
         raise bad(f"temperatures must be {len(graphs)} finite positive numbers, one per graph")
+    wrong = check_config(manifest.get("quantization"))
+    if wrong:
+        raise bad(wrong)
+    options = manifest.get("session_options", SESSION_OPTIONS)
+    if not isinstance(options, dict) or set(options) != set(SESSION_OPTIONS) or not all(
+            isinstance(v, bool) for v in options.values()):
+        raise bad(f"session_options must set {', '.join(SESSION_OPTIONS)} to true or false")
     return manifest
 
 
@@ -162,15 +174,15 @@ class OnnxModel:
             raise FrugalError(f"{self.folder / EXPORT}: exit_layers {self.exit_layers} are not the model's "
                               f"{self.config.exit_layers}; export the run again")
         self.temperatures = list(self.manifest["temperatures"])
+        note_isa(self.manifest.get("quantization"), str(self.folder))
+        recorded = self.manifest.get("session_options", SESSION_OPTIONS)  # exports before it: the same options
         options = ort.SessionOptions()
-        if _shared_thread_pool(threads or torch.get_num_threads()):
-            # one pool for every segment's session: per-session pools would wait on (or spin against) each other
+        if recorded["shared_thread_pool"] and _shared_thread_pool(threads or torch.get_num_threads()):
             options.use_per_session_threads = False
         else:
             options.intra_op_num_threads = threads or torch.get_num_threads()
             options.inter_op_num_threads = 1
-        # idle threads sleep rather than spin: the server's event loop and tokeniser share these cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if recorded["allow_spinning"] else "0")
         self.sessions = [_session(ort, self.folder / g, options) for g in self.manifest["graphs"]]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         # a segment after the first resumes from a hidden state; a cascade's members each start from the tokens
