@@ -90,6 +90,8 @@ def test_a_distilled_static_model_learns_from_the_teachers_logits(tiny_dir, tmp_
 
 def _fake_static_run(path, layers, dev, test, distilled=False, method="plain"):
     """A run directory with what static_points reads: config.json and metrics.json."""
+    from frugalnlp.manifest import write_manifest
+
     path.mkdir(parents=True)
     task = {"name": "mr", "labels": ["neg", "pos"], "sizes": {"train": 10}, "pair": False}
     spec = {"method": method, "model": "minilm", "exit_layers": layers, "teacher": "full" if distilled else None}
@@ -100,6 +102,7 @@ def _fake_static_run(path, layers, dev, test, distilled=False, method="plain"):
         return {"exits": exits, "accuracy": accs[-1], "macro_f1": accs[-1]}
 
     (path / "metrics.json").write_text(json.dumps({"dev": split(dev), "test": split(test)}))
+    write_manifest(path)  # as a finished run has one
     return str(path)
 
 

@@ -17,7 +17,7 @@ from frugalnlp.curves import CurvePoint, SplitScores, accuracy_at_speedup, exit_
 from frugalnlp.dev_choice import choose_threshold
 from frugalnlp.early_exit.ensemble import fit_class_bias
 from frugalnlp.errors import FrugalError
-from frugalnlp.run import load_run, load_run_config
+from frugalnlp.run import load_run, load_run_config, verify_run
 
 
 def best_per_depth(points: list[dict]) -> list[dict]:
@@ -171,8 +171,10 @@ def corrected_logits(exit_logits: torch.Tensor, temperatures: list[float], bias:
 
 
 def _static_members(run: str, config: dict, depth: int) -> tuple[dict, list[int]]:
-    """A static run's config and member depths, refused unless it is a static frontier for ``config``'s run."""
+    """A static run's config and member depths, refused unless it is a static frontier for ``config``'s run
+    (and its files are the ones its manifest lists: its metrics are read as the frontier)."""
     other = load_run_config(run)
+    verify_run(run, other)
     for key in ("name", "labels", "sizes", "pair"):
         if other["task"].get(key) != config["task"].get(key):
             raise FrugalError(f"--static {run} was trained on another task ({other['task'].get('name')}, "

@@ -42,6 +42,7 @@ from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.encoding import load_tokenizer
 from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.evaluation import certified_point, evaluate_run, evaluation_dir
+from frugalnlp.manifest import verify_manifest, write_manifest
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
 from frugalnlp.run import RunSpec, load_run_config, load_spec_task, spec_inputs
@@ -352,11 +353,20 @@ def _evaluation(run: Path, static: list[str], policy: str = "confidence", ensemb
     """The run's test curve beside its baselines (``static``: the static runs of its seed): evaluated now, or as
     an earlier pass of this demo left it against the same static runs."""
     saved = evaluation_dir(run, "test", policy + ("-ensemble" if ensemble else "")) / "curve.json"
-    evaluation = json.loads(saved.read_text()) if saved.exists() else {}
+    evaluation = json.loads(saved.read_text()) if saved.exists() and _verified(saved.parent) else {}
     if evaluation.get("static_runs") != static or "ceiling" not in evaluation.get("baselines", {}):
         evaluation = evaluate_run(run, split="test", static=static, overwrite=True, policy=policy,
                                   output=saved.parent, ensemble=ensemble)[1]
     return evaluation
+
+
+def _verified(output: Path) -> bool:
+    """Whether an earlier output's files are still the ones its manifest lists (else it is computed again)."""
+    try:
+        verify_manifest(output, "")
+        return True
+    except FrugalError:
+        return False
 
 
 def _certified(run: Path, policy: str, ensemble: bool, epsilon: float, risk: float) -> dict:
@@ -364,14 +374,15 @@ def _certified(run: Path, policy: str, ensemble: bool, epsilon: float, risk: flo
     the test split realises against the last exit (computed once, then read from the run's evaluations)."""
     out = evaluation_dir(run, "test", f"{policy}{'+ensemble' if ensemble else ''}-certified-{epsilon:g}-{risk:g}")
     saved, earlier = out / "certified.json", out / "curve.json"  # curve.json: a demo that ran a full evaluation
-    if saved.exists():
+    if saved.exists() and _verified(out):
         point = json.loads(saved.read_text())
-    elif earlier.exists():
+    elif earlier.exists() and _verified(out):
         point = json.loads(earlier.read_text())["operating_point"]
     else:
         point = certified_point(run, policy, ensemble, epsilon, risk)
         out.mkdir(parents=True, exist_ok=True)
         write_json(saved, point)
+        write_manifest(out)
     return {"certified": point["certified"], "threshold": point["threshold"],
             "dev_speedup": point["dev"]["speedup_layers"], "test_speedup": point["test"]["speedup_layers"],
             "test_accuracy": point["test"]["accuracy"], "test_drop_points": 100 * point["test_drop"]}

@@ -97,8 +97,9 @@ def verify_manifest(root: str | os.PathLike, fix: str, complete: tuple[str, ...]
             raise FrugalError(f"{where} has changed since it was written (its sha256 is not the one {path} lists); "
                               f"{fix}")
     for part in complete:
-        found = [root / part] if not (root / part).is_dir() else [Path(f) / n for f, _, names in os.walk(root / part)
-                                                                  for n in names]
+        target = root / part
+        found = ([Path(f) / n for f, _, names in os.walk(target) for n in names] if target.is_dir()
+                 else [target] if target.exists() else [])
         unlisted = next((f for f in found if f.relative_to(root).as_posix() not in files), None)
         if unlisted is not None:
             raise FrugalError(f"{unlisted} is not listed in {path} (added or renamed after it was written); {fix}")

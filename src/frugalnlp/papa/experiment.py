@@ -24,7 +24,7 @@ from frugalnlp.curves import scores
 from frugalnlp.defaults import PAPA_LENGTH
 from frugalnlp.encoding import EncodedSplit, batches, encode_split, load_tokenizer
 from frugalnlp.errors import FrugalError, check_positive, check_seed
-from frugalnlp.manifest import verify_manifest
+from frugalnlp.manifest import MANIFEST, verify_manifest
 from frugalnlp.papa.constants import compute_constant_attention, load_constant_attention, save_constant_attention
 from frugalnlp.papa.families import check_family
 from frugalnlp.papa.frozen_states import FrozenStates
@@ -421,6 +421,8 @@ def load_sweep(path: str | Path) -> dict:
     """A sweep's summary (``sweep.json``) from its directory or the file itself."""
     path = Path(path)
     path = path / "sweep.json" if path.is_dir() else path
+    if (path.parent / MANIFEST).is_file():  # a sweep's output; a summary copied on its own is read as given
+        verify_manifest(path.parent, "run the sweep again with --overwrite", complete=(path.name,))
     try:
         summary = json.loads(path.read_text())
     except (OSError, ValueError) as error:
