@@ -1,6 +1,7 @@
 """Baselines beside every curve: fixed exits, the static frontier, the oracle; operating points chosen on dev."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -206,7 +207,7 @@ def test_a_deployed_point_is_never_below_its_own_fixed_exit_on_dev(tiny_bert):
 
     from frugalnlp import EarlyExitModel
     from frugalnlp.curves import SplitScores
-    from frugalnlp.dev_choice import choose_operating_point, fixed_exit_thresholds
+    from frugalnlp.dev_choice import OperatingTarget, choose_operating_point, fixed_exit_thresholds
     from frugalnlp.operating import operating_point
 
     backbone = BertModel(tiny_bert.config)
@@ -218,16 +219,16 @@ def test_a_deployed_point_is_never_below_its_own_fixed_exit_on_dev(tiny_bert):
     curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
     assert max(p.accuracy for p in curve if p.speedup_layers >= 2.0) < 0.5
     for target, drop in ((2.0, None), (None, 0.0)):
-        chosen = choose_operating_point(curve, dev, target, drop, "confidence", None)
+        chosen = choose_operating_point(curve, dev, OperatingTarget(speedup=target, max_drop=drop))
         assert chosen.policy == "per-exit" and chosen.point.threshold == fixed_exit_thresholds(3, 1) == [1.0, 0.0]
         assert chosen.point.accuracy == 1.0 and chosen.point.speedup_layers == 2.0
         assert chosen.point.exit_histogram == [0, 200, 0]
-    point = operating_point(None, dev, chosen, "confidence", max_drop=0.0)
+    point = operating_point(None, dev, chosen, OperatingTarget(max_drop=0.0))
     assert point.policy == "per-exit" and "fixed exit 2 (layer 2) beats the confidence policy" in point.chosen_by
     # at equal accuracy the fixed exit wins (over threshold 1 at 1x, and over threshold 0, which is the fixed
     # exit 1 at 4x): `choose`'s tie rule, the simpler first
-    assert choose_operating_point(curve, dev, 1.0, None, "confidence", None).policy == "per-exit"
-    tied = choose_operating_point(curve, dev, 4.0, None, "confidence", None)
+    assert choose_operating_point(curve, dev, OperatingTarget(speedup=1.0)).policy == "per-exit"
+    tied = choose_operating_point(curve, dev, OperatingTarget(speedup=4.0))
     assert tied.policy == "per-exit" and tied.point.threshold == fixed_exit_thresholds(3, 0)
 
 
@@ -257,7 +258,7 @@ def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert)
 
     from frugalnlp import EarlyExitModel
     from frugalnlp.curves import SplitScores
-    from frugalnlp.dev_choice import choose_operating_point
+    from frugalnlp.dev_choice import OperatingTarget, choose_operating_point
     from frugalnlp.timing import SegmentTimes
 
     backbone = BertModel(tiny_bert.config)
@@ -278,8 +279,8 @@ def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert)
     for p in curve:
         exits = np.repeat([0.02, 0.92, 1.0], p.exit_histogram)
         assert p.time_share == pytest.approx(exits.mean()) and p.speedup == pytest.approx(1 / exits.mean())
-    chosen = choose_operating_point(curve, dev, 2.0, None, "confidence", None)
-    in_layers = choose_operating_point(layers_curve, dev, 2.0, None, "confidence", None)
+    chosen = choose_operating_point(curve, dev, OperatingTarget(speedup=2.0))
+    in_layers = choose_operating_point(layers_curve, dev, OperatingTarget(speedup=2.0))
     assert chosen.point.speedup >= 2.0 - 1e-9 and in_layers.point.speedup_layers >= 2.0 - 1e-9
     timed_layers_choice = curve[layers_curve.index(in_layers.point)]
     assert in_layers.point.accuracy == 1.0 and in_layers.point.exit_histogram == [0, 300, 0]
@@ -309,3 +310,21 @@ def test_segment_times_count_thin_batches_and_each_call():
     expected = (1.0 + np.interp(16, [1, 32], [0.5, 1.0]) + np.interp(8, [1, 32], [0.5, 1.0])
                 + np.interp(4, [1, 32], [0.5, 1.0])) / (40 * 2.0 / 32)
     assert times.share(half_on, [1, 2]) == pytest.approx(expected)
+
+
+def test_the_operating_target_is_one_frozen_value_checked_once():
+    import dataclasses
+
+    from frugalnlp.dev_choice import OperatingTarget
+
+    target = OperatingTarget(speedup=2.0, policy="per-exit", cost="time", cost_batch_size=8)
+    assert target.describe() == "dev: target speedup 2" and OperatingTarget(max_drop=0.01).describe() == "dev: max drop 0.01"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.speedup = 3.0
+    for bad, message in (({}, "exactly one"), ({"speedup": 2.0, "max_drop": 0.1}, "exactly one"),
+                         ({"speedup": 0.5}, "at least 1"), ({"max_drop": 2.0}, "outside [0, 1]"),
+                         ({"speedup": 2.0, "risk": 0.1}, "--risk"), ({"speedup": 2.0, "policy": "nope"}, "nope"),
+                         ({"speedup": 2.0, "cost": "joules"}, "--cost"),
+                         ({"speedup": 2.0, "cost_batch_size": 0}, "--cost-batch-size")):
+        with pytest.raises(FrugalError, match=re.escape(message)):
+            OperatingTarget(**bad)

@@ -177,7 +177,7 @@ def test_a_certified_ensemble_and_router_never_see_the_calibration_half(tiny_run
     from frugalnlp.certify import split_dev
     from frugalnlp.curves import dev_scores
     from frugalnlp.defaults import OPERATING_GRID
-    from frugalnlp.dev_choice import choose_operating_point
+    from frugalnlp.dev_choice import OperatingTarget, choose_operating_point
     from frugalnlp.early_exit.ensemble import fit_exit_ensemble
     from frugalnlp.run import load_run
 
@@ -192,7 +192,8 @@ def test_a_certified_ensemble_and_router_never_see_the_calibration_half(tiny_run
     assert not torch.equal(relabelled.ensemble.bias, dev.ensemble.bias)  # the all-dev fit sees those labels
     if policy == "learned":
         relabelled.fit_router()
-    chosen = [choose_operating_point([d.point(policy, t) for t in OPERATING_GRID], d, None, 0.02, policy, 0.1)
+    chosen = [choose_operating_point([d.point(policy, t) for t in OPERATING_GRID], d,
+                                     OperatingTarget(max_drop=0.02, risk=0.1, policy=policy))
               for d in (dev, relabelled)]
     assert chosen[0].ensemble is not None and chosen[0].ensemble is not dev.ensemble
     assert torch.equal(chosen[0].ensemble.maps, chosen[1].ensemble.maps)

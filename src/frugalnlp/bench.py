@@ -244,7 +244,7 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
     import asyncio
 
     from frugalnlp.curves import dev_scores, split_scores
-    from frugalnlp.dev_choice import operating_threshold
+    from frugalnlp.dev_choice import OperatingTarget, operating_threshold
     from frugalnlp.loadtest import ServerProcess, closed_loop
 
     split = load_task(settings.task).test
@@ -254,7 +254,7 @@ def _deploy(early: dict[str, str], static: dict[str, str], plain: dict, settings
     tokenizer = loaded["torch"].tokenizer
     rows: dict[str, dict] = {}
     for runtime, trained in loaded.items():
-        chosen = operating_threshold(dev_scores(trained), target_speedup=settings.target)
+        chosen = operating_threshold(dev_scores(trained), OperatingTarget(speedup=settings.target))
         threshold = chosen.point.threshold
         test = split_scores(trained, "test").point(chosen.policy, threshold)
         rows[f"early exit, {RUNTIME_NAMES[runtime]}"] = {

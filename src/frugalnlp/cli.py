@@ -8,10 +8,14 @@ import os
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, MAX_LENGTH, PAPA_LENGTH, THRESHOLD
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.errors import FrugalError, check_positive
+
+if TYPE_CHECKING:
+    from frugalnlp.dev_choice import OperatingTarget
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +94,17 @@ def _add_train_args(p: argparse.ArgumentParser, one_run: bool = True) -> None:
     if one_run:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N steps (default: every epoch)")
+
+
+def _operating_target(args: argparse.Namespace) -> OperatingTarget | None:
+    """The command's operating target, validated here once (None: none asked for)."""
+    from frugalnlp.dev_choice import OperatingTarget
+
+    if args.target_speedup is None and args.max_drop is None and args.risk is None:
+        return None
+    return OperatingTarget(speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
+                           policy=args.policy or "confidence", cost=getattr(args, "cost", "layers"),
+                           cost_batch_size=getattr(args, "cost_batch_size", 32))
 
 
 def _add_operating_args(p: argparse.ArgumentParser, threshold: bool = False) -> None:
@@ -236,8 +251,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     path, result = evaluate_run(_run_path(args), split=args.split, thresholds=args.thresholds, policy=args.policy,
                                 output=args.output, overwrite=args.overwrite, static=args.static,
-                                target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
-                                ensemble=args.ensemble)
+                                target=_operating_target(args), ensemble=args.ensemble)
     print(f"{'threshold':>9} {'accuracy':>8} {'macro-F1':>8} {'layers':>7} {'speedup':>7} {'FLOPs':>6}")
     for p in result["points"]:
         print(f"{p['threshold']:>9.2f} {p['accuracy']:>8.4f} {p['macro_f1']:>8.4f} {p['layers_share']:>7.3f} "
@@ -276,9 +290,10 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     from frugalnlp.operating import OPERATING_POINT, calibrate_run
 
     run = _run_path(args)
-    point = calibrate_run(run, policy=args.policy, target_speedup=args.target_speedup, max_drop=args.max_drop,
-                          risk=args.risk, ensemble=args.ensemble, overwrite=args.overwrite, cost=args.cost,
-                          cost_batch_size=args.cost_batch_size)
+    target = _operating_target(args)
+    if target is None:
+        raise FrugalError("give exactly one of --target-speedup and --max-drop")
+    point = calibrate_run(run, target, ensemble=args.ensemble, overwrite=args.overwrite)
     measured = f", {point.dev['speedup_time']:.2f}x in measured time" if "speedup_time" in point.dev else ""
     print(f"{point.policy} threshold {point.threshold} ({point.chosen_by}): dev accuracy {point.dev['accuracy']:.4f} "
           f"at {point.dev['speedup_layers']:.2f}x in layers{measured}")
@@ -375,10 +390,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     check_positive(args.ray_cpus_per_actor, "--ray-cpus-per-actor")
     if not os.path.isfile(args.input):
         raise FrugalError(f"{args.input}: no such file")
+    target = _operating_target(args)
     predictor = Predictor(_deployed_path(args), threshold=args.threshold, policy=args.policy, batch_size=args.batch_size,
-                          max_tokens=args.max_tokens,
-                          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop,
-                          risk=args.risk, ensemble=args.ensemble)
+                          max_tokens=args.max_tokens, trust_pickle=args.trust_pickle, target=target,
+                          ensemble=args.ensemble)
     point = predictor.operating_point
     if point and predictor.operating_point_saved:
         print(f"the run's saved operating point: {point.policy} threshold {point.threshold} ({point.chosen_by}; "
@@ -416,10 +431,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
                              idle_timeout_s=args.idle_timeout, max_connections=args.max_connections)
     if not 0 <= args.port <= 65535:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
-    serve(_deployed_path(args), host=args.host, port=args.port, settings=settings,
-          threshold=args.threshold, policy=args.policy,
-          trust_pickle=args.trust_pickle, target_speedup=args.target_speedup, max_drop=args.max_drop, risk=args.risk,
-          ensemble=args.ensemble)
+    target = _operating_target(args)  # checked before the port is taken and the model loads
+    serve(_deployed_path(args), host=args.host, port=args.port, settings=settings, threshold=args.threshold,
+          policy=args.policy, trust_pickle=args.trust_pickle, target=target, ensemble=args.ensemble)
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ from frugalnlp.baselines import static_envelope, static_frontier, static_points,
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_static_layers
 from frugalnlp.deploy import deploy_dir
-from frugalnlp.dev_choice import Candidate, check_operating_target, choose
+from frugalnlp.dev_choice import Candidate, OperatingTarget, choose
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.encoding import load_tokenizer
@@ -198,7 +198,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     names = list(dict.fromkeys([*spec.methods, STATIC]))  # the static frontier is always trained
     policies = [_policy(p) for p in spec.policies or ["confidence"]]
     for eps in spec.certify:
-        check_operating_target(None, eps, spec.risk)
+        OperatingTarget(max_drop=eps, risk=spec.risk)  # checked before any training
     specs = {v: parse_variant(v, base) for v in names}
     specs[STATIC] = replace(specs[STATIC], recipe=ExitRecipe(), teacher=None)  # trained on labels: it teaches
     # one candidate per (variant, policy); with the confidence policy alone, named by the variant

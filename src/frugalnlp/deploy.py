@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from frugalnlp.atomic import write_bytes, write_json
+from frugalnlp.dev_choice import OperatingTarget
 from frugalnlp.manifest import verify_manifest, write_manifest
 from frugalnlp.operating import calibrate_run
 from frugalnlp.timing import describe_machine, machine
@@ -45,8 +46,8 @@ def deploy_dir(folder: Path, run: str | Path, target: float, policy: str = "conf
     write_manifest(folder)  # the operating point binds to the files it lists
     config = load_run_config(folder)
     static = len(config["spec"]["exit_layers"]) == 1  # one exit: nothing to choose
-    point = calibrate_run(folder, "confidence" if static else policy, ensemble=ensemble and not static,
-                          target_speedup=1.0 if static else target)
+    chosen_for = OperatingTarget(speedup=1.0) if static else OperatingTarget(speedup=target, policy=policy)
+    point = calibrate_run(folder, chosen_for, ensemble=ensemble and not static)
     test = load_spec_task(spec_from_config(config)).test
     predictions = Predictor(folder)(test.texts, test.pairs)
     names = [str(name) for name in config["task"]["labels"]]

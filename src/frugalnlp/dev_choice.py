@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from frugalnlp.certify import certify_threshold, check_risk, split_dev
-from frugalnlp.curves import CurvePoint, SplitScores, last_exit_accuracy
+from frugalnlp.curves import COSTS, CurvePoint, SplitScores, last_exit_accuracy
 from frugalnlp.defaults import OPERATING_GRID
 from frugalnlp.early_exit.ensemble import ExitEnsemble, fit_exit_ensemble
+from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.early_exit.router import ExitRouter
 from frugalnlp.errors import FrugalError
 
@@ -28,6 +29,33 @@ def check_operating_target(target_speedup: float | None, max_drop: float | None,
         raise FrugalError(f"--target-speedup {target_speedup!r} must be at least 1 (e.g. 2 for half the layers)")
     if max_drop is not None and not (isinstance(max_drop, (int, float)) and 0.0 <= max_drop <= 1.0):
         raise FrugalError(f"--max-drop {max_drop!r} is outside [0, 1] (an accuracy drop, e.g. 0.01)")
+
+
+@dataclass(frozen=True)
+class OperatingTarget:
+    """Where to operate, chosen on dev, validated once where it is parsed: ``speedup`` (the most accurate point at
+    least this fast) or ``max_drop`` (the fastest within this accuracy drop of the last exit), certified with
+    ``risk`` (with ``max_drop`` only); the ``policy`` deciding at the exits; the ``cost`` the speedup is in
+    (``layers``, or ``time`` measured on the run's runtime at ``cost_batch_size`` rows)."""
+
+    speedup: float | None = None
+    max_drop: float | None = None
+    risk: float | None = None
+    policy: str = "confidence"
+    cost: str = "layers"
+    cost_batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_operating_target(self.speedup, self.max_drop, self.risk)
+        check_policy(self.policy)
+        if self.cost not in COSTS:
+            raise FrugalError(f"unknown --cost '{self.cost}'; choose one of {', '.join(COSTS)}")
+        if not (isinstance(self.cost_batch_size, int) and self.cost_batch_size >= 1):
+            raise FrugalError(f"--cost-batch-size {self.cost_batch_size!r} must be at least 1")
+
+    def describe(self) -> str:
+        """``dev: target speedup 2`` or ``dev: max drop 0.01``: how a point was chosen, for its record."""
+        return f"dev: target speedup {self.speedup:g}" if self.speedup is not None else f"dev: max drop {self.max_drop:g}"
 
 
 KINDS = ("static", "fixed exit", "adaptive")  # the tie rule, simplest first: one graph and nothing to tune wins
@@ -126,15 +154,13 @@ class DevChoice:
     ensemble: ExitEnsemble | None = None
 
 
-def operating_threshold(dev: SplitScores, target_speedup: float | None = None, max_drop: float | None = None,
-                        policy: str = "confidence", risk: float | None = None) -> DevChoice:
+def operating_threshold(dev: SplitScores, target: OperatingTarget) -> DevChoice:
     """The dev point to predict with, on `OPERATING_GRID`: see `choose_operating_point`."""
-    curve = [dev.point(policy, threshold) for threshold in OPERATING_GRID]
-    return choose_operating_point(curve, dev, target_speedup, max_drop, policy, risk)
+    curve = [dev.point(target.policy, threshold) for threshold in OPERATING_GRID]
+    return choose_operating_point(curve, dev, target)
 
 
-def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target_speedup: float | None,
-                           max_drop: float | None, policy: str, risk: float | None) -> DevChoice:
+def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target: OperatingTarget) -> DevChoice:
     """The dev point to operate at: `choose_threshold`'s on the dev curve; per-exit thresholds found by
     `search_per_exit` (``policy="per-exit"``); or, with ``risk``, the threshold that Learn-then-Test
     certifies (`frugalnlp.certify`). For the learned policy the choice's ``router`` is the router to
@@ -143,6 +169,7 @@ def choose_operating_point(dev_curve: list[CurvePoint], dev: SplitScores, target
     With ``risk`` and per-exit, the candidates are the uniform thresholds and per-exit thresholds searched on
     the fit part at a ladder of target speedups. Uncertified, a fixed exit of the model that beats the
     policy's point on dev is deployed instead (`_unless_fixed_exit`)."""
+    target_speedup, max_drop, policy, risk = target.speedup, target.max_drop, target.policy, target.risk
     if risk is not None:
         fit, _ = split_dev(len(dev.gold))
         candidates = [p.threshold for p in dev_curve]
@@ -199,14 +226,13 @@ def _unless_fixed_exit(chosen: DevChoice, dev: SplitScores, last_accuracy: float
     return chosen if best is None else best.item
 
 
-def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: SplitScores, split: str, policy: str,
-                     target_speedup: float | None = None, max_drop: float | None = None,
-                     risk: float | None = None) -> dict:
+def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: SplitScores, split: str,
+                     target: OperatingTarget) -> dict:
     """The operating point chosen on dev (`choose_operating_point`; ``dev_curve``: ``policy`` on ``dev``) and what
     it gives on ``reported``: the ``operating_point`` record of curve.json, with the drop ``split`` realises
     against the last exit (as the policy answers there: an ensemble's mix, the raw exit otherwise), the
     reference of ``--max-drop`` and of its certificate."""
-    chosen = choose_operating_point(dev_curve, dev, target_speedup, max_drop, policy, risk)
+    chosen = choose_operating_point(dev_curve, dev, target)
     read = reported
     if chosen.ensemble is not None or (chosen.router is not None and chosen.router is not dev.router):
         read = reported.subset()  # certified: read with what was fitted on dev's fit part
@@ -214,7 +240,7 @@ def operating_record(dev: SplitScores, dev_curve: list[CurvePoint], reported: Sp
         read.use_router(chosen.router)
     point = read.point(chosen.policy, chosen.point.threshold)
     last = read.point("confidence", 1.0).accuracy  # every row at the last exit, ensembled if the policy is
-    return {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target_speedup, "max_drop": max_drop,
-            "risk": risk, "certified": chosen.certified, "certificate": chosen.certificate,
+    return {"chosen_on": "dev", "policy": chosen.policy, "target_speedup": target.speedup, "max_drop": target.max_drop,
+            "risk": target.risk, "certified": chosen.certified, "certificate": chosen.certificate,
             "threshold": chosen.point.threshold, "dev": chosen.point.to_dict(), split: point.to_dict(),
             f"{split}_drop": last - point.accuracy}

@@ -17,7 +17,7 @@ from frugalnlp.baselines import (Oracle, compare, corrected_logits, corrected_st
 from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.curves import CurvePoint, SplitScores, accuracy_at_speedup, dev_scores, exit_scores, split_scores
 from frugalnlp.defaults import OPERATING_GRID
-from frugalnlp.dev_choice import check_operating_target, operating_record, search_per_exit
+from frugalnlp.dev_choice import OperatingTarget, operating_record, search_per_exit
 from frugalnlp.early_exit.ensemble import fit_class_bias
 from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.errors import FrugalError
@@ -33,16 +33,15 @@ def evaluation_dir(run: str | Path, split: str = "test", policy: str = "confiden
 
 def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, policy: str = "confidence",
                  output: str | Path | None = None, overwrite: bool = False, static: list[str] | None = None,
-                 target_speedup: float | None = None, max_drop: float | None = None,
-                 risk: float | None = None, ensemble: bool = False) -> tuple[Path, dict]:
+                 target: OperatingTarget | None = None, ensemble: bool = False) -> tuple[Path, dict]:
     """Curve of a trained run on ``split`` beside its baselines; writes curve.json, curve.csv, exits.json, curve.png.
 
     Baselines: the fixed exits, the static frontier (``static``: multi-model or ``plain --num-layers``
     runs; a multi-model run's own members by default), both also with a class bias fitted on dev (the
     *dev-corrected* frontier: what an ensemble fitted on dev is fairly measured against), the oracle and
     the learnable ceiling (the learned router cross-fitted on ``split`` itself: reported, never used to
-    choose). ``target_speedup`` or ``max_drop`` choose a threshold on the dev curve and report ``split``
-    at it (``risk``: certified by Learn-then-Test, with the drop ``split`` realises). With ``ensemble`` an
+    choose). A ``target`` (`OperatingTarget`, for ``policy``) chooses a threshold on the dev curve and reports
+    ``split`` at it (with its ``risk``: certified by Learn-then-Test, with the drop ``split`` realises). With ``ensemble`` an
     `ExitEnsemble` is fitted on dev and every policy decides on its logits (the ensembled exits'
     fixed-exit scores are reported too). The learned policy's dev curve is cross-fitted (each dev example
     scored by a router that did not see it); ``split`` is scored by the router fitted on all of dev.
@@ -51,8 +50,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     if thresholds < 2:
         raise FrugalError("--thresholds must be at least 2 (evenly spaced in [0, 1])")
     check_policy(policy)  # an unknown policy fails now, not after the forward passes
-    if target_speedup is not None or max_drop is not None or risk is not None:
-        check_operating_target(target_speedup, max_drop, risk)
+    if target is not None and target.policy != policy:
+        raise FrugalError(f"the operating target is for the {target.policy} policy, the curve for {policy}")
     out = RunDir(output or evaluation_dir(run, split, policy + ("-ensemble" if ensemble else "")), overwrite=overwrite,
                  kind="evaluation", inputs=[run, *(static or [])])
     trained = load_run(run)
@@ -74,8 +73,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
     fixed = exit_scores(model, logits, gold)
     bias = fit_class_bias(dev_logits, model.temperatures, dev_gold)
     operating = None
-    if target_speedup is not None or max_drop is not None:
-        operating = operating_record(dev, dev_curve, reported_split, split, policy, target_speedup, max_drop, risk)
+    if target is not None:
+        operating = operating_record(dev, dev_curve, reported_split, split, target)
     # over the exits the policy decides on: an ensemble's mixed exits answer differently from the raw ones
     oracle = Oracle(reported_split.decision_logits(), gold, model.layers_to_exit(), depth)
     ceiling_curve = learnable_ceiling(reported_split)
@@ -138,9 +137,8 @@ def certified_point(run: str | Path, policy: str, ensemble: bool, max_drop: floa
                     split: str = "test") -> dict:
     """The run's Learn-then-Test point for ``policy`` (on an exit ensemble fitted on dev, with ``ensemble``) at
     ``max_drop`` and ``risk``, read on ``split``: `operating_record` without the rest of `evaluate_run`."""
-    check_operating_target(None, max_drop, risk)
+    target = OperatingTarget(max_drop=max_drop, risk=risk, policy=policy)
     trained = load_run(run)
     dev = dev_scores(trained, ensemble, policy)
     dev_curve = [dev.point(policy, threshold) for threshold in OPERATING_GRID]
-    return operating_record(dev, dev_curve, split_scores(trained, split, dev.ensemble), split, policy, None, max_drop,
-                            risk)
+    return operating_record(dev, dev_curve, split_scores(trained, split, dev.ensemble), split, target)

@@ -23,7 +23,7 @@ import torch
 
 from frugalnlp.baselines import best_per_depth, is_distilled, static_frontier
 from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_split
-from frugalnlp.dev_choice import Candidate, choose, fixed_exit_thresholds, operating_threshold
+from frugalnlp.dev_choice import Candidate, OperatingTarget, choose, fixed_exit_thresholds, operating_threshold
 from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import check_policy, make_policy
 from frugalnlp.encoding import EncodedSplit, encode_split, unsorted_batches
@@ -129,7 +129,8 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
         reported.use_router(dev.router)
         for target in settings.targets:
             try:
-                chosen = operating_threshold(dev, target_speedup=target, policy=policy_name)
+                chosen = operating_threshold(dev, OperatingTarget(speedup=target, policy=policy_name,
+                                                                  cost=settings.cost))
             except FrugalError:  # dev never gets that fast
                 continue
             point = reported.point(chosen.policy, chosen.point.threshold)

@@ -34,7 +34,7 @@ from frugalnlp.manifest import listing_sha256, sha256_file
 
 if TYPE_CHECKING:  # annotations only: loading a saved point needs none of their imports (scipy, the models)
     from frugalnlp.curves import SplitScores
-    from frugalnlp.dev_choice import DevChoice
+    from frugalnlp.dev_choice import DevChoice, OperatingTarget
 
 OPERATING_POINT = "operating-point.json"
 # an exit ensemble's and a router's tensors, when the point has them: operating-point.<sha256[:16]>.safetensors
@@ -249,49 +249,40 @@ def _check_fitted(ensemble: ExitEnsemble | None, router: ExitRouter | None, num_
             raise bad(f"the {name} tensor holds values that are not finite")
 
 
-def calibrate_run(run: str | Path, policy: str = "confidence", target_speedup: float | None = None,
-                  max_drop: float | None = None, risk: float | None = None, ensemble: bool = False,
-                  overwrite: bool = False, cost: str = "layers", cost_batch_size: int = 32) -> OperatingPoint:
-    """Choose the run's operating point on dev (`frugalnlp.dev_choice.operating_threshold`; with ``ensemble``
-    the policy decides on an exit ensemble fitted on dev; the learned policy's router is fitted on dev, its
-    threshold chosen on cross-fitted dev scores) and save it. ``cost="time"``: the target speedup is in time
-    measured on the run's own runtime (an ONNX export's, or torch) at ``cost_batch_size`` (`time_split`), so
-    2x is twice the plain model's texts/s there, not half its layers."""
-    from frugalnlp.curves import COSTS, dev_scores, time_split
-    from frugalnlp.dev_choice import check_operating_target, operating_threshold
-    from frugalnlp.early_exit.registry import check_policy
+def calibrate_run(run: str | Path, target: OperatingTarget, ensemble: bool = False, overwrite: bool = False
+                  ) -> OperatingPoint:
+    """Choose the run's operating point on dev for ``target`` (`frugalnlp.dev_choice.operating_threshold`; with
+    ``ensemble`` the policy decides on an exit ensemble fitted on dev; the learned policy's router is fitted on
+    dev, its threshold chosen on cross-fitted dev scores) and save it. With ``target.cost == "time"`` the target
+    speedup is in time measured on the run's own runtime (an ONNX export's, or torch) at the target's cost batch
+    size (`time_split`), so 2x is twice the plain model's texts/s there, not half its layers."""
+    from frugalnlp.curves import dev_scores, time_split
+    from frugalnlp.dev_choice import operating_threshold
     from frugalnlp.run import load_run
 
-    check_policy(policy)  # an unknown policy fails before the dev logits
-    check_operating_target(target_speedup, max_drop, risk)
-    if cost not in COSTS:
-        raise FrugalError(f"unknown --cost '{cost}'; choose one of {', '.join(COSTS)}")
-    if cost_batch_size < 1:
-        raise FrugalError(f"--cost-batch-size {cost_batch_size} must be at least 1")
     path = Path(run) / OPERATING_POINT
     if path.exists() and not overwrite:  # before minutes of dev logits
         raise FrugalError(f"{path} already exists; pass --overwrite to replace the run's operating point")
     trained = load_run(run)
     with point_lock(run):
-        dev = dev_scores(trained, ensemble, policy)
-        if cost == "time":  # a new SplitScores each call: the cached logits are untouched
-            dev.times = time_split(trained, "dev", cost_batch_size)
-        point = operating_point(run, dev, operating_threshold(dev, target_speedup, max_drop, policy, risk), policy,
-                                target_speedup, max_drop, risk)
+        dev = dev_scores(trained, ensemble, target.policy)
+        if target.cost == "time":  # a new SplitScores each call: the cached logits are untouched
+            dev.times = time_split(trained, "dev", target.cost_batch_size)
+        point = operating_point(run, dev, operating_threshold(dev, target), target)
         point.save(run, overwrite=overwrite)
     return point
 
 
-def operating_point(run: str | Path | None, dev: SplitScores, chosen: DevChoice, policy: str,
-                    target_speedup: float | None = None, max_drop: float | None = None,
-                    risk: float | None = None) -> OperatingPoint:
+def operating_point(run: str | Path | None, dev: SplitScores, chosen: DevChoice, target: OperatingTarget
+                    ) -> OperatingPoint:
     """The run's operating point for a choice made on its dev scores (`frugalnlp.dev_choice.operating_threshold`)
-    for ``policy`` (deployed as ``chosen.policy``: per-exit thresholds where a fixed exit won on dev), bound to
+    for ``target`` (deployed as ``chosen.policy``: per-exit thresholds where a fixed exit won on dev), bound to
     the run's files (`run_binding`; None: bound to no run, never to be saved): what `calibrate_run` saves and
     what `Predictor` keeps when it chooses itself."""
     from frugalnlp.report import command_line
 
-    how = f"dev: target speedup {target_speedup:g}" if target_speedup is not None else f"dev: max drop {max_drop:g}"
+    target_speedup, max_drop, policy, risk = target.speedup, target.max_drop, target.policy, target.risk
+    how = target.describe()
     if dev.times is not None:
         how += f" (in time measured on {dev.times.runtime} at batch {dev.times.batch_size})"
     if risk is not None:
@@ -305,6 +296,7 @@ def operating_point(run: str | Path | None, dev: SplitScores, chosen: DevChoice,
                                                         "speedup_time") if k in figures},
                           cost="layers" if dev.times is None else "time",
                           segment_times=None if dev.times is None else dev.times.to_dict(),
-                          model_sha256=None if run is None else run_binding(run), target_speedup=target_speedup, max_drop=max_drop,
-                          risk=risk, certified=chosen.certified, certificate=chosen.certificate, command=command_line(),
+                          model_sha256=None if run is None else run_binding(run), target_speedup=target_speedup,
+                          max_drop=max_drop, risk=risk, certified=chosen.certified, certificate=chosen.certificate,
+                          command=command_line(),
                           ensemble=chosen.ensemble or dev.ensemble, router=chosen.router)

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from frugalnlp.curves import dev_scores
 from frugalnlp.defaults import THRESHOLD
-from frugalnlp.dev_choice import check_operating_target, operating_threshold
+from frugalnlp.dev_choice import OperatingTarget, operating_threshold
 from frugalnlp.early_exit.ensemble import ExitEnsemble
 from frugalnlp.early_exit.registry import check_policy, make_policy
 from frugalnlp.early_exit.router import ExitRouter
@@ -35,20 +35,22 @@ class Predictor:
     """
 
     def __init__(self, run: str | os.PathLike, threshold: float | list[float] | None = None, policy: str | None = None,
-                 batch_size: int = 32, trust_pickle: bool = False, target_speedup: float | None = None,
-                 max_drop: float | None = None, risk: float | None = None,
+                 batch_size: int = 32, trust_pickle: bool = False, target: OperatingTarget | None = None,
                  ensemble: bool | ExitEnsemble = False, router: ExitRouter | None = None,
                  max_tokens: int | None = None) -> None:
-        """``target_speedup`` or ``max_drop`` replace ``threshold`` by one chosen on the run's dev split
-        (see `frugalnlp.dev_choice.choose_threshold`; with ``risk`` the ``max_drop`` is certified, see
-        `frugalnlp.certify`); the choice is kept in ``self.operating_point`` (an `OperatingPoint`, as the saved
-        one is; ``self.operating_point_saved`` tells them apart). With none of the three, the
-        run's saved operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
+        """A ``target`` (`frugalnlp.dev_choice.OperatingTarget`, its policy the one used) replaces ``threshold``
+        by one chosen on the run's dev split (`frugalnlp.dev_choice.operating_threshold`; certified with its
+        ``risk``, see `frugalnlp.certify`); the choice is kept in ``self.operating_point`` (an `OperatingPoint`,
+        as the saved one is; ``self.operating_point_saved`` tells them apart). With neither, the run's saved
+        operating point (`frugalnlp calibrate`) is used, else threshold 0.9 (confidence policy).
         ``ensemble``: the policy decides on an `ExitEnsemble`, fitted on the run's dev split (True) or given.
         ``router``: the learned policy's `ExitRouter` (default: the saved point's, else fitted on dev).
         ``max_tokens``: every segment of a ``batch_size`` block runs in length-sorted runs of at most that
         many padded tokens (`frugalnlp.early_exit.runner.length_runs`)."""
-        chooses = target_speedup is not None or max_drop is not None
+        chooses = target is not None
+        if chooses and policy is not None and policy != target.policy:
+            raise FrugalError(f"policy {policy} and the target's policy {target.policy} differ; give one")
+        policy = target.policy if chooses else policy
         saved = None if threshold is not None or chooses or ensemble is not False else load_operating_point(run)
         fitted = ensemble if isinstance(ensemble, ExitEnsemble) else None
         if saved is not None:
@@ -58,7 +60,7 @@ class Predictor:
             threshold, policy, fitted, router = saved.threshold, saved.policy, saved.ensemble, saved.router
         policy = policy or "confidence"
         threshold = THRESHOLD if threshold is None else threshold
-        self.check_args(threshold, policy, batch_size, target_speedup, max_drop, risk, max_tokens)
+        self.check_args(threshold, policy, batch_size, max_tokens)
         trained = load_run(run, trust_pickle=trust_pickle)
         # What another process needs to rebuild this predictor (Ray actors), with the threshold as chosen.
         self.args = {"run": str(run), "policy": policy, "batch_size": batch_size, "trust_pickle": trust_pickle,
@@ -70,9 +72,7 @@ class Predictor:
             dev = dev_scores(trained, True if ensemble is True else fitted, policy)
             fitted, router = dev.ensemble, dev.router
             if chooses:
-                self.operating_point = operating_point(run, dev, operating_threshold(dev, target_speedup, max_drop,
-                                                                                     policy, risk),
-                                                       policy, target_speedup, max_drop, risk)
+                self.operating_point = operating_point(run, dev, operating_threshold(dev, target), target)
                 threshold, router = self.operating_point.threshold, self.operating_point.router
                 fitted = self.operating_point.ensemble  # certified: fitted on dev's fit part alone
                 policy = self.operating_point.policy  # per-exit where a fixed exit won on dev
@@ -90,8 +90,7 @@ class Predictor:
 
     @staticmethod
     def check_args(threshold: float | list[float] | None = None, policy: str | None = None, batch_size: int = 32,
-                   target_speedup: float | None = None, max_drop: float | None = None,
-                   risk: float | None = None, max_tokens: int | None = None) -> None:
+                   max_tokens: int | None = None) -> None:
         """FrugalError for settings out of range, before the run loads and its dev split is scored."""
         if batch_size < 1:
             raise FrugalError(f"--batch-size {batch_size} must be at least 1")
@@ -101,8 +100,6 @@ class Predictor:
         if check_policy(policy or "confidence") != "learned":  # a learned policy's router comes later
             make_policy(policy or "confidence", threshold,
                         2 if isinstance(threshold, (int, float)) else len(threshold) + 1)
-        if target_speedup is not None or max_drop is not None or risk is not None:
-            check_operating_target(target_speedup, max_drop, risk)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str], pairs: list[str] | None = None) -> list[dict]:

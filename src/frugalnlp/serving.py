@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from frugalnlp.backbones.base import used_length
+from frugalnlp.dev_choice import OperatingTarget
 from frugalnlp.early_exit.policies import exit_step, heads_run
 from frugalnlp.early_exit.runner import length_runs
 from frugalnlp.errors import FrugalError
@@ -465,20 +466,18 @@ def guarded_protocol(idle_timeout_s: float) -> type[asyncio.Protocol]:
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
           threshold: float | list[float] | None = None, policy: str | None = None, trust_pickle: bool = False,
-          target_speedup: float | None = None, max_drop: float | None = None, risk: float | None = None,
-          ensemble: bool = False) -> None:
+          target: OperatingTarget | None = None, ensemble: bool = False) -> None:
     """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first).
 
-    The operating point is ``threshold``, or one chosen on dev (``target_speedup``, ``max_drop``, certified
-    with ``risk``), or the run's saved one; ``ensemble`` fits an exit ensemble on dev; see `Predictor`.
+    The operating point is ``threshold``, or one chosen on dev for ``target`` (`OperatingTarget`), or the
+    run's saved one; ``ensemble`` fits an exit ensemble on dev; see `Predictor`.
     """
     settings = settings or ServeSettings()
-    operating = dict(threshold=threshold, policy=policy, target_speedup=target_speedup, max_drop=max_drop, risk=risk)
-    Predictor.check_args(batch_size=settings.max_batch, **operating)
+    Predictor.check_args(threshold, policy, batch_size=settings.max_batch)
     sock = bind_socket(host, port)  # a taken port fails before the model loads and dev is scored
     try:
-        predictor = Predictor(run, batch_size=settings.max_batch, trust_pickle=trust_pickle, ensemble=ensemble,
-                              **operating)
+        predictor = Predictor(run, threshold, policy, batch_size=settings.max_batch, trust_pickle=trust_pickle,
+                              target=target, ensemble=ensemble)
     except BaseException:
         sock.close()
         raise
