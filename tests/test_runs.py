@@ -142,7 +142,7 @@ def test_demo_prints_the_table_and_writes_the_report(tiny_dir, tmp_path, capsys)
     status, out, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 64, "--epochs", 1, "--max-length", 24,
                                 "--seeds", "0,1", "--exit-layers", "1,2,4", "--methods",
                                 "sweet,joint:boundary-grad=0.5:distill=teacher:exit-weights=depth",
-                                "--output", tmp_path / "demo"], capsys)
+                                "--policies", "confidence", "--output", tmp_path / "demo"], capsys)
     assert status == 0, err
     assert "| method | layer 1 | layer 2 | layer 4 | last exit vs plain |" in out and "| multi-model |" in out
     assert "± " in out and "| sweet | 1.50x |" in out and "gain over static" in out
@@ -204,7 +204,10 @@ def test_demo_takes_user_files_and_refuses_bad_variants(tiny_dir, tmp_path, caps
                                capsys)
     assert status == 0, err
     results = json.loads((tmp_path / "d" / "results.json").read_text())
-    assert results["task"] == "train" and set(results["methods"]) == {"sweet", "multi-model"}
+    # the default policies: one confidence threshold, and per-exit thresholds on an exit ensemble
+    assert results["task"] == "train" and set(results["methods"]) == {
+        f"{v} [{p}]" for v in ("sweet", "multi-model") for p in ("confidence", "per-exit+ensemble")}
+    assert len(results["deploy"]) == len(results["selected_on_dev"]["per_target"])  # user files deploy too
     for bad, message in [("joint:boundary-grad=x", "needs a number"), ("joint:color=red", "KEY=VALUE"),
                          ("plain", "plain has no exits"), ("magic", "unknown method"),
                          ("multi-model:boundary-grad=0.5", "multi-model takes no boundary-grad")]:

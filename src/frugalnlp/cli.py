@@ -10,7 +10,8 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, MAX_LENGTH, PAPA_LENGTH, THRESHOLD
+from frugalnlp.defaults import (DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_POLICIES, DEMO_TRAIN_SIZE, MAX_LENGTH, PAPA_LENGTH,
+                                THRESHOLD)
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.errors import FrugalError, check_positive
 
@@ -754,9 +755,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variants METHOD[:key=value...], e.g. joint,sweet,two-stage,joint:boundary-grad=0.5:distill=self "
                         "(multi-model is always trained: its members are the static frontier)")
     p.add_argument("--seeds", type=_int_list, default=[0])
-    p.add_argument("--policies", type=_str_list, default=["confidence"],
+    p.add_argument("--policies", type=_str_list, default=list(DEMO_POLICIES),
                    help="exit policies, POLICY or POLICY+ensemble, e.g. confidence,per-exit,learned,confidence+ensemble; "
-                        "every (variant, policy) pair is a candidate chosen on dev")
+                        f"every (variant, policy) pair is a candidate chosen on dev (default {','.join(DEMO_POLICIES)})")
     p.add_argument("--certify", type=_float_list, default=[],
                    help="max drops to certify per variant (Learn-then-Test, confidence policy), e.g. 0.01,0.02")
     p.add_argument("--risk", type=float, default=0.1, help="the risk δ of --certify")

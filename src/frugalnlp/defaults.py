@@ -11,6 +11,9 @@ DEMO_MAX_LENGTH = 64  # the demo's tokens per input (the published frontier uses
 PAPA_LENGTH = 64  # n of PAPA's fixed-position layout
 DEMO_TRAIN_SIZE = 2000  # the demo's low-resource training set
 DEMO_METHODS = ("joint", "sweet", "multi-model")
+# The demo's policies by default: one confidence threshold, and per-exit thresholds on an exit ensemble, the
+# rule that wins on dev where adaptive inference wins at all (results/frontier.md)
+DEMO_POLICIES = ("confidence", "per-exit+ensemble")
 OPERATING_GRID = np.linspace(0.0, 1.0, 401).round(6).tolist()  # thresholds tried when choosing one on dev
 
 

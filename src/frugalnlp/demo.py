@@ -34,7 +34,7 @@ from frugalnlp.assets import resolve_model
 from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
-from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_TRAIN_SIZE, default_static_layers
+from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_POLICIES, DEMO_TRAIN_SIZE, default_static_layers
 from frugalnlp.deploy import deploy_dir
 from frugalnlp.dev_choice import Candidate, OperatingTarget, choose
 from frugalnlp.early_exit.config import ExitRecipe
@@ -65,7 +65,7 @@ class DemoSpec:
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
     seeds: list[int] = field(default_factory=lambda: [0])
     # exit policies, each as POLICY or POLICY+ensemble; every (variant, policy) pair is a candidate on dev
-    policies: list[str] = field(default_factory=lambda: ["confidence"])
+    policies: list[str] = field(default_factory=lambda: list(DEMO_POLICIES))
     certify: list[float] = field(default_factory=list)  # max drops ε certified (Learn-then-Test) for each candidate
     risk: float = 0.1  # δ of those certificates
     # depths of the static models trained beside the multi-model run's members: a list, "all", or None for
