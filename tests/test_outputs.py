@@ -101,3 +101,13 @@ def test_demo_resume_with_other_settings_is_refused(tiny_dir, tmp_path, capsys):
     status, _, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 48, "--max-length", 24, "--seeds", "0,1",
                               "--output", out, "--resume"], capsys)
     assert status == 2 and "--resume with other settings" in err and "seeds: [0] -> [0, 1]" in err, err
+
+
+def test_an_edited_resume_spec_is_refused_in_one_line(tmp_path):
+    started = RunDir(tmp_path / "run")
+    started.open(spec={"seed": 0})
+    (started.path / "model").mkdir()  # some work saved
+    started._release()
+    (started.path / ".spec.json").write_text("{not json")
+    with pytest.raises(FrugalError, match="not the settings the interrupted run recorded"):
+        RunDir(tmp_path / "run", resume=True).open(spec={"seed": 0})

@@ -201,7 +201,14 @@ class RunDir:
     def _check_spec(self, spec: dict) -> None:
         file = self.path / SPEC
         if self.resume and file.exists():
-            recorded = json.loads(file.read_text())
+            try:
+                recorded = json.loads(file.read_text())
+            except (OSError, ValueError):
+                recorded = None
+            if not isinstance(recorded, dict):
+                self._release()
+                raise FrugalError(f"{file} is not the settings the interrupted run recorded (not a JSON object); "
+                                  "pass --overwrite to start again")
             current = json.loads(json.dumps(spec, default=jsonable))
             differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
             if differ:
