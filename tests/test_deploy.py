@@ -74,3 +74,39 @@ def test_a_deploy_directory_on_another_cpu_says_its_speed_may_not_hold(demo, tmp
     card.write_text(card.read_text().replace('"kind"', '"kind" ', 1))
     status, _, err = run_cli(["predict", folder, "--input", data, "--output", tmp_path / "c.jsonl"], capsys)
     assert status == 2 and "deploy.json has changed" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_demo_answers_in_measured_seconds_and_deploys_what_it_timed(tiny_dir, tmp_path, capsys):
+    """`demo --cost time --runtime onnx --precision int8`: the choice per target is made in seconds measured here,
+    each choice is deployed as the ONNX graphs that were timed, and predict on the deploy directory gives the
+    card's test accuracy exactly."""
+    out = tmp_path / "demo"
+    status, printed, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 64, "--epochs", 1, "--max-length",
+                                    24, "--seeds", "0", "--exit-layers", "1,2,4", "--methods", "joint",
+                                    "--cost", "time", "--runtime", "onnx", "--precision", "int8",
+                                    "--cost-batch-size", 8, "--output", out], capsys)
+    assert status == 0, err
+    results = json.loads((out / "results.json").read_text())
+    timed = results["in_seconds"]
+    assert timed["settings"]["cost"] == "time" and timed["settings"]["precision"] == "int8"
+    assert "In measured seconds" in printed and (out / "seconds" / "frontier.json").is_file()
+    chosen = [c for c in timed["dev_choices"] if c["choice"] is not None]
+    assert chosen and [d["target_speedup"] for d in results["deploy"]] == [c["target_speedup"] for c in chosen]
+    test = load_task("mr").test
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+    for deployed in results["deploy"]:
+        folder = out / deployed["path"]
+        card = json.loads((folder / "deploy.json").read_text())
+        assert card["cost"] == "time" and card["measured"]["runtime"] == "ONNX Runtime int8"
+        assert card["measured"]["speedup"] > 0 and card["measured"]["batch_size"] == 8
+        assert json.loads((folder / "model" / "export.json").read_text())["precision"] == "int8"
+        assert json.loads((folder / "operating-point.json").read_text())["kind"] == "frugalnlp-operating-point"
+        status, _, err = run_cli(["predict", folder, "--input", data, "--output", tmp_path / "p.jsonl",
+                                  "--overwrite"], capsys)
+        assert status == 0, err
+        predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+        accuracy = sum(p["label"] == card["labels"][g] for p, g in zip(predictions, test.labels)) / len(test.labels)
+        assert accuracy == card["test"]["accuracy"]
+    status, _, err = run_cli(["demo", "--runtime", "onnx", "--output", tmp_path / "x"], capsys)
+    assert status == 2 and "--cost time" in err and not (tmp_path / "x").exists()

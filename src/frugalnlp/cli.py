@@ -295,9 +295,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if target is None:
         raise FrugalError("give exactly one of --target-speedup and --max-drop")
     point = calibrate_run(run, target, ensemble=args.ensemble, overwrite=args.overwrite)
-    measured = f", {point.dev['speedup_time']:.2f}x in measured time" if "speedup_time" in point.dev else ""
     print(f"{point.policy} threshold {point.threshold} ({point.chosen_by}): dev accuracy {point.dev['accuracy']:.4f} "
-          f"at {point.dev['speedup_layers']:.2f}x in layers{measured}")
+          f"at {point.speedup_text()}")
     if point.certificate is not None:
         print(_certificate_line(point.certificate))
     print(f"wrote {run}/{OPERATING_POINT}; predict and serve use it unless given --threshold or a choice on dev")
@@ -398,10 +397,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     point = predictor.operating_point
     if point and predictor.operating_point_saved:
         print(f"the run's saved operating point: {point.policy} threshold {point.threshold} ({point.chosen_by}; "
-              f"dev accuracy {point.dev['accuracy']:.4f} at {point.dev['speedup_layers']:.2f}x)", file=sys.stderr)
+              f"dev accuracy {point.dev['accuracy']:.4f} at {point.speedup_text()})", file=sys.stderr)
     elif point:
         print(f"threshold {_thresholds_text(point.threshold)} chosen on dev: accuracy {point.dev['accuracy']:.4f} at "
-              f"{point.dev['speedup_layers']:.2f}x" + (f" ({point.policy}: {point.chosen_by})"
+              f"{point.speedup_text()}" + (f" ({point.policy}: {point.chosen_by})"
                                                        if point.policy != (args.policy or "confidence") else ""),
               file=sys.stderr)
     if point and point.certified is not None:
@@ -481,9 +480,21 @@ def cmd_frontier(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from frugalnlp.demo import DemoSpec, run_demo
 
+    from frugalnlp.frontier import FrontierSettings
+
+    if args.cost not in ("layers", "time"):
+        raise FrugalError(f"unknown --cost '{args.cost}'; choose layers or time")
+    timed = None
+    if args.cost == "time":
+        runtime = args.runtime or "onnx"
+        timed = FrontierSettings(runtime=runtime, precision=args.precision or ("int8" if runtime == "onnx" else "fp32"),
+                                 batch_sizes=(args.cost_batch_size,), policies=tuple(args.policies), cost="time",
+                                 cost_batch_size=args.cost_batch_size)
+    elif args.runtime is not None or args.precision is not None:
+        raise FrugalError("demo: --runtime and --precision go with --cost time (the answer in measured seconds)")
     run_demo(DemoSpec(output=args.output, base=_spec(args, output=""), methods=args.methods, seeds=args.seeds,
                       policies=args.policies, certify=args.certify, risk=args.risk, static_layers=args.static_layers,
-                      static_distill=args.static_distill),
+                      static_distill=args.static_distill, timed=timed),
              overwrite=args.overwrite, resume=args.resume)
 
 
@@ -767,6 +778,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static-distill", action="store_true",
                    help="also train each static model below full depth distilled from the full model "
                         "(--distill-alpha, --distill-temperature)")
+    _add_cost_args(p)
+    p.add_argument("--runtime", default=None, help="with --cost time: onnx (default) or torch, what is timed and "
+                                                   "deployed")
+    p.add_argument("--precision", default=None, help="with --cost time: int8 (default on onnx) or fp32")
     p.set_defaults(train_size=DEMO_TRAIN_SIZE, max_length=DEMO_MAX_LENGTH)
     p.add_argument("--output", default="demo")
     p.add_argument("--overwrite", action="store_true")

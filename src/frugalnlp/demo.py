@@ -35,13 +35,15 @@ from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.baselines import static_envelope, static_frontier, static_points, table_speedups
 from frugalnlp.curves import CurvePoint, accuracy_at_speedup
 from frugalnlp.defaults import DEMO_MAX_LENGTH, DEMO_METHODS, DEMO_POLICIES, DEMO_TRAIN_SIZE, default_static_layers
-from frugalnlp.deploy import deploy_dir
+from frugalnlp.demo_seconds import answer_in_seconds
+from frugalnlp.deploy import deploy_dir, format_deploy
 from frugalnlp.dev_choice import Candidate, OperatingTarget, choose
 from frugalnlp.early_exit.config import ExitRecipe
 from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.encoding import load_tokenizer
 from frugalnlp.errors import FrugalError, check_seed
 from frugalnlp.evaluation import certified_point, evaluate_run, evaluation_dir
+from frugalnlp.frontier import FrontierSettings, check_settings, format_frontier
 from frugalnlp.manifest import verify_manifest, write_manifest
 from frugalnlp.methods import METHODS
 from frugalnlp.report import command_line, format_comparison, plot_curves
@@ -72,6 +74,8 @@ class DemoSpec:
     # `default_static_layers`
     static_layers: list[int] | str | None = None
     static_distill: bool = False  # each static model shallower than the encoder also distilled from the full one
+    # `timed`: choose and deploy in measured seconds on this runtime (`frugalnlp.demo_seconds`), else in layers
+    timed: FrontierSettings | None = None
 
 
 def parse_variant(variant: str, base: RunSpec) -> RunSpec:
@@ -199,6 +203,10 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     policies = [_policy(p) for p in spec.policies or ["confidence"]]
     for eps in spec.certify:
         OperatingTarget(max_drop=eps, risk=spec.risk)  # checked before any training
+    if spec.timed is not None:
+        check_settings(spec.timed)
+        if spec.timed.runtime == "torch" and spec.timed.precision != "fp32":
+            raise FrugalError("demo --cost time on torch deploys in fp32: give --precision fp32 (or --runtime onnx)")
     specs = {v: parse_variant(v, base) for v in names}
     specs[STATIC] = replace(specs[STATIC], recipe=ExitRecipe(), teacher=None)  # trained on labels: it teaches
     # one candidate per (variant, policy); with the confidence policy alone, named by the variant
@@ -219,6 +227,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
     out = RunDir(spec.output, overwrite=overwrite, resume=resume, kind="demo", inputs=spec_inputs(base))
     out.open(spec={k: v for k, v in asdict(spec).items() if k != "output"})  # --resume with other settings: refused
     static_by_seed, static_corrected_by_seed, dev_static_by_seed, oracles, layers = {}, {}, {}, [], None
+    static_paths: dict[int, list[str]] = {}
     for seed in seeds:
         static_run = out.path / f"seed-{seed}" / _run_name(STATIC)
 
@@ -231,7 +240,7 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                           resume=run.with_name(run.name + ".partial").exists())
 
         train(STATIC, specs[STATIC], static_run)
-        static = [str(static_run)]
+        static = static_paths[seed] = [str(static_run)]
         for name, static_spec in statics.items():
             train(name, static_spec, out.path / f"seed-{seed}" / name)
             static.append(str(out.path / f"seed-{seed}" / name))
@@ -267,10 +276,19 @@ def run_demo(spec: DemoSpec, overwrite: bool = False, resume: bool = False) -> d
                "certified": {"risk": spec.risk, "per_candidate": certified} if spec.certify else None}
     summary["selected_on_dev"] = select_on_dev(summary["methods"], summary["static"], summary["dev_static"])
     summary["command"] = command_line()
-    summary["deploy"] = deploy_choices(out.path, summary, seeds[0], static_by_seed[seeds[0]],
-                                       dev_static_by_seed[seeds[0]])
+    table = format_table(summary)
+    if spec.timed is None:
+        summary["deploy"] = deploy_choices(out.path, summary, seeds[0], static_by_seed[seeds[0]],
+                                           dev_static_by_seed[seeds[0]])
+    else:  # the answer in measured seconds, on seed 0's runs: what a user deploys is one trained model
+        runs = {v: out.path / f"seed-{seeds[0]}" / _run_name(v) for v in names}
+        facts = {"seed": seeds[0], "full_depth": layers[-1], "command": summary["command"]}
+        timed, summary["deploy"] = answer_in_seconds(out.path, runs, static_paths[seeds[0]], spec.timed, facts,
+                                                     progress=lambda message: print(message, file=sys.stderr))
+        summary["in_seconds"] = {k: timed[k] for k in ("settings", "machine", "dev_choices")}
+        table += "\n\nIn measured seconds, seed " + f"{seeds[0]}'s runs:\n\n" + format_frontier(timed)
     summary["seconds"] = time.perf_counter() - started
-    table = format_table(summary) + "\n\n" + format_deploy(summary["deploy"], seeds[0])
+    table += "\n\n" + format_deploy(summary["deploy"], seeds[0])
     print(table)
     write_json(out.path / "results.json", summary)
     plot_curves({m: (s["mean_curve"]["mean"], s["mean_curve"]["std"]) for m, s in summary["methods"].items()},
@@ -316,20 +334,6 @@ def deploy_choices(out: Path, summary: dict, seed: int, test_static: list[dict],
                         "test_speedup_layers": card["test"]["speedup_layers"],
                         "test_gain_over_static": card["test_gain_over_static"]})
     return written
-
-
-def format_deploy(deployed: list[dict], seed: int) -> str:
-    """The deploy directories as a table: what each holds and what it gave on test."""
-    lines = [f"What to deploy, handed over (seed {seed}'s runs; `frugalnlp predict DIR` and `frugalnlp serve DIR` "
-             "run each with no other flags):", "",
-             "| target | directory | what | policy | test accuracy | test speedup (layers) | gain over static |",
-             "|---|---|---|---|---|---|---|"]
-    for d in deployed:
-        gain = "n/a" if d["test_gain_over_static"] is None else f"{d['test_gain_over_static']:+.1f}"
-        speed = "n/a" if d["test_speedup_layers"] is None else f"{d['test_speedup_layers']:.2f}x"
-        lines.append(f"| {d['target_speedup']:g}x | {d['path']} | {d['deploy']} | {d['policy']} | "
-                     f"{d['test_accuracy']:.4f} | {speed} | {gain} |")
-    return "\n".join(lines)
 
 
 def _policy(text: str) -> tuple[str, bool]:

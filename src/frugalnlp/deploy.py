@@ -4,8 +4,9 @@ that ``frugalnlp predict DIR`` and ``frugalnlp serve DIR`` run with no other fla
 A deploy directory is run-shaped (``config.json``, ``model/`` with the weights and tokenizer) with the operating
 point to answer at (`frugalnlp.operating`: policy, thresholds, ensemble or router tensors) and a card:
 ``deploy.json`` (data and labels, target, dev and test figures, the static comparison, the machine, the
-command) and a short ``README.md``. The card's test figures are measured by `Predictor` on the deployed
-directory itself, so ``predict DIR`` on the test split gives exactly them. Like every output it carries a
+command) and a short ``README.md``. The card's test figures are measured through ``predict``'s own path on the
+deployed directory itself, so ``predict DIR`` on the test split gives exactly them (at predict's default batch
+size: an int8 export's dynamic activation scales depend on which texts share a batch). Like every output it carries a
 manifest, verified on load (`frugalnlp.manifest`); a static model is deployed as a plain run of its depth.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ import numpy as np
 from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.dev_choice import OperatingTarget
 from frugalnlp.manifest import verify_manifest, write_manifest
-from frugalnlp.operating import calibrate_run
+from frugalnlp.operating import calibrate_run, save_chosen_point
+from frugalnlp.tasks import Columns, Split
 from frugalnlp.timing import describe_machine, machine
 
 CARD = "deploy.json"
@@ -28,28 +31,43 @@ KIND = "frugalnlp-deploy"
 
 
 def deploy_dir(folder: Path, run: str | Path, target: float, policy: str = "confidence", ensemble: bool = False,
-               member: int | None = None, facts: dict | None = None) -> dict:
-    """Write ``folder`` from the finished run ``run`` for ``target`` (a speedup in layers): answering at the point
-    chosen on its dev split with ``policy`` (`frugalnlp.dev_choice.choose` may deploy a fixed exit instead); a
-    plain run, or with ``member`` the multi-model run's ``member``-layer model alone, is a static model (one
-    exit, nothing to choose). ``facts`` go into the card as given (what was chosen and why, ``full_depth``, ``static_on_test``:
-    the best static models on test at the target, the command). Returns the card."""
-    from frugalnlp.predict import Predictor
+               member: int | None = None, facts: dict | None = None, precision: str | None = None,
+               chosen: dict | None = None) -> dict:
+    """Write ``folder`` from the finished run (or export) ``run`` for ``target``: answering at the point chosen on
+    its dev split in layers with ``policy`` (`frugalnlp.dev_choice.choose` may deploy a fixed exit instead), or at
+    ``chosen`` (``policy``, ``threshold``, ``dev``, ``chosen_by``: a point chosen elsewhere, e.g. in measured
+    seconds on this export, saved as it was chosen). A plain run, or with ``member`` the multi-model run's
+    ``member``-layer model alone, is a static model (one exit, nothing to choose); ``precision`` (fp32 or int8)
+    exports a member to ONNX as it is deployed. ``facts`` go into the card as given (what was chosen and why,
+    ``full_depth``, ``static_on_test``: the best static models on test at the target, what was measured, the
+    command). Returns the card."""
     from frugalnlp.run import load_run_config, load_spec_task, spec_from_config, verify_run
 
     run, facts = Path(run), facts or {}
     verify_run(run)
     if member is None:
         _copy_run(run, folder)
-    else:
+    elif precision is None:
         _copy_member(run, member, folder)
+    else:  # the member alone as a plain run, then exported as the rows it was timed with
+        from frugalnlp.export import export_run
+
+        stage = folder.with_name(folder.name + ".torch")
+        _copy_member(run, member, stage)
+        write_manifest(stage)
+        export_run(stage, output=folder, quantize=None if precision == "fp32" else precision)
+        shutil.rmtree(stage)
     write_manifest(folder)  # the operating point binds to the files it lists
     config = load_run_config(folder)
     static = len(config["spec"]["exit_layers"]) == 1  # one exit: nothing to choose
-    chosen_for = OperatingTarget(speedup=1.0) if static else OperatingTarget(speedup=target, policy=policy)
-    point = calibrate_run(folder, chosen_for, ensemble=ensemble and not static)
+    if chosen is not None and not static:
+        point = save_chosen_point(folder, OperatingTarget(speedup=target, policy=policy, cost="time"), ensemble,
+                                  chosen)
+    else:
+        chosen_for = OperatingTarget(speedup=1.0) if static else OperatingTarget(speedup=target, policy=policy)
+        point = calibrate_run(folder, chosen_for, ensemble=ensemble and not static)
     test = load_spec_task(spec_from_config(config)).test
-    predictions = Predictor(folder)(test.texts, test.pairs)
+    predictions = _predict_as_the_cli(folder, test)
     names = [str(name) for name in config["task"]["labels"]]
     accuracy = float(np.mean([p["label"] == names[g] for p, g in zip(predictions, test.labels)]))
     layers_run = float(np.mean([p["layers_run"] for p in predictions]))
@@ -65,6 +83,39 @@ def deploy_dir(folder: Path, run: str | Path, target: float, policy: str = "conf
     write_bytes(folder / "README.md", card_readme(card, folder.name).encode())
     write_manifest(folder)
     return card
+
+
+def format_deploy(deployed: list[dict], seed: int) -> str:
+    """The deploy directories as a table: what each holds and what it gave on test."""
+    lines = [f"What to deploy, handed over (seed {seed}'s runs; `frugalnlp predict DIR` and `frugalnlp serve DIR` "
+             "run each with no other flags):", "",
+             "| target | directory | what | policy | test accuracy | test speedup (layers) | measured speedup | "
+             "gain over static |", "|---|---|---|---|---|---|---|---|"]
+
+    def measured(d: dict) -> str:
+        return "not timed (--cost layers)" if d.get("measured_speedup") is None else f"{d['measured_speedup']:.2f}x"
+
+    for d in deployed:
+        gain = "n/a" if d["test_gain_over_static"] is None else f"{d['test_gain_over_static']:+.1f}"
+        speed = "n/a" if d["test_speedup_layers"] is None else f"{d['test_speedup_layers']:.2f}x"
+        lines.append(f"| {d['target_speedup']:g}x | {d['path']} | {d['deploy']} | {d['policy']} | "
+                     f"{d['test_accuracy']:.4f} | {speed} | {measured(d)} | {gain} |")
+    return "\n".join(lines)
+
+
+def _predict_as_the_cli(folder: Path, test: Split) -> list[dict]:
+    """The test split's predictions exactly as ``frugalnlp predict DIR --input TEST.jsonl`` makes them (its
+    defaults: chunks of 256 rows, batches of 32): int8's dynamic activation scales depend on which texts share a
+    batch, so the card is measured through the very path a user checks it with."""
+    from frugalnlp.predict import Predictor, predict_file
+
+    pair = test.pairs is not None
+    with tempfile.TemporaryDirectory(prefix="frugalnlp-card-") as tmp:
+        source, out = Path(tmp) / "test.jsonl", Path(tmp) / "predictions.jsonl"
+        rows = ({"text": t, **({"text_pair": q} if pair else {})} for t, q in zip(test.texts, test.pairs or test.texts))
+        source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        predict_file(Predictor(folder), source, out, Columns(text_pair="text_pair" if pair else None), strict=True)
+        return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def _copy_run(run: Path, folder: Path) -> None:
@@ -94,6 +145,13 @@ def card_readme(card: dict, name: str) -> str:
     """The card's short human version."""
     dev, test, gain = card["dev"], card["test"], card["test_gain_over_static"]
     speed = f", {test['speedup_layers']:.2f}x in layers" if test["speedup_layers"] else ""
+    speedups = ", ".join(f"{dev[k]:.2f}x in {unit}" for k, unit in (("speedup_layers", "layers"),
+                                                                    ("speedup_time", "measured time")) if k in dev)
+    timed = card.get("measured")
+    measured = "" if not timed else (
+        f"- measured on test here: {timed['speedup']:.2f}x the plain model's texts/s on {timed['runtime']} at batch "
+        f"{timed['batch_size']} ({timed['texts_per_second']:.0f} texts/s); gain over the best static models at that "
+        "speed: " + ("n/a" if timed["gain_over_static"] is None else f"{timed['gain_over_static']:+.1f} points") + "\n")
     static = ("" if card.get("static_on_test") is None else
               f"- the best static models at {card['target_speedup']:g}x on test: {card['static_on_test']:.4f} "
               f"(this is {gain:+.1f} points)\n")
@@ -101,8 +159,8 @@ def card_readme(card: dict, name: str) -> str:
             f"**What:** {card.get('deploy', card['source_run'])}; policy `{card['policy']}`, threshold "
             f"{card['threshold']}.\n\n"
             f"- labels: {', '.join(card['labels'])}\n"
-            f"- dev: accuracy {dev['accuracy']:.4f}, {dev.get('speedup_layers', 1.0):.2f}x in layers\n"
-            f"- test: accuracy {test['accuracy']:.4f} on {test['examples']} examples{speed}\n{static}"
+            f"- dev: accuracy {dev['accuracy']:.4f} at {speedups}"
+            f"\n- test: accuracy {test['accuracy']:.4f} on {test['examples']} examples{speed}\n{static}{measured}"
             f"- chosen: {card['chosen_by']}\n"
             f"- measured on: {describe_machine(card['machine'])}\n\n"
             f"Run it with no other flags (DIR: this directory, `{name}`):\n\n"

@@ -240,11 +240,13 @@ def export_run(run: str | Path, output: str | Path | None = None, quantize: str 
     return {"output": str(final), **manifest}
 
 
-def export_dir(run: str | Path, quantize: str | None, folder: str | Path, progress=print) -> str:
+def export_dir(run: str | Path, quantize: str | None, folder: str | Path | None = None, progress=print) -> str:
     """The run's ONNX export of that precision: its own ``RUN/onnx`` (``RUN/onnx-int8``) when there is one, else
-    a new export written under ``folder`` (a scratch directory: benchmarks export what they time)."""
+    a new export written there (``folder`` None) or under ``folder`` (a scratch directory: benchmarks export what
+    they time)."""
     own = Path(run) / ("onnx" if quantize is None else f"onnx-{quantize}")
     if is_export(own / "model"):
         return str(own)
     progress(f"exporting {run} ({'ONNX fp32' if quantize is None else f'ONNX {quantize}'})")
-    return export_run(run, output=Path(folder) / f"{Path(run).name}-{own.name}", quantize=quantize)["output"]
+    output = own if folder is None else Path(folder) / f"{Path(run).name}-{own.name}"
+    return export_run(run, output=output, quantize=quantize)["output"]

@@ -95,10 +95,13 @@ def _on_runtime(run: str, settings: FrontierSettings, folder: Path, progress: Ca
     return load_run(export_dir(run, None if settings.precision == "fp32" else settings.precision, folder, progress))
 
 
-def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: FrontierSettings,
-             reference: TrainedRun | None) -> tuple[list[Config], SegmentTimes | None]:
-    """The configurations to time, and the dev segment times the adaptive points were chosen by (cost "time");
-    ``reference``: the run in torch fp32, timed at threshold 1 beside the others (what every runtime is sold against)."""
+def _configs(candidates: dict[str, TrainedRun], statics: list[TrainedRun], settings: FrontierSettings,
+             reference: TrainedRun | None) -> tuple[list[Config], dict[str, SegmentTimes]]:
+    """The configurations to time, and per candidate the dev segment times its adaptive points were chosen by
+    (cost "time"); ``candidates``: the adaptive runs by name ("" for one run alone: its rows are named by policy
+    only); ``reference``: the first run in torch fp32, timed at threshold 1 beside the others (what every
+    runtime is sold against)."""
+    adaptive = next(iter(candidates.values()))  # its plain model (threshold 1) is the one every speed is over
     model = adaptive.model
     depth = model.exit_layers[-1]
     test = split_scores(adaptive, "test")
@@ -120,12 +123,28 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
             configs.append(Config(name, "static", trained, policy, exit_score["accuracy"],
                                   depth / layer, {"layers": layer, "distilled": distilled, "run": str(trained.path),
                                                   "dev_accuracy": dev_score["accuracy"], "dev_speedup": depth / layer}))
-    times = time_split(adaptive, "dev", settings.cost_batch_size) if settings.cost == "time" else None
+    times = {}
+    for candidate, trained in candidates.items():
+        times[candidate] = time_split(trained, "dev", settings.cost_batch_size) if settings.cost == "time" else None
+        configs += _adaptive_configs(candidate, trained, times[candidate], settings)
+    if reference is not None:
+        n = reference.model.num_exits
+        configs.append(Config("plain, torch fp32 (reference)", "reference", reference, make_policy("confidence", 1.0, n),
+                              split_scores(reference, "test").point("confidence", 1.0).accuracy, 1.0, {"layers": depth}))
+    if settings.cost == "time":
+        _time_statics_on_dev(configs, settings)
+    return configs, times
+
+
+def _adaptive_configs(candidate: str, trained: TrainedRun, times: SegmentTimes | None,
+                      settings: FrontierSettings) -> list[Config]:
+    """One candidate run's dev choice per policy and target (in ``settings.cost``; ``times``: its dev segments')."""
+    configs = []
     for name in settings.policies:
         policy_name, _, ensemble = name.partition("+")
-        dev = dev_scores(adaptive, bool(ensemble), policy_name)
+        dev = dev_scores(trained, bool(ensemble), policy_name)
         dev.times = times
-        reported = split_scores(adaptive, "test", dev.ensemble)
+        reported = split_scores(trained, "test", dev.ensemble)
         reported.use_router(dev.router)
         for target in settings.targets:
             try:
@@ -134,19 +153,15 @@ def _configs(adaptive: TrainedRun, statics: list[TrainedRun], settings: Frontier
             except FrugalError:  # dev never gets that fast
                 continue
             point = reported.point(chosen.policy, chosen.point.threshold)
-            policy = make_policy(chosen.policy, chosen.point.threshold, model.num_exits, dev.ensemble, chosen.router)
+            policy = make_policy(chosen.policy, chosen.point.threshold, trained.model.num_exits, dev.ensemble,
+                                 chosen.router)
             details = {"policy": name, "deployed_policy": chosen.policy, "target_speedup": target,
                        "threshold": chosen.point.threshold, "dev_accuracy": chosen.point.accuracy,
-                       "dev_speedup": chosen.point.speedup}
-            configs.append(Config(f"adaptive {name} @ {target:g}x {settings.cost}", "adaptive", adaptive, policy,
+                       "dev_speedup": chosen.point.speedup, "candidate": candidate, "run": str(trained.path)}
+            label = f"{candidate} [{name}]" if candidate else name
+            configs.append(Config(f"adaptive {label} @ {target:g}x {settings.cost}", "adaptive", trained, policy,
                                   point.accuracy, point.speedup_layers, details))
-    if reference is not None:
-        n = reference.model.num_exits
-        configs.append(Config("plain, torch fp32 (reference)", "reference", reference, make_policy("confidence", 1.0, n),
-                              split_scores(reference, "test").point("confidence", 1.0).accuracy, 1.0, {"layers": depth}))
-    if times is not None:
-        _time_statics_on_dev(configs, settings)
-    return configs, times
+    return configs
 
 
 def _time_configs(configs: list[Config], data: EncodedSplit, batch_size: int, repeats: int) -> dict[str, float]:
@@ -175,29 +190,35 @@ def _time_statics_on_dev(configs: list[Config], settings: FrontierSettings, exam
         c.details["dev_speedup"] = seconds[plain.name] / seconds[c.name]
 
 
-def run_frontier(run: str, static: list[str], settings: FrontierSettings | None = None,
+def run_frontier(run: str | dict[str, str], static: list[str], settings: FrontierSettings | None = None,
                  progress: Callable[[str], None] = print) -> dict:
     """Texts/s at each batch size and test accuracy of the plain model, every static model and the adaptive dev
-    choices of ``run``, on ``settings.runtime``; JSON-ready. ``static``: multi-model runs (every member alone) or
-    plain ``--num-layers K`` runs of the same task and model (default: ``run`` itself if it is a multi-model run)."""
+    choices of ``run``, on ``settings.runtime``; JSON-ready. ``run``: one run, or several candidate runs by name
+    (the demo's variants: their adaptive points compete in one choice; the first's plain model is the reference).
+    ``static``: multi-model runs (every member alone) or plain ``--num-layers K`` runs of the same task and model
+    (default: ``run`` itself if it is a multi-model run)."""
     settings = settings or FrontierSettings()
     check_settings(settings)
+    runs = {"": run} if isinstance(run, (str, Path)) else dict(run)
+    run = next(iter(runs.values()))
     config = load_run_config(run)
-    static = static or ([run] if config["spec"]["method"] == "multi-model" else [])
+    static = static or ([run] if len(runs) == 1 and config["spec"]["method"] == "multi-model" else [])
     for other in static:
         method = load_run_config(other)["spec"]["method"]
         if method not in ("multi-model", "plain"):
             raise FrugalError(f"--static {other} is a {method} run; give a multi-model run or plain --num-layers runs")
     with tempfile.TemporaryDirectory(prefix="frugalnlp-frontier-") as tmp:
-        adaptive = _on_runtime(run, settings, Path(tmp), progress)
+        candidates = {name: _on_runtime(path, settings, Path(tmp), progress) for name, path in runs.items()}
+        adaptive = next(iter(candidates.values()))
         statics = [_on_runtime(other, settings, Path(tmp), progress) for other in static]
         torch_fp32 = settings.runtime == "torch" and settings.precision == "fp32"
-        configs, times = _configs(adaptive, statics, settings, None if torch_fp32 else load_run(run))
+        configs, times = _configs(candidates, statics, settings, None if torch_fp32 else load_run(run))
         split = load_spec_task(adaptive.spec).test
         timed = split.take(range(min(settings.examples, len(split))))
+        segment_times = {name: None if t is None else t.to_dict() for name, t in times.items()}
         results = {"run": str(run), "static": list(static), "settings": asdict(settings), "command": command_line(),
-                   "machine": machine(),
-                   "dev_segment_times": None if times is None else times.to_dict(),
+                   "machine": machine(), "candidates": {name: str(path) for name, path in runs.items()},
+                   "dev_segment_times": segment_times[""] if len(runs) == 1 else segment_times,
                    "examples_timed": len(timed), "test_examples": len(split), "batch_sizes": {}, "rows": []}
         data = encode_split(timed, adaptive.tokenizer, adaptive.spec.max_length)
         measured = {}

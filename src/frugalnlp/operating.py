@@ -63,6 +63,12 @@ class OperatingPoint:
     ensemble: ExitEnsemble | None = None  # fitted on dev; saved beside the JSON as safetensors
     router: ExitRouter | None = None  # the learned policy's, fitted on dev; saved the same way
 
+    def speedup_text(self) -> str:
+        """Its dev speedups, in layers and, where it was timed, in measured time: ``2.00x in layers``."""
+        parts = [f"{self.dev[k]:.2f}x in {unit}" for k, unit in (("speedup_layers", "layers"),
+                                                                  ("speedup_time", "measured time")) if k in self.dev]
+        return ", ".join(parts)
+
     def to_dict(self) -> dict:
         """The JSON record (the ensemble's and router's tensors go to their own safetensors file)."""
         record = {k: v for k, v in asdict(self).items() if k not in ("ensemble", "router")}
@@ -270,6 +276,24 @@ def calibrate_run(run: str | Path, target: OperatingTarget, ensemble: bool = Fal
             dev.times = time_split(trained, "dev", target.cost_batch_size)
         point = operating_point(run, dev, operating_threshold(dev, target), target)
         point.save(run, overwrite=overwrite)
+    return point
+
+
+def save_chosen_point(run: str | Path, target: OperatingTarget, ensemble: bool, chosen: dict) -> OperatingPoint:
+    """Save a point chosen elsewhere on this run's dev split (the demo's choice in measured seconds): ``chosen``'s
+    ``policy`` and ``threshold`` as they were chosen, its ``dev`` figures and ``chosen_by``, with the exit ensemble
+    (``ensemble``) and the learned policy's router fitted on dev as the choice fitted them."""
+    from frugalnlp.curves import dev_scores
+    from frugalnlp.report import command_line
+    from frugalnlp.run import load_run
+
+    trained = load_run(run)
+    with point_lock(run):
+        dev = dev_scores(trained, ensemble, target.policy)
+        point = OperatingPoint(policy=chosen["policy"], threshold=chosen["threshold"], chosen_by=chosen["chosen_by"],
+                               dev=chosen["dev"], model_sha256=run_binding(run), target_speedup=target.speedup,
+                               cost=target.cost, command=command_line(), ensemble=dev.ensemble, router=dev.router)
+        point.save(run)
     return point
 
 
