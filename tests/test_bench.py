@@ -48,31 +48,6 @@ def test_quick_bench_trains_and_times_the_embedded_model(tmp_path, capsys):
     check_quick_bench(out, stdout)
 
 
-@pytest.mark.slow  # twelve graph exports: a minute and more on 2 cores
-def test_deploy_bench_sets_every_runtime_beside_plain_torch(tiny_run, tiny_dir, tmp_path, capsys):
-    static = tmp_path / "static"
-    status, _, err = run_cli(["train", "--task", "mr", "--model", tiny_dir, "--method", "plain", "--num-layers", "2",
-                              "--train-size", "48", "--epochs", "1", "--max-length", "24", "--output", static], capsys)
-    assert status == 0, err
-    out = tmp_path / "deploy.json"
-    status, stdout, err = run_cli(["bench", "--deploy", "--quick", "--run", tiny_run, "--static-run", static,
-                                   "--repeats", "0", "--json", out], capsys)  # --repeats 0: no server rounds
-    assert status == 0, err
-    results = json.loads(out.read_text())
-    rows = results["rows"]
-    kinds = {(r["kind"], r["runtime"]) for r in rows.values()}
-    assert kinds == {(k, r) for k in ("plain", "early exit", "static") for r in ("torch", "onnx", "onnx-int8")}
-    for size in ("1", "32"):
-        speeds = results["batch_sizes"][size]
-        assert speeds["plain, torch fp32"]["vs_plain_torch"] == 1.0
-        assert all(s["texts_per_second"] > 0 for s in speeds.values())
-    early = {r["runtime"]: r for r in rows.values() if r["kind"] == "early exit"}
-    assert early["onnx"]["threshold"] == early["torch"]["threshold"]  # fp32 ONNX: torch's logits, torch's choice
-    assert early["onnx"]["accuracy"] == early["torch"]["accuracy"]
-    assert all(r["server_texts_per_second"] is None for r in rows.values())
-    assert "early exit, ONNX int8" in stdout
-
-
 def test_cpu_features_are_read_from_the_cpu_flags():
     cpuinfo = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_tile amx_int8\nprocessor\t: 1\n"
     features = cpu_features(cpuinfo)

@@ -166,7 +166,7 @@ def _bad_inputs(tmp_path, tiny_run, tiny_dir):
         (["serve", tiny_run, "--batching", "magic"], ["unknown --batching 'magic'"], out),
         (["serve", tiny_run, "--threshold", "2"], ["threshold 2.0 is outside [0, 1]"], out),
         (["serve", tmp_path / "adir"], ["not a frugalnlp run directory"], out),
-        (["bench", "--serve", "--papa"], ["one of --serve, --papa and --deploy"], out),
+        (["bench", "--serve", "--papa"], ["one of --serve and --papa"], out),
         (["bench", "--quick", "--json", existing], ["already exists", "--overwrite"], existing),
         (["bench", "--quick", "--run", tiny_run.parent], ["not a frugalnlp run directory"], out),
         (["evaluate", tiny_run, "--policy", "magic", "--output", out], ["unknown exit policy 'magic'"], out),

@@ -321,20 +321,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
         check_output_file(args.json, args.overwrite, flag="--json")
     progress = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
-    if args.serve + args.papa + args.deploy > 1:
-        raise FrugalError("bench: give one of --serve, --papa and --deploy")
+    if args.serve + args.papa > 1:
+        raise FrugalError("bench: give one of --serve and --papa")
     if args.runtime is not None and not args.serve:
-        raise FrugalError("bench: --runtime goes with --serve (--deploy times every runtime)")
-    if args.deploy:
-        from frugalnlp.bench import QUICK_DEPLOY, DeploySettings, format_deploy_bench, run_deploy_bench
-
-        base = QUICK_DEPLOY if args.quick else DeploySettings()
-        settings = replace(base, **{k: v for k, v in (("clients", args.clients), ("server_seconds", args.seconds),
-                                                       ("texts_per_request", args.texts_per_request),
-                                                       ("server_rounds", args.repeats)) if v is not None})
-        results = run_deploy_bench(run=args.run, static_run=args.static_run, settings=settings, progress=progress)
-        print(format_deploy_bench(results))
-    elif args.serve:
+        raise FrugalError("bench: --runtime goes with --serve")
+    if args.serve:
         try:
             from frugalnlp.loadtest import QUICK_LOAD, LoadSettings, format_serve_bench, run_serve_bench
         except ImportError as e:
@@ -661,19 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load-test `frugalnlp serve` instead: throughput and p50/p99 latency per threshold and batching")
     p.add_argument("--papa", action="store_true",
                    help="time PAPA instead: plain HF (sdpa, eager) vs 0, half and all heads constant, lengths 64-256")
-    p.add_argument("--deploy", action="store_true",
-                   help="plain, early exit at the dev-chosen 2x point and a static model in torch fp32, ONNX fp32 and "
-                        "ONNX int8: texts/s at batch 1 and 32, server throughput, test accuracy")
     p.add_argument("--runtime", default=None, help="--serve: torch, or onnx (the run's export, `frugalnlp export`)")
-    p.add_argument("--static-run", default=None, help="--deploy: a plain --num-layers K run (default: train a small one)")
     p.add_argument("--model", default=None, help="--papa: the encoder (default minilm)")
     p.add_argument("--ranking", default=None, help="--papa: a `papa rank` output choosing the constant heads "
                                                       "(default: spread evenly over the layers)")
     p.add_argument("--clients", type=int, default=None, help="--serve: closed-loop clients at saturation (32)")
     p.add_argument("--seconds", type=float, default=None, help="--serve: seconds per measurement (10)")
     p.add_argument("--texts-per-request", type=int, default=None, help="--serve: texts in each request (4)")
-    p.add_argument("--repeats", type=int, default=None, help="--serve: rounds over every configuration (3); "
-                   "--deploy: server rounds (1; 0 measures no server)")
+    p.add_argument("--repeats", type=int, default=None, help="--serve: rounds over every configuration (3)")
     p.add_argument("--length-bucket", type=int, default=None, help="--serve: the servers' --length-bucket (16)")
     p.add_argument("--texts", type=_str_list, default=None,
                    help="--serve: text sets, full (MR sentences) and/or short (their first 10 words); default full")
