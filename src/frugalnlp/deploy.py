@@ -150,11 +150,10 @@ def card_readme(card: dict, name: str) -> str:
     timed = card.get("measured")
     measured = "" if not timed else (
         f"- measured on test here: {timed['speedup']:.2f}x the plain model's texts/s on {timed['runtime']} at batch "
-        f"{timed['batch_size']} ({timed['texts_per_second']:.0f} texts/s); gain over the best static models at that "
-        "speed: " + ("n/a" if timed["gain_over_static"] is None else f"{timed['gain_over_static']:+.1f} points") + "\n")
+        f"{timed['batch_size']} ({timed['texts_per_second']:.0f} texts/s)\n")
+    where = "at that measured speed" if timed else f"at {card['target_speedup']:g}x"
     static = ("" if card.get("static_on_test") is None else
-              f"- the best static models at {card['target_speedup']:g}x on test: {card['static_on_test']:.4f} "
-              f"(this is {gain:+.1f} points)\n")
+              f"- the best static models {where} on test: {card['static_on_test']:.4f} (this is {gain:+.1f} points)\n")
     return (f"# Deploy: {card['data']['name']} at {card['target_speedup']:g}x\n\n"
             f"**What:** {card.get('deploy', card['source_run'])}; policy `{card['policy']}`, threshold "
             f"{card['threshold']}.\n\n"
