@@ -83,7 +83,8 @@ def test_the_demo_answers_in_measured_seconds_and_deploys_what_it_timed(tiny_dir
     out = tmp_path / "demo"
     status, printed, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 64, "--epochs", 1, "--max-length",
                                     24, "--seeds", "0", "--exit-layers", "1,2,4", "--methods", "joint",
-                                    "--cost", "time", "--runtime", "onnx", "--precision", "int8",
+                                    "--policies", "per-exit+ensemble", "--cost", "time", "--runtime", "onnx",
+                                    "--precision", "int8",
                                     "--cost-batch-size", 8, "--output", out], capsys)
     assert status == 0, err
     results = json.loads((out / "results.json").read_text())
