@@ -312,7 +312,8 @@ def deploy_choices(out: Path, summary: dict, seed: int, test_static: list[dict],
         shutil.rmtree(folder, ignore_errors=True)  # what a resumed demo writes again
         method = summary["methods"].get(choice["candidate"], {})
         member = None
-        if choice["choice"] == "static" or method.get("variant") == STATIC:  # a cascade's member is a static model
+        member_alone = choice["choice"] == "fixed exit" and method.get("variant") == STATIC  # a static model
+        if choice["choice"] == "static" or member_alone:
             best = choose([Candidate("static", p["run"], p["accuracy"], p["speedup_layers"], p) for p in dev_static],
                           target)
             if best is None:
