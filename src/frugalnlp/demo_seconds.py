@@ -1,5 +1,5 @@
 """The demo's answer in measured seconds (``demo --cost time``): on the runtime asked (``--runtime onnx
---precision int8``, or torch fp32/bf16), every candidate run and every static model exported once (into the run,
+--precision int8``, or torch fp32), every candidate run and every static model exported once (into the run,
 ``RUN/onnx-int8``, so what is deployed is what was timed); each candidate's segments and each static model timed
 on dev on this machine at the cost batch size; one choice per target among all of them
 (`frugalnlp.dev_choice.choose`, in that cost); then the chosen configurations and the static models timed on
