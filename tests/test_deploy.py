@@ -23,13 +23,29 @@ def demo(tiny_dir, tmp_path_factory):
     return out
 
 
+def _test_file(tmp_path):
+    """MR's test split and the JSONL file of its texts that predict reads."""
+    test = load_task("mr").test
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+    return test, data
+
+
+def _predicts_as_its_card_says(folder, card, test, data, out, capsys):
+    """`predict DIR` with no other flags on the test file: its saved point, exactly the card's test accuracy."""
+    status, _, err = run_cli(["predict", folder, "--input", data, "--output", out], capsys)
+    assert status == 0 and "the run's saved operating point" in err, err
+    predictions = [json.loads(line) for line in out.read_text().splitlines()]
+    accuracy = sum(p["label"] == card["labels"][g] for p, g in zip(predictions, test.labels)) / len(test.labels)
+    assert accuracy == card["test"]["accuracy"]  # exactly what the card was measured with
+    return predictions
+
+
 def test_the_demo_writes_a_deploy_directory_per_target_that_answers_as_its_card_says(demo, tmp_path, capsys):
     results = json.loads((demo / "results.json").read_text())
     targets = [c["speedup"] for c in results["selected_on_dev"]["per_target"]]
     assert [d["target_speedup"] for d in results["deploy"]] == targets and targets
-    test = load_task("mr").test
-    data = tmp_path / "test.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+    test, data = _test_file(tmp_path)
     for deployed in results["deploy"]:
         folder = demo / deployed["path"]
         card = json.loads((folder / "deploy.json").read_text())
@@ -39,11 +55,7 @@ def test_the_demo_writes_a_deploy_directory_per_target_that_answers_as_its_card_
         assert card["machine"]["cpu_features"] and card["command"].startswith("frugalnlp ")
         assert card["test"]["accuracy"] == deployed["test_accuracy"]
         out = tmp_path / f"{deployed['path'].replace('/', '-')}.jsonl"
-        status, _, err = run_cli(["predict", folder, "--input", data, "--output", out], capsys)
-        assert status == 0 and "the run's saved operating point" in err, err
-        predictions = [json.loads(line) for line in out.read_text().splitlines()]
-        accuracy = sum(p["label"] == card["labels"][g] for p, g in zip(predictions, test.labels)) / len(test.labels)
-        assert accuracy == card["test"]["accuracy"]  # exactly what the card was measured with
+        predictions = _predicts_as_its_card_says(folder, card, test, data, out, capsys)
         depth = card["full_depth"]
         assert card["test"]["speedup_layers"] == pytest.approx(
             depth / (sum(p["layers_run"] for p in predictions) / len(predictions)))
@@ -93,9 +105,7 @@ def test_the_demo_answers_in_measured_seconds_and_deploys_what_it_timed(tiny_dir
     assert "In measured seconds" in printed and (out / "seconds" / "frontier.json").is_file()
     chosen = [c for c in timed["dev_choices"] if c["choice"] is not None]
     assert chosen and [d["target_speedup"] for d in results["deploy"]] == [c["target_speedup"] for c in chosen]
-    test = load_task("mr").test
-    data = tmp_path / "test.jsonl"
-    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in test.texts))
+    test, data = _test_file(tmp_path)
     for deployed in results["deploy"]:
         folder = out / deployed["path"]
         card = json.loads((folder / "deploy.json").read_text())
@@ -103,11 +113,6 @@ def test_the_demo_answers_in_measured_seconds_and_deploys_what_it_timed(tiny_dir
         assert card["measured"]["speedup"] > 0 and card["measured"]["batch_size"] == 8
         assert json.loads((folder / "model" / "export.json").read_text())["precision"] == "int8"
         assert json.loads((folder / "operating-point.json").read_text())["kind"] == "frugalnlp-operating-point"
-        status, _, err = run_cli(["predict", folder, "--input", data, "--output", tmp_path / "p.jsonl",
-                                  "--overwrite"], capsys)
-        assert status == 0, err
-        predictions = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-        accuracy = sum(p["label"] == card["labels"][g] for p, g in zip(predictions, test.labels)) / len(test.labels)
-        assert accuracy == card["test"]["accuracy"]
+        _predicts_as_its_card_says(folder, card, test, data, tmp_path / f"{folder.name}.jsonl", capsys)
     status, _, err = run_cli(["demo", "--runtime", "onnx", "--output", tmp_path / "x"], capsys)
     assert status == 2 and "--cost time" in err and not (tmp_path / "x").exists()

@@ -22,7 +22,7 @@ import numpy as np
 from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.dev_choice import OperatingTarget
 from frugalnlp.manifest import verify_manifest, write_manifest
-from frugalnlp.operating import calibrate_run, save_chosen_point
+from frugalnlp.operating import calibrate_run, save_chosen_point, speedup_text
 from frugalnlp.tasks import Columns, Split
 from frugalnlp.timing import describe_machine, machine
 
@@ -145,8 +145,6 @@ def card_readme(card: dict, name: str) -> str:
     """The card's short human version."""
     dev, test, gain = card["dev"], card["test"], card["test_gain_over_static"]
     speed = f", {test['speedup_layers']:.2f}x in layers" if test["speedup_layers"] else ""
-    speedups = ", ".join(f"{dev[k]:.2f}x in {unit}" for k, unit in (("speedup_layers", "layers"),
-                                                                    ("speedup_time", "measured time")) if k in dev)
     timed = card.get("measured")
     measured = "" if not timed else (
         f"- measured on test here: {timed['speedup']:.2f}x the plain model's texts/s on {timed['runtime']} at batch "
@@ -158,7 +156,7 @@ def card_readme(card: dict, name: str) -> str:
             f"**What:** {card.get('deploy', card['source_run'])}; policy `{card['policy']}`, threshold "
             f"{card['threshold']}.\n\n"
             f"- labels: {', '.join(card['labels'])}\n"
-            f"- dev: accuracy {dev['accuracy']:.4f} at {speedups}"
+            f"- dev: accuracy {dev['accuracy']:.4f} at {speedup_text(dev)}"
             f"\n- test: accuracy {test['accuracy']:.4f} on {test['examples']} examples{speed}\n{static}{measured}"
             f"- chosen: {card['chosen_by']}\n"
             f"- measured on: {describe_machine(card['machine'])}\n\n"

@@ -64,10 +64,8 @@ class OperatingPoint:
     router: ExitRouter | None = None  # the learned policy's, fitted on dev; saved the same way
 
     def speedup_text(self) -> str:
-        """Its dev speedups, in layers and, where it was timed, in measured time: ``2.00x in layers``."""
-        parts = [f"{self.dev[k]:.2f}x in {unit}" for k, unit in (("speedup_layers", "layers"),
-                                                                  ("speedup_time", "measured time")) if k in self.dev]
-        return ", ".join(parts)
+        """Its dev speedups: `speedup_text`."""
+        return speedup_text(self.dev)
 
     def to_dict(self) -> dict:
         """The JSON record (the ensemble's and router's tensors go to their own safetensors file)."""
@@ -99,6 +97,12 @@ class OperatingPoint:
             if old.name != tensors and (FITTED_TENSORS.fullmatch(old.name) or old.name == "operating-point.safetensors"):
                 old.unlink(missing_ok=True)
         return path
+
+
+def speedup_text(figures: dict) -> str:
+    """A point's speedups in layers and, where it was timed, in measured time: ``2.00x in layers``."""
+    return ", ".join(f"{figures[k]:.2f}x in {unit}" for k, unit in (("speedup_layers", "layers"),
+                                                                    ("speedup_time", "measured time")) if k in figures)
 
 
 def record_sha256(record: dict) -> str:
