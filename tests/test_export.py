@@ -2,6 +2,7 @@
 (batch 1, batched, token-budget packing, the real server), int8 keeps its own logits and temperatures."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from frugalnlp.errors import FrugalError
 from frugalnlp.export import export_model, export_run, fused_ops
 from frugalnlp.manifest import write_manifest
 from frugalnlp.onnx_model import OnnxModel
+from frugalnlp.onnx_sessions import CANDIDATES
 from frugalnlp.predict import Predictor
 from frugalnlp.run import runtime_path
 from frugalnlp.tasks import load_task
@@ -100,7 +102,7 @@ def test_a_family_that_cannot_be_exported_is_refused_naming_why(tmp_path, monkey
 def test_length_runs_pack_sorted_rows_within_the_token_budget():
     lengths = torch.tensor([9, 3, 3, 20, 5, 1, 7, 7, 2, 4])
     mask = (torch.arange(20)[None] < lengths[:, None]).long()
-    runs = length_runs(mask, max_tokens=16)
+    runs = [torch.from_numpy(r) for r in length_runs(mask, max_tokens=16)]
     order = torch.cat(runs)
     assert sorted(order.tolist()) == list(range(10))
     assert lengths[order].tolist() == sorted(lengths.tolist())
@@ -324,7 +326,12 @@ def test_int8_is_quantized_for_an_instruction_set_recorded_in_export_json_and_fl
     record = json.loads((tmp_path / "avx2" / "model" / "export.json").read_text())
     assert record["quantization"]["isa"] == "avx2" and record["quantization"]["reduce_range"] is True
     assert record["quantization"]["per_channel"] is True and record["quantization"]["weight_type"] == "QInt8"
-    assert record["session_options"] == {"shared_thread_pool": True, "allow_spinning": False}
+    timing = record["session_timing"]  # the session options are chosen by timing them on this CPU
+    assert record["session_options"] == CANDIDATES[timing["chosen"]] and timing["rows"] == [1, 2, 8, 32]
+    assert set(timing["ms_per_pass"]) == set(CANDIDATES)
+    assert all(len(ms) == 4 and all(0 < t < math.inf for t in ms) for ms in timing["ms_per_pass"].values())
+    log_sums = {name: sum(math.log(t) for t in ms) for name, ms in timing["ms_per_pass"].items()}
+    assert timing["chosen"] == min(log_sums, key=log_sums.get) and "chosen: " + timing["chosen"] in out
     graph = onnx.load(str(tmp_path / "avx2" / "model" / record["graphs"][0]))
     assert "MatMulInteger" in {node.op_type for node in graph.graph.node}
     auto = export_run(tiny_run, output=tmp_path / "auto", quantize="int8")

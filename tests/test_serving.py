@@ -376,7 +376,7 @@ def test_every_policy_decides_alike_at_batch_1_batched_in_the_replay_and_in_the_
     if router is not None:  # the router's P(right) at the first exit, on the logits it decides on
         seen = ensemble.apply(logits, model.temperatures) if ensemble is not None else logits / torch.tensor(
             model.temperatures)[:, None, None]
-        routed = router.score(0, seen[:1].log_softmax(-1).transpose(0, 1))
+        routed = torch.from_numpy(router.score(0, seen[:1].log_softmax(-1).transpose(0, 1).numpy()))
     def between(values: torch.Tensor, q: float) -> float:
         """A threshold near quantile ``q`` of ``values``, halfway across the nearest gap wider than float noise
         (the tiny model's scores crowd together: a threshold within 1e-6 of a row would flip with batch padding)."""

@@ -441,6 +441,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         q = record["quantization"]
         print(f"int8 for {q['isa']} (chosen by {q['chosen']}): {q['weight_type']} weights per channel"
               + (", range reduced to 7 bits" if q["reduce_range"] else ""))
+    timing = record["session_timing"]
+    print(f"session options timed on this CPU (ms per pass through every graph, on {', '.join(map(str, timing['rows']))} "
+          f"rows): " + "; ".join(f"{name} {' / '.join(f'{t:.1f}' for t in ms)}" for name, ms in timing["ms_per_pass"].items())
+          + f"; chosen: {timing['chosen']}")
     print(f"use it with --runtime onnx (or give {record['output']} as the run)")
 
 

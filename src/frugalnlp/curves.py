@@ -50,17 +50,18 @@ def replay(exit_logits: torch.Tensor, temperatures: list[float], policy: ExitPol
     Every exit decides through `exit_step`, as in `predict`; the last exit always answers.
     """
     num_exits, n, _ = exit_logits.shape
-    exit_index = torch.full((n,), num_exits - 1, dtype=torch.long)
-    labels = torch.empty(n, dtype=torch.long)
-    running = torch.ones(n, dtype=torch.bool)
-    state = policy.start(n, exit_logits.device)
+    exit_index = np.full(n, num_exits - 1, dtype=np.int64)
+    labels = np.empty(n, dtype=np.int64)
+    running = np.ones(n, dtype=bool)
+    state = policy.start(n)
     for e in range(num_exits):
-        leave, answers, state = exit_step(policy, e, num_exits, exit_logits[e], temperatures[e], state)
-        leaving = leave & running
+        step = exit_step(policy, e, num_exits, exit_logits[e], temperatures[e], state)
+        leaving = step.leave & running
         exit_index[leaving] = e
-        labels[leaving] = answers.argmax(-1)[leaving]
-        running &= ~leave
-    return exit_index, labels
+        labels[leaving] = step.logits.argmax(-1)[leaving]
+        running &= ~step.leave
+        state = step.state
+    return torch.from_numpy(exit_index), torch.from_numpy(labels)
 
 
 def scores(predicted: np.ndarray | torch.Tensor, gold: np.ndarray, num_labels: int) -> dict[str, float]:

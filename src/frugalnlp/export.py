@@ -16,6 +16,7 @@ weights' hash, the check against torch). Every command that takes a run takes an
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from pathlib import Path
 
@@ -24,12 +25,14 @@ from torch import nn
 
 from frugalnlp.assets import weights_sha256
 from frugalnlp.atomic import write_json
+from frugalnlp.backbones.base import used_length
 from frugalnlp.curves import collect_exit_logits, exit_scores
 from frugalnlp.early_exit.calibration import fit_temperatures
 from frugalnlp.early_exit.cascade import Cascade
-from frugalnlp.encoding import encode_split
+from frugalnlp.encoding import encode_split, unsorted_batches
 from frugalnlp.errors import FrugalError
-from frugalnlp.onnx_model import EXPORT, KIND, SESSION_OPTIONS, OnnxModel, is_export, require_onnx
+from frugalnlp.onnx_model import EXPORT, KIND, OnnxModel, is_export, require_onnx
+from frugalnlp.onnx_sessions import CANDIDATES, ROWS, SESSION_OPTIONS, time_candidates
 from frugalnlp.quantization import quantization_config
 from frugalnlp.run import load_run, load_spec_task
 from frugalnlp.rundir import RunDir
@@ -185,6 +188,25 @@ def export_model(model, folder: str | Path, quantize: str | None = None, optimiz
     return manifest
 
 
+def choose_session_options(model: OnnxModel, batch: dict[str, torch.Tensor]) -> dict:
+    """The session options ``model``'s graphs run fastest with on this CPU (`frugalnlp.onnx_sessions`): each
+    candidate timed on the first 1, 2, 8 and 32 rows of ``batch`` (tokens [rows, seq], each cut to the columns its
+    rows use); the chosen one has the least geometric mean time over the row counts (they weigh alike: thin calls
+    are what rows going on past an exit make). Returns export.json's record: ``chosen``, ``options``, ``rows``,
+    ``threads``, ``ms_per_pass`` {candidate: ms of one pass through every graph, per row count}."""
+    rows = [n for n in ROWS if n <= len(batch["input_ids"])]
+    feeds = []
+    for n in rows:
+        length = used_length(batch["attention_mask"][:n])
+        feeds.append(model.feeds(*(None if t is None else t[:n, :length]
+                                   for t in (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")))))
+    threads = torch.get_num_threads()
+    ms = time_candidates([model.folder / g for g in model.manifest["graphs"]], feeds, threads)
+    chosen = min(ms, key=lambda name: sum(math.log(t) for t in ms[name]))
+    return {"chosen": chosen, "options": CANDIDATES[chosen], "rows": rows, "threads": threads,
+            "ms_per_pass": ms}
+
+
 def export_run(run: str | Path, output: str | Path | None = None, quantize: str | None = None,
                overwrite: bool = False, isa: str | None = None) -> dict:
     """Export a finished run's segments to ONNX (`export_model`, `OnnxModel` runs them); returns the record.
@@ -225,6 +247,8 @@ def export_run(run: str | Path, output: str | Path | None = None, quantize: str 
                           f"(tolerance {FP32_TOLERANCE:g}); the export is left in {path} for inspection")
     if quantize:
         manifest["temperatures"] = fit_temperatures(logits["dev"], torch.as_tensor(task.dev.labels))
+    timing = choose_session_options(exported, unsorted_batches(data["dev"], trained.tokenizer, 32)[0])
+    manifest.update(session_options=timing["options"], session_timing=timing)
     manifest.update(run=str(Path(run).resolve()), run_sha256=weights_sha256(Path(run) / "model", recursive=True),
                     check={"split": "dev", "examples": len(task.dev), "max_abs_diff_vs_torch": diff})
     write_json(folder / EXPORT, manifest)

@@ -22,14 +22,11 @@ from frugalnlp.early_exit.modeling import EarlyExitModel
 from frugalnlp.early_exit.policies import ConfidencePolicy, ExitPolicy
 from frugalnlp.early_exit.runner import Prediction, adaptive_predict
 from frugalnlp.errors import FrugalError
+from frugalnlp.onnx_sessions import SESSION_OPTIONS, session_options
 from frugalnlp.quantization import check_config, note_isa
 
 EXPORT = "export.json"  # in an export's model/ folder: what makes a folder an exported model
 KIND = "frugalnlp-export"
-# How an export's sessions run, recorded in export.json: one thread pool shared by every segment's session
-# (per-session pools would wait on, or spin against, each other), and idle threads sleep rather than spin (the
-# server's event loop and tokeniser share these cores).
-SESSION_OPTIONS = {"shared_thread_pool": True, "allow_spinning": False}
 
 
 class Hidden(NamedTuple):
@@ -66,34 +63,16 @@ def is_export(folder: str | Path) -> bool:
 def torch_threads(threads: int) -> Iterator[None]:
     """torch's intra-op threads set to ``threads`` in this thread for the block, then restored.
 
-    Between ONNX Runtime's calls an export's exit decisions run small torch ops; on more than one thread each
-    wakes torch's OpenMP pool, whose idle threads then spin on the cores ONNX Runtime's own pool is working on.
-    On a 2-core CPU that made an int8 segment 2-3x slower (on 2 to 32 rows; `benchmarks/deploy.md`). The ops on
-    [rows, labels] logits gain nothing from threads, so the export runs them on one."""
+    An export's exit decisions run in NumPy, but what runs around its graphs may still be torch (the tokeniser's
+    tensors, padding, the `Prediction`); on more than one thread a torch op wakes torch's OpenMP pool, whose idle
+    threads then spin on the cores ONNX Runtime's own pool is working on. On a 2-core CPU that made an int8
+    segment 2-3x slower (on 2 to 32 rows, when the decisions were torch ops; `benchmarks/deploy.md`)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-_POOL: list[int] = []  # the process's one ONNX Runtime thread pool size, once created
-
-
-def _shared_thread_pool(threads: int) -> bool:
-    """Whether sessions can use one global thread pool of ``threads`` threads (torch's, so that the runtimes
-    compare on equal terms). ONNX Runtime creates it with its environment, once per process: a later call
-    with another size gets per-session pools."""
-    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
-
-    if not _POOL:
-        try:
-            ort_state.set_global_thread_pool_sizes(threads, 1)
-            _POOL.append(threads)
-        except Exception:  # the environment exists already (a session was made elsewhere in this process)
-            _POOL.append(0)
-    return _POOL[0] == threads
 
 
 def read_manifest(folder: Path) -> dict:
@@ -161,6 +140,8 @@ class OnnxModel:
     """
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        """``threads``: ONNX Runtime's intra-op threads (default torch's, so that the runtimes compare on equal
+        terms); the sessions run with export.json's session options (`frugalnlp.onnx_sessions`)."""
         require_onnx()
         import onnxruntime as ort
 
@@ -175,14 +156,8 @@ class OnnxModel:
                               f"{self.config.exit_layers}; export the run again")
         self.temperatures = list(self.manifest["temperatures"])
         note_isa(self.manifest.get("quantization"), str(self.folder))
-        recorded = self.manifest.get("session_options", SESSION_OPTIONS)  # exports before it: the same options
-        options = ort.SessionOptions()
-        if recorded["shared_thread_pool"] and _shared_thread_pool(threads or torch.get_num_threads()):
-            options.use_per_session_threads = False
-        else:
-            options.intra_op_num_threads = threads or torch.get_num_threads()
-            options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if recorded["allow_spinning"] else "0")
+        recorded = self.manifest.get("session_options", SESSION_OPTIONS)  # exports before the timing: the default
+        options, self.shared_thread_pool = session_options(recorded, threads or torch.get_num_threads())
         self.sessions = [_session(ort, self.folder / g, options) for g in self.manifest["graphs"]]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         # a segment after the first resumes from a hidden state; a cascade's members each start from the tokens
@@ -226,13 +201,15 @@ class OnnxModel:
                             for g in self.manifest["graphs"]])
         return EarlyExitModel(self.config).eval()
 
-    def _run(self, exit_index: int, **inputs: np.ndarray | None) -> tuple[np.ndarray, torch.Tensor]:
+    def _feed(self, exit_index: int, state: Tokens | Hidden) -> dict[str, np.ndarray]:
+        """What graph ``exit_index`` takes from ``state``: the tokens (the first graph, a cascade's every member)
+        or the hidden state and its mask."""
+        inputs = state._asdict() if isinstance(state, Tokens) else {"hidden": state.hidden,
+                                                                      "attention_mask": state.attention_mask}
         wanted = self._inputs[exit_index]
         if "token_type_ids" in wanted and inputs.get("token_type_ids") is None:
             inputs["token_type_ids"] = np.zeros_like(inputs["input_ids"])
-        feed = {k: np.ascontiguousarray(v) for k, v in inputs.items() if k in wanted}
-        hidden, logits = self.sessions[exit_index].run(None, feed)
-        return hidden, torch.from_numpy(logits).float()
+        return {k: np.ascontiguousarray(v) for k, v in inputs.items() if k in wanted}
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
               token_type_ids: torch.Tensor | None = None) -> Tokens:
@@ -243,23 +220,30 @@ class OnnxModel:
         return Tokens(*(None if t is None else t.cpu().numpy() for t in (input_ids, attention_mask, token_type_ids)))
 
     def advance(self, exit_index: int, state: Tokens | Hidden,
-                head: bool = True) -> tuple[Tokens | Hidden, torch.Tensor | None]:
+                head: bool = True) -> tuple[Tokens | Hidden, np.ndarray | None]:
         """Run segment ``exit_index`` (a cascade: member ``exit_index``, skipped without ``head``); returns the
-        state after it and the exit's raw logits [rows, labels], or None without ``head``."""
+        state after it and the exit's raw logits [rows, labels] as ONNX Runtime gives them (NumPy: the exit
+        decisions take them as they are), or None without ``head``."""
+        if self.cascade and not head:
+            return state, None
+        hidden, logits = self.sessions[exit_index].run(None, self._feed(exit_index, state))
         if self.cascade:
-            if not head:
-                return state, None
-            return state, self._run(exit_index, **state._asdict())[1]
-        if exit_index == 0:
-            hidden, logits = self._run(0, **state._asdict())
-        else:
-            hidden, logits = self._run(exit_index, hidden=state.hidden, attention_mask=state.attention_mask)
+            return state, logits
         # the graph's head runs regardless; a policy that cannot leave here must not see its logits
         return Hidden(hidden, state.attention_mask), logits if head else None
 
-    def keep_rows(self, state: Tokens | Hidden, rows: torch.Tensor) -> Tokens | Hidden:
+    def feeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: torch.Tensor | None = None) -> list[dict[str, np.ndarray]]:
+        """What each graph is fed on this batch ([batch, seq] tokens in): what `frugalnlp.onnx_sessions` times."""
+        state, fed = self.start(input_ids, attention_mask, token_type_ids), []
+        for e in range(self.num_exits):
+            fed.append(self._feed(e, state))
+            state, _ = self.advance(e, state)
+        return fed
+
+    def keep_rows(self, state: Tokens | Hidden, rows: np.ndarray | torch.Tensor) -> Tokens | Hidden:
         """Only ``rows`` ([k] positions) of the batch, cut to the columns they use."""
-        rows = rows.cpu().numpy()
+        rows = np.asarray(rows)
         mask = state.attention_mask[rows]
         length = int(np.flatnonzero(mask.any(0)).max()) + 1 if mask.any() else mask.shape[1]
         return type(state)(*(None if t is None else t[rows, :length] for t in state))
@@ -283,7 +267,7 @@ class OnnxModel:
             state, logits = self.start(input_ids, attention_mask, token_type_ids), []
             for e in range(self.num_exits):
                 state, out = self.advance(e, state)
-                logits.append(out)
+                logits.append(torch.from_numpy(out).float())
         return tuple(logits)
 
     def inference_context(self) -> AbstractContextManager:

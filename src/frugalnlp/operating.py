@@ -238,6 +238,7 @@ def _load_tensors(path: Path, data: dict, bad) -> dict:
 def _check_fitted(ensemble: ExitEnsemble | None, router: ExitRouter | None, num_exits: int, num_labels: int,
                   bad) -> None:
     """The fitted tensors' shapes against the run's exits and labels, their values finite."""
+    import numpy as np
     import torch
 
     from frugalnlp.early_exit.router import router_features
@@ -247,7 +248,7 @@ def _check_fitted(ensemble: ExitEnsemble | None, router: ExitRouter | None, num_
         expected.update(maps=(ensemble.maps, (num_exits, num_labels, num_exits * num_labels)),
                         bias=(ensemble.bias, (num_exits, num_labels)))
     if router is not None:
-        features = router_features(torch.zeros(1, 1, num_labels, dtype=torch.float64), num_exits).shape[1]
+        features = router_features(np.zeros((1, 1, num_labels)), num_exits).shape[1]
         expected.update({f"router {k}": (getattr(router, k), shape) for k, shape in (
             ("weights", (num_exits - 1, features)), ("bias", (num_exits - 1,)), ("mean", (num_exits - 1, features)),
             ("scale", (num_exits - 1, features)))})

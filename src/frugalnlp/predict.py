@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -123,9 +124,9 @@ class Predictor:
         return results
 
 
-def check_finite(confidence: torch.Tensor) -> None:
+def check_finite(confidence: torch.Tensor | np.ndarray) -> None:
     """FrugalError if a confidence [rows] is NaN or infinite: never written as an answer (nor as invalid JSON)."""
-    if not torch.isfinite(confidence).all():
+    if not np.isfinite(np.asarray(confidence)).all():
         raise FrugalError("the model gave a confidence that is not a finite number (NaN or infinite logits): its "
                           "weights or temperatures are broken; export or train the run again")
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -91,7 +92,7 @@ class Group:
     """Rows standing at the same exit: the model's state for them, the policy's, and whose they are."""
 
     state: Any  # the model's segment state: State (early exit), Tokens (cascade), an export's NumPy tuples
-    policy_state: torch.Tensor | None
+    policy_state: np.ndarray | None
     owners: list[tuple[Job, int]]
     since: float
 
@@ -153,7 +154,7 @@ class ModelWorker:
         if len(keep) == len(group.owners):
             return group
         self._forget(len(group.owners) - len(keep))
-        return self._subset(group, torch.tensor(keep, dtype=torch.long)) if keep else None
+        return self._subset(group, np.asarray(keep, dtype=np.int64)) if keep else None
 
     # ---------------------------------------------------------------------------------- worker thread
 
@@ -209,8 +210,8 @@ class ModelWorker:
             if group is None:
                 continue
             if len(group.owners) > room:
-                keep = torch.arange(room)
-                rest = torch.arange(room, len(group.owners))
+                keep = np.arange(room)
+                rest = np.arange(room, len(group.owners))
                 queue.appendleft(self._subset(group, rest))
                 group = self._subset(group, keep)
             groups.append(group)
@@ -219,7 +220,7 @@ class ModelWorker:
             return (lambda: None), []
         return (lambda: self._advance_buckets(e, self._merge(groups))), [owner for g in groups for owner in g.owners]
 
-    def _subset(self, group: Group, rows: torch.Tensor) -> Group:
+    def _subset(self, group: Group, rows: np.ndarray) -> Group:
         return Group(self.model.keep_rows(group.state, rows),
                      None if group.policy_state is None else group.policy_state[rows],
                      [group.owners[i] for i in rows.tolist()], group.since)
@@ -229,10 +230,10 @@ class ModelWorker:
             return groups[0]
         states = [g.policy_state for g in groups]
         return Group(self.model.merge([g.state for g in groups]),
-                     None if states[0] is None else torch.cat(states),
+                     None if states[0] is None else np.concatenate(states),
                      [owner for g in groups for owner in g.owners], min(g.since for g in groups))
 
-    def _buckets(self, attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    def _buckets(self, attention_mask: torch.Tensor | np.ndarray) -> list[np.ndarray]:
         """Rows [n] sorted by length, in runs of ``length_bucket`` rows or ``max_tokens`` padded tokens."""
         return length_runs(attention_mask, self.settings.length_bucket, self.settings.max_tokens)
 
@@ -246,15 +247,16 @@ class ModelWorker:
                             return_tensors="pt")
         tensors = [batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")]
         for bucket in self._buckets(batch["attention_mask"]):
+            bucket = torch.from_numpy(bucket)
             length = used_length(batch["attention_mask"][bucket])
             ids, mask, types = (None if t is None else t[bucket, :length] for t in tensors)
             owners = [rows[i] for i in bucket.tolist()]
             if self.settings.batching == "request":
                 self.metrics.batch_rows.labels(str(self.model.exit_layers[-1])).observe(len(owners))
                 pred = self.model.predict(ids, mask, types, policy=self.policy)
-                self._deliver(owners, pred.logits, pred.exit_index)
+                self._deliver(owners, pred.labels.numpy(), pred.confidence.numpy(), pred.exit_index.numpy())
             else:
-                state, policy_state = self.model.start(ids, mask, types), self.policy.start(len(owners), ids.device)
+                state, policy_state = self.model.start(ids, mask, types), self.policy.start(len(owners))
                 self._advance(0, Group(state, policy_state, owners, time.perf_counter()))
 
     def _advance_buckets(self, e: int, group: Group) -> None:
@@ -273,30 +275,28 @@ class ModelWorker:
         if logits is None:
             self._enqueue(e + 1, Group(state, group.policy_state, group.owners, time.perf_counter()))
             return
-        leave, logits, policy_state = exit_step(self.policy, e, model.num_exits, logits, self.temperatures[e],
-                                                group.policy_state)
-        going = leave.nonzero().squeeze(1)
-        self._deliver([group.owners[i] for i in going.tolist()], logits[going],
-                      torch.full((len(going),), e, dtype=torch.long))
-        stay = (~leave).nonzero().squeeze(1)
+        step = exit_step(self.policy, e, model.num_exits, logits, self.temperatures[e], group.policy_state)
+        going = np.flatnonzero(step.leave)
+        self._deliver([group.owners[i] for i in going.tolist()], step.logits[going].argmax(-1),
+                      step.probs[going].max(-1), np.full(len(going), e))
+        stay = np.flatnonzero(~step.leave)
         if len(stay):
-            rest = Group(state, policy_state, group.owners, time.perf_counter())
+            rest = Group(state, step.state, group.owners, time.perf_counter())
             self._enqueue(e + 1, self._subset(rest, stay) if len(stay) < len(group.owners) else rest)
 
     def _enqueue(self, e: int, group: Group) -> None:
         with self.wake:
             self.queues[e].append(group)
 
-    def _deliver(self, rows: list[tuple[Job, int]], logits: torch.Tensor, exit_index: torch.Tensor) -> None:
-        """Answer rows: ``logits`` [rows, labels] temperature-scaled at exit ``exit_index`` [rows]."""
+    def _deliver(self, rows: list[tuple[Job, int]], labels: np.ndarray, confidence: np.ndarray,
+                 exit_index: np.ndarray) -> None:
+        """Answer rows: their ``labels``, ``confidence`` and ``exit_index`` [rows] (NumPy)."""
         if not rows:
             return
-        probs = logits.softmax(-1)
-        check_finite(probs.amax(-1))  # raised here, the batch's requests get a 500 in the error shape
-        labels, confidence = probs.argmax(-1).tolist(), probs.amax(-1).tolist()
+        check_finite(confidence)  # raised here, the batch's requests get a 500 in the error shape
         p, layers_to_exit = self.predictor, self.layers_to_exit
         finished = []
-        for (job, i), label, conf, e in zip(rows, labels, confidence, exit_index.tolist()):
+        for (job, i), label, conf, e in zip(rows, labels.tolist(), confidence.tolist(), exit_index.tolist()):
             job.results[i] = {"label": p.id2label[label], "confidence": round(conf, 6),
                               "exit_layer": p.exit_layers[e], "layers_run": layers_to_exit[e]}
             self.metrics.exits.observe(p.exit_layers[e])

@@ -123,9 +123,9 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
     def segments(n: int) -> list[float]:
         spent = [0.0] * model.num_exits
         for b in cuts[n]:
-            departures = Departures(never, n, model.temperatures, model.device)
+            departures = Departures(never, n, model.temperatures)
             state = model.start(b["input_ids"], b["attention_mask"], b.get("token_type_ids"))
-            everyone = torch.arange(n)
+            everyone = np.arange(n)
             for e in range(model.num_exits):
                 start = time.perf_counter()
                 state, logits = model.advance(e, state)

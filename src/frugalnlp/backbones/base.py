@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,12 +132,13 @@ class Backbone:
         """The family's layer mask for a [batch, seq] attention mask."""
         raise NotImplementedError
 
-    def select(self, state: State, rows: torch.Tensor) -> State:
-        """Keep only ``rows`` (a [k] index tensor) of the batch, trimming padding no kept row needs.
+    def select(self, state: State, rows: torch.Tensor | np.ndarray) -> State:
+        """Keep only ``rows`` (a [k] index tensor or array) of the batch, trimming padding no kept row needs.
 
         Right padding that only the dropped rows needed is cut, so a shrinking batch also gets
         shorter; the layer mask is rebuilt once here rather than in every layer.
         """
+        rows = torch.as_tensor(rows, device=state.hidden.device)
         mask = state.attention_mask.index_select(0, rows)
         length = used_length(mask)
         hidden = state.hidden.index_select(0, rows)[:, :length]

@@ -131,8 +131,9 @@ class Cascade:
         logits = model(tokens.input_ids, tokens.attention_mask, tokens.token_type_ids).exit_logits[0].float()
         return tokens, logits
 
-    def keep_rows(self, tokens: Tokens, rows: torch.Tensor) -> Tokens:
+    def keep_rows(self, tokens: Tokens, rows: torch.Tensor | np.ndarray) -> Tokens:
         """Only ``rows`` of the batch, cut to the columns they use."""
+        rows = torch.as_tensor(rows, device=tokens.input_ids.device)
         length = used_length(tokens.attention_mask.index_select(0, rows))
         return Tokens(*(None if t is None else t.index_select(0, rows)[:, :length] for t in tokens))
 

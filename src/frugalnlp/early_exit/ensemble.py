@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from frugalnlp.early_exit.calibration import minimize
-from frugalnlp.early_exit.policies import ExitPolicy
+from frugalnlp.early_exit.policies import ExitPolicy, log_softmax
 
 WEIGHTS_L2 = 1e-3
 LINEAR_L2 = (1e-3, 1e-2, 1e-1, 1.0)
@@ -37,11 +37,22 @@ class ExitEnsemble:
     def num_exits(self) -> int:
         return self.maps.shape[0]
 
-    def combine(self, exit_index: int, log_probs: torch.Tensor) -> torch.Tensor:
-        """log_probs: [rows, exit_index + 1, labels] of exits 0..k -> ensembled logits [rows, labels]."""
+    def combine(self, exit_index: int, log_probs: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """log_probs: [rows, exit_index + 1, labels] of exits 0..k -> ensembled logits [rows, labels], in the
+        input's library and dtype (NumPy: an exit's decision; torch: a whole split's logits at once)."""
         columns = log_probs.shape[1] * log_probs.shape[2]
+        if isinstance(log_probs, np.ndarray):
+            maps, bias = self.arrays()
+            m, b = maps[exit_index, :, :columns].astype(log_probs.dtype), bias[exit_index].astype(log_probs.dtype)
+            return log_probs.reshape(len(log_probs), -1) @ m.T + b
         m = self.maps[exit_index, :, :columns].to(log_probs.dtype)
         return log_probs.flatten(1) @ m.T + self.bias[exit_index].to(log_probs.dtype)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """maps and bias as NumPy arrays (made once): what an exit's decision reads."""
+        if getattr(self, "_arrays", None) is None:
+            self._arrays = (self.maps.numpy(), self.bias.numpy())
+        return self._arrays
 
     def apply(self, exit_logits: torch.Tensor, temperatures: list[float]) -> torch.Tensor:
         """Every exit ensembled at once: raw logits [exits, n, labels] -> ensembled logits [exits, n, labels]."""
@@ -148,8 +159,8 @@ def cross_fit_ensemble(exit_logits: torch.Tensor, temperatures: list[float], gol
 
 
 class EnsembledPolicy(ExitPolicy):
-    """``policy`` deciding on an `ExitEnsemble`'s logits. Its state is one tensor, rows first: the log-probs
-    of the exits so far ([rows, exits * labels]), then the inner policy's state (as floats)."""
+    """``policy`` deciding on an `ExitEnsemble`'s logits. Its state is one float32 array, rows first: the
+    log-probs of the exits so far ([rows, exits * labels]), then the inner policy's state (as floats)."""
 
     def __init__(self, policy: ExitPolicy, ensemble: ExitEnsemble) -> None:
         self.inner, self.ensemble = policy, ensemble
@@ -162,32 +173,32 @@ class EnsembledPolicy(ExitPolicy):
     def uses_exit(self, exit_index: int) -> bool:
         return True  # every later exit's mix reads this exit's log-probs, even where no row may leave
 
-    def start(self, batch_size: int, device: torch.device) -> torch.Tensor:
+    def start(self, batch_size: int) -> np.ndarray:
         exits, labels = self.ensemble.bias.shape
-        history = torch.zeros(batch_size, exits * labels, device=device)
-        inner = self.inner.start(batch_size, device)
-        self.inner_dtype = torch.float32 if inner is None else inner.dtype  # a None state may become one
-        return history if inner is None else torch.cat([history, inner.to(history.dtype)], 1)
+        history = np.zeros((batch_size, exits * labels), dtype=np.float32)
+        inner = self.inner.start(batch_size)
+        self.inner_dtype = np.float32 if inner is None else inner.dtype  # a None state may become one
+        return history if inner is None else np.concatenate([history, inner.astype(np.float32)], 1)
 
-    def _split(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _split(self, state: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         size = self.ensemble.bias.numel()
-        inner = None if state.shape[1] == size else state[:, size:].to(self.inner_dtype)
+        inner = None if state.shape[1] == size else state[:, size:].astype(self.inner_dtype)
         return state[:, :size], inner
 
-    def _join(self, history: torch.Tensor, inner: torch.Tensor | None) -> torch.Tensor:
-        return history if inner is None else torch.cat([history, inner.to(history.dtype)], 1)
+    def _join(self, history: np.ndarray, inner: np.ndarray | None) -> np.ndarray:
+        return history if inner is None else np.concatenate([history, inner.astype(np.float32)], 1)
 
-    def transform(self, logits: torch.Tensor, state: torch.Tensor, exit_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def transform(self, logits: np.ndarray, state: np.ndarray, exit_index: int) -> tuple[np.ndarray, np.ndarray]:
         exits, labels = self.ensemble.bias.shape
         history, inner = self._split(state)
-        history = history.clone()
-        history[:, exit_index * labels:(exit_index + 1) * labels] = logits.log_softmax(-1)
-        mixed = self.ensemble.combine(exit_index, history.view(len(history), exits, labels)[:, : exit_index + 1])
+        history = history.copy()
+        history[:, exit_index * labels:(exit_index + 1) * labels] = log_softmax(logits)
+        mixed = self.ensemble.combine(exit_index, history.reshape(len(history), exits, labels)[:, : exit_index + 1])
         return mixed, self._join(history, inner)
 
-    def step(self, logits, state, exit_index):
+    def step(self, logits, probs, state, exit_index):
         history, inner = self._split(state)
-        leave, inner = self.inner.step(logits, inner, exit_index)
+        leave, inner = self.inner.step(logits, probs, inner, exit_index)
         return leave, self._join(history, inner)
 
 

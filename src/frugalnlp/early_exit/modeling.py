@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -285,7 +286,7 @@ class EarlyExitModel(PreTrainedModel):
             logits = self.heads[exit_index](state.hidden, state.attention_mask).float()
         return state, logits
 
-    def keep_rows(self, state: State, rows: torch.Tensor) -> State:
+    def keep_rows(self, state: State, rows: torch.Tensor | np.ndarray) -> State:
         """Only ``rows`` ([k] positions) of the batch, with the padding no kept row needs cut."""
         return self.adapter.select(state, rows)
 

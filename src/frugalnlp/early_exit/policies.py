@@ -2,7 +2,9 @@
 
 A policy knows nothing of models. Every decision goes through `exit_step` (temperature scaling, the
 last-exit rule, the policy's step), which batched `predict`, the replay of cached logits in evaluation
-and the server's segment worker all call, so all three decide alike. A policy's state is one tensor with
+and the server's segment worker all call, so all three decide alike, on every runtime. Decisions run in NumPy
+on the CPU: they touch [rows, labels] arrays, too small for an accelerator or a thread pool to pay, and an
+ONNX export's outputs are NumPy already (no torch in its hot path). A policy's state is one array with
 the rows first (or None), so the server can split and merge it. Every policy's knob is a ``threshold`` in
 [0, 1] where 1 means "never leave before the last exit"; `PerExitPolicy` has one per early exit.
 Policies are found by name in `frugalnlp.early_exit.registry`.
@@ -13,10 +15,26 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
+import numpy as np
 
 from frugalnlp.errors import FrugalError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities along the last axis, computed stably, in the logits' dtype."""
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities along the last axis, computed stably, in the logits' dtype."""
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
 def check_threshold(threshold: float) -> float:
@@ -27,7 +45,8 @@ def check_threshold(threshold: float) -> float:
 
 @dataclass
 class ExitPolicy:
-    """Base: ``step(logits, state) -> (leave, state)``; ``state`` is None or has the rows in dim 0."""
+    """Base: ``step(logits, probs, state) -> (leave, state)``; ``state`` is None or a NumPy array with the rows
+    in dim 0."""
 
     threshold: float
 
@@ -42,19 +61,19 @@ class ExitPolicy:
             raise FrugalError(f"exit policy '{name}' takes one threshold, not {len(threshold)}; use --policy per-exit")
         return cls(threshold)
 
-    def start(self, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    def start(self, batch_size: int) -> np.ndarray | None:
         return None
 
-    def transform(self, logits: torch.Tensor, state: torch.Tensor | None,
-                  exit_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def transform(self, logits: np.ndarray, state: np.ndarray | None,
+                  exit_index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """The logits this policy decides on and a leaving row answers with (default: the calibrated ones;
         an exit ensemble mixes in the earlier exits'), and the new state."""
         return logits, state
 
-    def step(self, logits: torch.Tensor, state: torch.Tensor | None,
-             exit_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits: [rows, labels], temperature-scaled, at early exit ``exit_index`` (0-based).
-        Returns leave: bool [rows] and the new state."""
+    def step(self, logits: np.ndarray, probs: np.ndarray, state: np.ndarray | None,
+             exit_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """logits: [rows, labels], temperature-scaled (and transformed), at early exit ``exit_index`` (0-based);
+        probs: their softmax, computed once per exit. Returns leave: bool [rows] and the new state."""
         raise NotImplementedError
 
     @property
@@ -67,26 +86,25 @@ class ExitPolicy:
         cascade skips the member altogether)."""
         return not self.never_leaves_early
 
-    def reaches(self, score: torch.Tensor) -> torch.Tensor:
+    def reaches(self, score: np.ndarray) -> np.ndarray:
         """score >= threshold, except that threshold 1 never leaves (a saturated softmax reaches 1.0)."""
         if self.threshold >= 1.0:
-            return torch.zeros_like(score, dtype=torch.bool)
+            return np.zeros(score.shape, dtype=bool)
         return score >= self.threshold
 
 
 class ConfidencePolicy(ExitPolicy):
     """Leave when the max softmax probability reaches the threshold (the SWEET paper's rule)."""
 
-    def step(self, logits, state, exit_index):
-        return self.reaches(logits.softmax(-1).amax(-1)), state
+    def step(self, logits, probs, state, exit_index):
+        return self.reaches(probs.max(-1)), state
 
 
 class EntropyPolicy(ExitPolicy):
     """DeeBERT: leave when 1 - entropy / log(labels) reaches the threshold (low entropy leaves)."""
 
-    def step(self, logits, state, exit_index):
-        log_p = logits.log_softmax(-1)
-        entropy = -(log_p.exp() * log_p).sum(-1)
+    def step(self, logits, probs, state, exit_index):
+        entropy = -(probs * log_softmax(logits)).sum(-1)
         return self.reaches(1.0 - entropy / math.log(logits.shape[-1])), state
 
 
@@ -112,18 +130,18 @@ class PatiencePolicy(ExitPolicy):
     def never_leaves_early(self) -> bool:
         return self.patience >= self.max_patience
 
-    def start(self, batch_size, device):
+    def start(self, batch_size):
         # [rows, 2]: the previous exit's label (-1 before the first) and how many exits agreed with it.
-        state = torch.zeros(batch_size, 2, dtype=torch.long, device=device)
+        state = np.zeros((batch_size, 2), dtype=np.int64)
         state[:, 0] = -1
         return state
 
-    def step(self, logits, state, exit_index):
+    def step(self, logits, probs, state, exit_index):
         labels = logits.argmax(-1)
         same = labels == state[:, 0]
-        count = torch.where(same, state[:, 1] + 1, torch.zeros_like(labels))
-        leave = torch.zeros_like(same) if self.never_leaves_early else count >= self.patience
-        return leave, torch.stack([labels, count], dim=1)
+        count = np.where(same, state[:, 1] + 1, 0)
+        leave = np.zeros_like(same) if self.never_leaves_early else count >= self.patience
+        return leave, np.stack([labels, count], axis=1)
 
 
 class PerExitPolicy(ExitPolicy):
@@ -152,26 +170,45 @@ class PerExitPolicy(ExitPolicy):
         # a fixed exit k is thresholds [1, .., 1, 0]: the exits before it are never looked at
         return self.thresholds[exit_index] < 1.0
 
-    def step(self, logits, state, exit_index):
+    def step(self, logits, probs, state, exit_index):
         threshold = self.thresholds[exit_index]
         if threshold >= 1.0:
-            return torch.zeros(len(logits), dtype=torch.bool, device=logits.device), state
-        return logits.softmax(-1).amax(-1) >= threshold, state
+            return np.zeros(len(logits), dtype=bool), state
+        return probs.max(-1) >= threshold, state
 
 
-def exit_step(policy: ExitPolicy, exit_index: int, num_exits: int, logits: torch.Tensor, temperature: float,
-              state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The decision at one exit for the rows standing there.
+class Step(NamedTuple):
+    """One exit's decision for the rows standing there (NumPy, rows first): whether each row leaves (``leave``,
+    bool [rows]), the ``logits`` a leaving row answers with and their ``probs`` ([rows, labels]: one softmax per
+    exit, for the decision and the answer alike), and the rows' new policy ``state``."""
 
-    logits: [rows, labels], the exit's raw logits; temperature: its calibration. Returns (leave: bool [rows],
-    the logits a leaving row answers with (temperature-scaled, then the policy's `transform`), the rows' new
-    policy state). Every row leaves at the last exit.
+    leave: np.ndarray
+    logits: np.ndarray
+    probs: np.ndarray
+    state: np.ndarray | None
+
+
+def as_numpy(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float32 NumPy logits from a runtime's output: an ONNX Runtime array as it is, a torch tensor (any
+    device) copied to the CPU."""
+    if isinstance(logits, np.ndarray):
+        return logits if logits.dtype == np.float32 else logits.astype(np.float32)
+    return logits.detach().float().cpu().numpy()
+
+
+def exit_step(policy: ExitPolicy, exit_index: int, num_exits: int, logits: np.ndarray | torch.Tensor,
+              temperature: float, state: np.ndarray | None) -> Step:
+    """The decision at one exit for the rows standing there, in NumPy (`as_numpy`).
+
+    logits: [rows, labels], the exit's raw logits; temperature: its calibration. The logits a leaving row
+    answers with are temperature-scaled, then the policy's `transform`. Every row leaves at the last exit.
     """
-    scaled, state = policy.transform(logits / temperature, state, exit_index)
+    scaled, state = policy.transform(as_numpy(logits) / np.float32(temperature), state, exit_index)
+    probs = softmax(scaled)
     if exit_index == num_exits - 1:
-        return torch.ones(len(scaled), dtype=torch.bool, device=scaled.device), scaled, state
-    leave, state = policy.step(scaled, state, exit_index)
-    return leave, scaled, state
+        return Step(np.ones(len(scaled), dtype=bool), scaled, probs, state)
+    leave, state = policy.step(scaled, probs, state, exit_index)
+    return Step(leave, scaled, probs, state)
 
 
 def needs_head(policy: ExitPolicy, exit_index: int, num_exits: int) -> bool:

@@ -21,26 +21,26 @@ import numpy as np
 import torch
 
 from frugalnlp.early_exit.calibration import minimize
-from frugalnlp.early_exit.policies import ExitPolicy
+from frugalnlp.early_exit.policies import ExitPolicy, log_softmax
 from frugalnlp.errors import FrugalError
 
 
-def router_features(log_probs: torch.Tensor, num_exits: int) -> torch.Tensor:
+def router_features(log_probs: np.ndarray, num_exits: int) -> np.ndarray:
     """log_probs: [rows, k + 1, labels] of exits 0..k (calibrated) -> features [rows, 4 + num_exits - 1]."""
     rows, seen, labels = log_probs.shape
     k = seen - 1
-    probs = log_probs.exp()
+    probs = np.exp(log_probs)
     current = probs[:, k]
-    top = current.topk(min(2, labels), dim=-1).values
+    top = -np.sort(-current, axis=-1)[:, : min(2, labels)]
     margin = top[:, 0] - (top[:, 1] if labels > 1 else 0.0)
     entropy = -(current * log_probs[:, k]).sum(-1) / math.log(max(labels, 2))
     answer = current.argmax(-1)
-    earlier = probs[:, :k].gather(2, answer[:, None, None].expand(rows, k, 1)).squeeze(2)  # [rows, k]
+    earlier = np.take_along_axis(probs[:, :k], np.broadcast_to(answer[:, None, None], (rows, k, 1)), 2)[:, :, 0]
     agree = probs[:, :k].argmax(-1) == answer[:, None]
-    streak = agree.flip(1).to(torch.float64).cumprod(1).sum(1).to(current.dtype)
-    padded = torch.zeros(rows, num_exits - 1, dtype=current.dtype, device=current.device)
+    streak = np.cumprod(agree[:, ::-1].astype(np.float64), 1).sum(1).astype(current.dtype)
+    padded = np.zeros((rows, num_exits - 1), dtype=current.dtype)
     padded[:, :k] = earlier
-    return torch.cat([top[:, :1], margin[:, None], 1.0 - entropy[:, None], (streak / max(k, 1))[:, None], padded], 1)
+    return np.concatenate([top[:, :1], margin[:, None], 1.0 - entropy[:, None], (streak / max(k, 1))[:, None], padded], 1)
 
 
 @dataclass
@@ -57,12 +57,19 @@ class ExitRouter:
     def num_exits(self) -> int:
         return self.weights.shape[0] + 1
 
-    def score(self, exit_index: int, log_probs: torch.Tensor) -> torch.Tensor:
-        """log_probs: [rows, exit_index + 1, labels] -> predicted P(exit's answer is right) [rows]."""
+    def score(self, exit_index: int, log_probs: np.ndarray) -> np.ndarray:
+        """log_probs: [rows, exit_index + 1, labels] -> predicted P(exit's answer is right) [rows], in NumPy."""
         # float64: the features are differences of probabilities, and float32 rounding must not decide a row
-        x = router_features(log_probs.double(), self.num_exits)
-        mean, scale, weights = (t[exit_index].double() for t in (self.mean, self.scale, self.weights))
-        return torch.sigmoid(((x - mean) / scale) @ weights + self.bias[exit_index].double()).to(log_probs.dtype)
+        x = router_features(np.asarray(log_probs, dtype=np.float64), self.num_exits)
+        weights, bias, mean, scale = (a[exit_index] for a in self.arrays())
+        z = ((x - mean) / scale) @ weights + bias
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.asarray(log_probs).dtype)
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """weights, bias, mean and scale as float64 NumPy arrays (made once): what an exit's decision reads."""
+        if getattr(self, "_arrays", None) is None:
+            self._arrays = tuple(t.double().numpy() for t in (self.weights, self.bias, self.mean, self.scale))
+        return self._arrays
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"router.{name}": getattr(self, name).contiguous() for name in ("weights", "bias", "mean", "scale")}
@@ -87,7 +94,7 @@ def fit_exit_router(logits: torch.Tensor, gold: np.ndarray, l2: float = 1e-2) ->
     weights, bias = torch.zeros(num_exits - 1, width, dtype=torch.float64), torch.zeros(num_exits - 1, dtype=torch.float64)
     mean, scale = torch.zeros_like(weights), torch.ones_like(weights)
     for k in range(num_exits - 1):
-        x = router_features(log_probs[:, : k + 1], num_exits)
+        x = torch.from_numpy(router_features(log_probs[:, : k + 1].numpy(), num_exits))
         y = (log_probs[:, k].argmax(-1) == gold).double()
         # features are probabilities: one that varies by less than 1e-3 over dev is noise, not to be magnified
         mean[k], scale[k] = x.mean(0), x.std(0).clamp_min(1e-3)
@@ -134,11 +141,11 @@ class LearnedPolicy(ExitPolicy):
             raise FrugalError(f"the router was fitted for {router.num_exits} exits, the model has {num_exits}")
         return cls(threshold, router)
 
-    def step(self, logits, state, exit_index):
+    def step(self, logits, probs, state, exit_index):
         labels = logits.shape[-1]
         if state is None:
-            state = torch.zeros(len(logits), self.router.num_exits * labels, device=logits.device)
-        state = state.clone()
-        state[:, exit_index * labels:(exit_index + 1) * labels] = logits.log_softmax(-1).to(state.dtype)
-        history = state.view(len(state), -1, labels)[:, : exit_index + 1]
+            state = np.zeros((len(logits), self.router.num_exits * labels), dtype=np.float32)
+        state = state.copy()
+        state[:, exit_index * labels:(exit_index + 1) * labels] = log_softmax(logits)
+        history = state.reshape(len(state), -1, labels)[:, : exit_index + 1]
         return self.reaches(self.router.score(exit_index, history)), state

@@ -51,11 +51,11 @@ class SegmentRunner(Protocol):
               token_type_ids: torch.Tensor | None = None) -> Any:
         """The state before the first segment ([batch, seq] tokens in)."""
 
-    def advance(self, exit_index: int, state: Any, head: bool = True) -> tuple[Any, torch.Tensor | None]:
+    def advance(self, exit_index: int, state: Any, head: bool = True) -> tuple[Any, torch.Tensor | np.ndarray | None]:
         """Run segment ``exit_index``; returns the state after it and the exit's raw logits [rows, labels]
-        (None without ``head``)."""
+        (None without ``head``): a torch tensor, or an export's NumPy array (the decisions take either)."""
 
-    def keep_rows(self, state: Any, rows: torch.Tensor) -> Any:
+    def keep_rows(self, state: Any, rows: np.ndarray | torch.Tensor) -> Any:
         """Only ``rows`` ([k] positions) of the batch, cut to the columns they use."""
 
     def merge(self, states: list[Any]) -> Any:
@@ -87,33 +87,34 @@ class Prediction:
 class Departures:
     """Bookkeeping of batched adaptive inference, shared by early exit and the cascade.
 
-    Tracks which original rows are still running and the policy's per-row state. It records the rows
-    that leave at each exit and assembles the `Prediction` once at the end, so the hot loop does
-    a few tensor ops per exit and none per example.
+    Tracks which original rows are still running and the policy's per-row state, in NumPy (`exit_step`). It
+    records the rows that leave at each exit and assembles the `Prediction` once at the end, so the hot loop
+    does a few array ops per exit and none per example.
     """
 
-    def __init__(self, policy: ExitPolicy, batch: int, temperatures: list[float], device: torch.device) -> None:
+    def __init__(self, policy: ExitPolicy, batch: int, temperatures: list[float]) -> None:
         self.policy, self.temperatures = policy, temperatures
         self.num_exits = len(temperatures)
-        self.rows = torch.arange(batch, device=device)  # original row of each row still running
-        self.state = policy.start(batch, device)
-        self.left: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (original rows, calibrated logits, exit)
+        self.rows = np.arange(batch)  # original row of each row still running
+        self.state = policy.start(batch)
+        # (original rows, calibrated logits, their probabilities, exit) of the rows that left at each exit
+        self.left: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         self.dropped = False  # whether the last `decide` let some rows go and kept others
 
     def skips(self, exit_index: int) -> bool:
         """Whether this exit's head can be skipped altogether (no row can leave before the last exit)."""
         return not needs_head(self.policy, exit_index, self.num_exits)
 
-    def decide(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor | None:
+    def decide(self, exit_index: int, logits: np.ndarray | torch.Tensor) -> np.ndarray | None:
         """Record who leaves at this exit given their raw logits [rows, labels] (`exit_step` decides).
 
         Returns the positions (in the current batch) of the rows that go on, or None when none do;
         ``self.dropped`` says whether the batch must shrink to them.
         """
-        leave, logits, self.state = exit_step(self.policy, exit_index, self.num_exits, logits,
-                                              self.temperatures[exit_index], self.state)
-        self.left.append((self.rows[leave], logits[leave], exit_index))
-        stay = (~leave).nonzero().squeeze(1)
+        step = exit_step(self.policy, exit_index, self.num_exits, logits, self.temperatures[exit_index], self.state)
+        self.state = step.state
+        self.left.append((self.rows[step.leave], step.logits[step.leave], step.probs[step.leave], exit_index))
+        stay = np.flatnonzero(~step.leave)
         self.dropped = 0 < len(stay) < len(self.rows)
         if len(stay) == 0:
             return None
@@ -122,44 +123,50 @@ class Departures:
             self.state = None if self.state is None else self.state[stay]
         return stay
 
-    def reorder(self, order: torch.Tensor) -> None:
+    def reorder(self, order: np.ndarray) -> None:
         """The running rows now stand in ``order`` ([rows] positions in the current batch)."""
         self.rows = self.rows[order]
         self.state = None if self.state is None else self.state[order]
 
     def prediction(self, layers_to_exit: list[int]) -> Prediction:
-        rows = torch.cat([r for r, _, _ in self.left])
-        logits = torch.cat([l for _, l, _ in self.left])
-        exits = torch.cat([torch.full_like(r, e) for r, _, e in self.left])
-        order = torch.empty_like(rows)
-        order[rows] = torch.arange(len(rows), device=rows.device)
-        logits, exits = logits[order], exits[order]
-        probs = logits.softmax(-1)
-        return Prediction(labels=probs.argmax(-1), exit_index=exits,
-                          layers_run=torch.tensor(layers_to_exit, device=exits.device)[exits],
-                          confidence=probs.amax(-1), logits=logits)
+        rows = np.concatenate([r for r, _, _, _ in self.left])
+        order = np.empty_like(rows)
+        order[rows] = np.arange(len(rows))
+        logits = np.concatenate([l for _, l, _, _ in self.left])[order]
+        probs = np.concatenate([p for _, _, p, _ in self.left])[order]
+        exits = np.concatenate([np.full(len(r), e) for r, _, _, e in self.left])[order]
+        return Prediction(labels=torch.from_numpy(logits.argmax(-1)), exit_index=torch.from_numpy(exits),
+                          layers_run=torch.from_numpy(np.asarray(layers_to_exit)[exits]),
+                          confidence=torch.from_numpy(probs.max(-1)), logits=torch.from_numpy(logits))
 
 
 def length_runs(attention_mask: torch.Tensor | np.ndarray, max_rows: int | None = None,
-                max_tokens: int | None = None) -> list[torch.Tensor]:
+                max_tokens: int | None = None) -> list[np.ndarray]:
     """The rows of a [batch, seq] mask sorted by length and cut into runs: a padded run costs its longest row.
 
     Runs hold at most ``max_rows`` rows, or with ``max_tokens`` as many as fit in that many padded tokens
-    (rows x the run's longest row; a row longer than the budget runs alone). Returns [k] row tensors.
+    (rows x the run's longest row; a row longer than the budget runs alone). Returns [k] row index arrays.
     """
-    lengths = torch.as_tensor(attention_mask).sum(1)  # an ONNX model's state holds NumPy arrays
-    order = torch.argsort(lengths, stable=True)
+    mask = attention_mask if isinstance(attention_mask, np.ndarray) else attention_mask.cpu().numpy()
+    lengths = mask.sum(1)
+    order = np.argsort(lengths, kind="stable")
     if max_tokens is None:
-        return list(order.split(max_rows or len(order)))
-    ordered = lengths[order].cpu()
+        size = max_rows or len(order)
+        return [order[i:i + size] for i in range(0, len(order), size)]
+    ordered = lengths[order]
     runs, start = [], 0
     while start < len(order):
         # sorted lengths make the padded cost of a growing run nondecreasing: the fitting rows are a prefix
-        cost = torch.arange(1, len(order) - start + 1) * ordered[start:]
+        cost = np.arange(1, len(order) - start + 1) * ordered[start:]
         size = max(1, int((cost <= max_tokens).sum()))
         runs.append(order[start:start + size])
         start += size
     return runs
+
+
+def concat(parts: list[np.ndarray | torch.Tensor]) -> np.ndarray | torch.Tensor:
+    """Arrays of one runtime (NumPy or torch) joined along the rows."""
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)
 
 
 def adaptive_predict(model: SegmentRunner, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -176,8 +183,8 @@ def adaptive_predict(model: SegmentRunner, input_ids: torch.Tensor, attention_ma
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    with model.inference_context():  # the decisions' torch ops too: on an export they share its cores
-        departures = Departures(policy, input_ids.shape[0], model.temperatures, input_ids.device)
+    with model.inference_context():
+        departures = Departures(policy, input_ids.shape[0], model.temperatures)
         state = model.start(input_ids, attention_mask, token_type_ids)
         for e in range(model.num_exits):
             head = not departures.skips(e)
@@ -196,14 +203,14 @@ def adaptive_predict(model: SegmentRunner, input_ids: torch.Tensor, attention_ma
 
 
 def _advance_packed(model: SegmentRunner, exit_index: int, state, head: bool, max_tokens: int,
-                    departures: Departures) -> tuple[Any, torch.Tensor | None]:
+                    departures: Departures) -> tuple[Any, np.ndarray | torch.Tensor | None]:
     """`advance` in runs of at most ``max_tokens`` padded tokens; the rows come back in run order."""
     runs = length_runs(state.attention_mask, max_tokens=max_tokens)
     if len(runs) == 1:
         return model.advance(exit_index, state, head=head)
     parts = [model.advance(exit_index, model.keep_rows(state, rows), head=head) for rows in runs]
-    departures.reorder(torch.cat(runs))
-    logits = None if parts[0][1] is None else torch.cat([out for _, out in parts])
+    departures.reorder(np.concatenate(runs))
+    logits = None if parts[0][1] is None else concat([out for _, out in parts])
     return model.merge([part for part, _ in parts]), logits
 
 
