@@ -83,6 +83,46 @@ def test_concurrent_requests_get_the_answers_of_predict_one_text_at_a_time(tiny_
         assert server.stop() == 0
 
 
+def _spawned_children(pid: int) -> list[int]:
+    """Processes that ``pid`` started with multiprocessing's spawn (uvicorn's workers), from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and "spawn_main" in cmdline:
+            children.append(int(entry.name))
+    return children
+
+
+def test_worker_processes_share_the_port_answer_as_predict_and_sum_their_metrics(tiny_run, texts, threshold):
+    single = Predictor(tiny_run, threshold=threshold, batch_size=1)
+    expected = [(e["label"], e["exit_layer"]) for t in texts for e in single([t])]
+    server = Server(tiny_run, "--threshold", str(threshold), "--workers", "2", "--max-wait-ms", "20")
+    try:
+        answers, pids = [], set()
+        for i in range(0, len(texts), 2):
+            with httpx.Client(base_url=server.url, timeout=60) as client:  # a new connection: any worker may take it
+                response = client.post("/predict", json={"texts": texts[i:i + 2]})
+                assert response.status_code == 200
+                answers += [(p["label"], p["exit_layer"]) for p in response.json()["predictions"]]
+                health = client.get("/healthz").json()
+                assert health["workers"] == 2
+                pids.add(health["pid"])
+        assert answers == expected
+        workers = _spawned_children(server.process.pid)
+        assert len(workers) == 2 and pids <= set(workers)
+        metrics = server.metrics()  # whichever worker answers, the counts are every worker's
+        assert metrics[("frugalnlp_texts_total", ())] == len(texts)
+        assert metrics[("frugalnlp_requests_total", (("code", "200"),))] == len(texts) // 2
+        assert metrics[("frugalnlp_queued_texts", ())] == 0
+    finally:
+        assert server.stop() == 0
+    assert not _spawned_children(server.process.pid) and all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
 def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_keeps_answering(tiny_run):
     server = Server(tiny_run, "--max-texts", "4", "--max-chars", "50")
     bad = [

@@ -424,7 +424,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise FrugalError(f"--port {args.port} is not a TCP port (0-65535)")
     target = _operating_target(args)  # checked before the port is taken and the model loads
     serve(_deployed_path(args), host=args.host, port=args.port, settings=settings, threshold=args.threshold,
-          policy=args.policy, trust_pickle=args.trust_pickle, target=target, ensemble=args.ensemble)
+          policy=args.policy, trust_pickle=args.trust_pickle, target=target, ensemble=args.ensemble,
+          workers=args.workers)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -718,6 +719,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=float, default=5.0,
                    help="seconds a connection may wait without a complete request's headers before it is closed")
     p.add_argument("--max-connections", type=int, default=512, help="open connections at once; past it, 503")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the port, each with its own model on threads / N; limits such "
+                        "as --max-connections hold per process (default 1)")
     p.add_argument("--trust-pickle", action="store_true", help="allow loading pickle files (only from trusted sources)")
     p.set_defaults(func=cmd_serve)
 

@@ -14,6 +14,9 @@ concurrent requests into micro-batches (``max_batch`` texts, or whatever arrived
 
 A row decides on its own logits alone, so both give the answers of `predict` one text at a time.
 
+With ``--workers N`` uvicorn runs N such processes on one socket, each with its own model (and ONNX
+sessions) on its share of the threads; /metrics sums them (prometheus_client's multiprocess mode).
+
 A hostile or broken client costs little: a body over ``max_body_bytes`` is refused on its
 ``Content-Length`` before it is read (and cut off while streaming when it has none), a body must
 arrive within ``body_timeout_s``, a connection whose next request's headers have not all come within
@@ -24,14 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import os
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +48,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from frugalnlp.backbones.base import used_length
 from frugalnlp.dev_choice import OperatingTarget
@@ -67,7 +74,18 @@ class Metrics:
         sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, max_batch})
         self.batch_rows = Histogram("frugalnlp_batch_size", "rows per model run, by the exit it ends at",
                                     ["exit_layer"], buckets=[s for s in sizes if s <= max_batch], registry=r)
-        self.queued = Gauge("frugalnlp_queued_texts", "texts waiting for the model worker", registry=r)
+        # with worker processes: the sum over the live ones
+        self.queued = Gauge("frugalnlp_queued_texts", "texts waiting for the model worker", registry=r,
+                            multiprocess_mode="livesum")
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus' text format: this process's, or with worker processes (`serve`'s
+        ``workers``) every worker's summed, from prometheus_client's shared folder."""
+        if os.environ.get(MULTIPROCESS_METRICS):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)
 
 
 @dataclass
@@ -349,8 +367,9 @@ def _resolve(future: asyncio.Future, result: Any, error: Exception | None) -> No
         future.set_result(result)
 
 
-def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_name: str = ""):
-    """The FastAPI app: POST /predict, GET /healthz, GET /metrics. The worker lives with the app."""
+def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_name: str = "", workers: int = 1):
+    """The FastAPI app: POST /predict, GET /healthz, GET /metrics. The worker lives with the app; ``workers``:
+    how many processes serve this socket (`serve`), for /healthz."""
     settings = settings or ServeSettings()
     metrics = Metrics(predictor.exit_layers, settings.max_batch)
     worker = ModelWorker(predictor, settings, metrics)
@@ -404,12 +423,12 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None, run_
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "run": run_name, "threshold": predictor.threshold,
-                "operating_point": operating, "batching": settings.batching,
+                "operating_point": operating, "batching": settings.batching, "workers": workers, "pid": os.getpid(),
                 "exit_layers": predictor.exit_layers, "pair": predictor.is_pair}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
@@ -466,30 +485,76 @@ def guarded_protocol(idle_timeout_s: float) -> type[asyncio.Protocol]:
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, settings: ServeSettings | None = None,
           threshold: float | list[float] | None = None, policy: str | None = None, trust_pickle: bool = False,
-          target: OperatingTarget | None = None, ensemble: bool = False) -> None:
+          target: OperatingTarget | None = None, ensemble: bool = False, workers: int = 1) -> None:
     """Load ``run`` and serve it until SIGINT/SIGTERM (in-flight requests are finished first).
 
     The operating point is ``threshold``, or one chosen on dev for ``target`` (`OperatingTarget`), or the
-    run's saved one; ``ensemble`` fits an exit ensemble on dev; see `Predictor`.
+    run's saved one; ``ensemble`` fits an exit ensemble on dev; see `Predictor`. ``workers`` > 1: that many
+    uvicorn worker processes share the socket, each with its own model (and ONNX sessions) on its share of
+    torch's threads (`worker_app`); the metrics are summed over them.
     """
     settings = settings or ServeSettings()
     Predictor.check_args(threshold, policy, batch_size=settings.max_batch)
+    if not (isinstance(workers, int) and workers >= 1):
+        raise FrugalError(f"--workers {workers!r} must be a whole number >= 1")
     sock = bind_socket(host, port)  # a taken port fails before the model loads and dev is scored
-    try:
+    try:  # with workers too: a run that cannot be served fails here, in one line, before any worker starts
         predictor = Predictor(run, threshold, policy, batch_size=settings.max_batch, trust_pickle=trust_pickle,
                               target=target, ensemble=ensemble)
     except BaseException:
         sock.close()
         raise
-    app = create_app(predictor, settings, run_name=str(run))
     port = sock.getsockname()[1]
     shown = predictor.threshold if isinstance(predictor.threshold, list) else f"{predictor.threshold:g}"
+    threads = max(1, torch.get_num_threads() // workers)
     print(f"serving {run} on http://{host}:{port} ({predictor.policy_name} policy, threshold {shown}, "
-          f"{settings.batching} batching, max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms)",
-          flush=True)
-    # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, stop the worker) and then re-raises
-    # it to the handler it found: a no-op one makes that graceful stop exit 0 rather than die by the signal.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, http=guarded_protocol(settings.idle_timeout_s),
-                            timeout_keep_alive=settings.idle_timeout_s, limit_concurrency=settings.max_connections)
-    uvicorn.Server(config).run(sockets=[sock])
+          f"{settings.batching} batching, max batch {settings.max_batch}, max wait {settings.max_wait_ms:g} ms"
+          + (f", {workers} worker processes of {threads} thread(s)" if workers > 1 else "") + ")", flush=True)
+    options = dict(log_level="warning", access_log=False, timeout_keep_alive=settings.idle_timeout_s,
+                   limit_concurrency=settings.max_connections)
+    if workers == 1:
+        # uvicorn handles SIGTERM (stop accepting, finish in-flight requests, stop the worker) and then re-raises
+        # it to the handler it found: a no-op one makes that graceful stop exit 0 rather than die by the signal.
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+        config = uvicorn.Config(create_app(predictor, settings, run_name=str(run)),
+                                http=guarded_protocol(settings.idle_timeout_s), **options)
+        uvicorn.Server(config).run(sockets=[sock])
+        return
+    del predictor  # each worker loads its own
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[WORKER_ARGS] = json.dumps({
+        "run": str(run), "threshold": threshold, "policy": policy, "trust_pickle": trust_pickle, "ensemble": ensemble,
+        "target": None if target is None else asdict(target), "settings": asdict(settings), "threads": threads,
+        "workers": workers})
+    with tempfile.TemporaryDirectory(prefix="frugalnlp-metrics-") as metrics:
+        os.environ[MULTIPROCESS_METRICS] = metrics  # read by prometheus_client as each worker imports it
+        # uvicorn spawns the workers, which import the app and the protocol by name (a spawned process gets them
+        # pickled, and an app holding a model does not pickle); it stops them gracefully on SIGTERM/SIGINT
+        config = uvicorn.Config("frugalnlp.serving:worker_app", factory=True, workers=workers,
+                                http="frugalnlp.serving:WorkerProtocol", **options)
+        Multiprocess(config, sockets=[sock]).run()
+
+
+WORKER_ARGS = "FRUGALNLP_SERVE_WORKER"  # `serve`'s arguments, as JSON, for its worker processes
+MULTIPROCESS_METRICS = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's folder for metrics summed over processes
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of `serve` with ``workers`` > 1 (uvicorn's app factory): the run loaded
+    with `serve`'s arguments on this worker's share of the threads."""
+    args = json.loads(os.environ[WORKER_ARGS])
+    torch.set_num_threads(args["threads"])
+    settings = ServeSettings(**args["settings"])
+    target = None if args["target"] is None else OperatingTarget(**args["target"])
+    predictor = Predictor(args["run"], args["threshold"], args["policy"], batch_size=settings.max_batch,
+                          trust_pickle=args["trust_pickle"], target=target, ensemble=args["ensemble"])
+    return create_app(predictor, settings, run_name=args["run"], workers=args["workers"])
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerProtocol``: a worker process's HTTP protocol (`guarded_protocol` with `serve`'s idle time-out),
+    which uvicorn imports by name in each worker."""
+    if name == "WorkerProtocol":
+        return guarded_protocol(json.loads(os.environ[WORKER_ARGS])["settings"]["idle_timeout_s"])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
