@@ -275,6 +275,14 @@ def test_with_segment_times_the_target_is_in_measured_time_not_layers(tiny_bert)
     assert dev.times.share(np.full(300, 2), model.layers_to_exit()) == pytest.approx(1.0)
     assert dev.times.share(np.full(300, 1), model.layers_to_exit()) == pytest.approx(0.92)
     assert dev.times.share(np.full(300, 2), [1, 1, 3]) == pytest.approx(0.1)  # a cascade's skipped member
+    # a call costs in proportion to its padded length (its longest row) over the timed calls': the long text that
+    # goes on makes every call it is in dearer; texts of the timed length cost what was timed
+    timed = SegmentTimes(rows=[1, 2], call_seconds=[[1.0, 2.0]] * 3, plain=3.0, batch_size=2, runtime="onnx int8",
+                         tokens=[10.0, 10.0])
+    assert timed.share(np.array([0, 2]), [1, 2, 4]) == pytest.approx(4 / 6)
+    assert timed.share(np.array([0, 2]), [1, 2, 4], np.array([10, 10])) == pytest.approx(4 / 6)
+    assert timed.share(np.array([0, 2]), [1, 2, 4], np.array([10, 30])) == pytest.approx((6 + 3 + 3) / 6)
+    assert timed.share(np.array([2, 0]), [1, 2, 4], np.array([10, 30])) == pytest.approx((6 + 1 + 1) / 6)
     curve = [dev.point("confidence", t) for t in np.linspace(0, 1, 101).round(6).tolist()]
     for p in curve:
         exits = np.repeat([0.02, 0.92, 1.0], p.exit_histogram)

@@ -229,7 +229,8 @@ class SplitScores:
         heads = self._heads(policy, threshold)
         layers = torch.tensor(model.layers_to_exit(heads), dtype=torch.float64)
         flops = self._flops_to_exit(heads)
-        time_share = None if self.times is None else self.times.share(exit_index.numpy(), model.layers_to_exit(heads))
+        time_share = None if self.times is None else self.times.share(exit_index.numpy(), model.layers_to_exit(heads),
+                                                                      np.asarray(self.lengths))
         return CurvePoint(
             threshold=round(float(threshold), 6) if isinstance(threshold, (int, float))
             else [round(float(t), 6) for t in threshold],

@@ -66,29 +66,40 @@ def describe_machine(record: dict | None) -> str:
 class SegmentTimes:
     """A runner's measured cost on one runtime, batched as it runs: ``call_seconds[e][k]`` is one call of segment
     ``e`` (its layers, its head, the exit step and shrinking the batch; a cascade: member ``e``'s whole forward)
-    on ``rows[k]`` rows of a batch, and ``plain`` the model at threshold 1 per text at ``batch_size``. A segment's
-    cost between two measured row counts is linear. What ``--cost time`` chooses operating points by.
+    on ``rows[k]`` rows of a batch, ``tokens[k]`` the mean padded length of those timed calls, and ``plain`` the
+    model at threshold 1 per text at ``batch_size``. A segment's cost between two measured row counts is linear.
+    What ``--cost time`` chooses operating points by.
 
     Rows that go on past an exit run in thinner batches, which cost more per row (and a call costs something
-    however few rows it has): a time per text measured on full batches would miss both."""
+    however few rows it has): a time per text measured on full batches would miss both. And the texts that go on
+    are longer than most (harder), so a call is charged in proportion to its padded length (``tokens``)."""
 
     rows: list[int]
     call_seconds: list[list[float]]
     plain: float
     batch_size: int
     runtime: str
+    tokens: list[float] | None = None  # None (recorded before lengths counted): every call of a size costs alike
 
-    def share(self, exit_index: np.ndarray, layers_to_exit: Sequence[int]) -> float:
+    def share(self, exit_index: np.ndarray, layers_to_exit: Sequence[int], lengths: np.ndarray | None = None) -> float:
         """The measured time of a split's texts leaving at ``exit_index`` ([n], in the split's own order, which is
         cut into batches of ``batch_size`` as served) over the plain model's on them. ``layers_to_exit``: layers
-        run by a text leaving at each exit (a segment that adds no layer, a skipped cascade member, costs nothing)."""
+        run by a text leaving at each exit (a segment that adds no layer, a skipped cascade member, costs nothing).
+        ``lengths`` ([n] tokens): each call costs its time at that many rows scaled by its padded length (the
+        longest of its rows) over the timed calls' (``tokens``)."""
         exit_index = np.asarray(exit_index)
         runs = np.diff([0, *layers_to_exit]) > 0
         starts = np.arange(0, len(exit_index), self.batch_size)
         seconds = 0.0
         for e in np.flatnonzero(runs):
-            reached = np.add.reduceat((exit_index >= e).astype(np.int64), starts)  # rows running segment e, per batch
-            seconds += np.interp(reached, [0, *self.rows], [0.0, *self.call_seconds[e]]).sum()
+            going = exit_index >= e
+            reached = np.add.reduceat(going.astype(np.int64), starts)  # rows running segment e, per batch
+            calls = np.interp(reached, [0, *self.rows], [0.0, *self.call_seconds[e]])
+            if lengths is not None and self.tokens is not None:
+                padded = np.maximum.reduceat(np.where(going, np.asarray(lengths), 0), starts)
+                timed = np.interp(reached, self.rows, self.tokens)
+                calls = calls * np.where(reached > 0, padded / timed, 0.0)
+            seconds += calls.sum()
         return float(seconds / (len(exit_index) * self.plain))
 
     def to_dict(self) -> dict:
@@ -119,6 +130,7 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
         return {k: v[:n, :length] for k, v in batch.items() if v is not None}
 
     cuts = {n: [cut(b, n) for b in batches if len(b["input_ids"]) >= n] for n in rows}
+    tokens = [statistics.mean(c["attention_mask"].shape[1] for c in cuts[n]) for n in rows]
 
     def segments(n: int) -> list[float]:
         spent = [0.0] * model.num_exits
@@ -153,7 +165,7 @@ def time_segments(model: SegmentRunner, batches: list[dict], repeats: int = 3, r
                 samples[n].append(segments(n))
             plains.append(plain_pass())
     call_seconds = [[statistics.median(s[e] for s in samples[n]) for n in rows] for e in range(model.num_exits)]
-    return SegmentTimes(rows, call_seconds, statistics.median(plains) / texts, batch_size, runtime)
+    return SegmentTimes(rows, call_seconds, statistics.median(plains) / texts, batch_size, runtime, tokens)
 
 
 def _cpuinfo() -> str:
