@@ -164,6 +164,7 @@ def _bad_inputs(tmp_path, tiny_run, tiny_dir):
         (["serve", tiny_run, "--max-batch", "0"], ["--max-batch 0"], out),
         (["serve", tiny_run, "--port", "70000"], ["--port 70000"], out),
         (["serve", tiny_run, "--batching", "magic"], ["unknown --batching 'magic'"], out),
+        (["serve", tiny_run, "--workers", "0"], ["--workers 0"], out),
         (["serve", tiny_run, "--threshold", "2"], ["threshold 2.0 is outside [0, 1]"], out),
         (["serve", tmp_path / "adir"], ["not a frugalnlp run directory"], out),
         (["bench", "--serve", "--papa"], ["one of --serve and --papa"], out),
