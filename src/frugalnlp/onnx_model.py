@@ -157,7 +157,7 @@ class OnnxModel:
         self.temperatures = list(self.manifest["temperatures"])
         note_isa(self.manifest.get("quantization"), str(self.folder))
         recorded = self.manifest.get("session_options", SESSION_OPTIONS)  # exports before the timing: the default
-        options, self.shared_thread_pool = session_options(recorded, threads or torch.get_num_threads())
+        options = session_options(recorded, threads or torch.get_num_threads())
         self.sessions = [_session(ort, self.folder / g, options) for g in self.manifest["graphs"]]
         self._inputs = [{i.name for i in s.get_inputs()} for s in self.sessions]
         # a segment after the first resumes from a hidden state; a cascade's members each start from the tokens

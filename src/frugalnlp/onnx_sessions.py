@@ -35,18 +35,19 @@ _POOL: list[int] = []  # the size of this process's shared ONNX Runtime pool onc
 def session_options(options: dict, threads: int):
     """ONNX Runtime's ``SessionOptions`` for ``options`` on ``threads`` threads, as this process allows: the first
     export loaded decides whether the process has a shared pool (ONNX Runtime makes it with its environment, once),
-    and once it has one every session must use it. Returns (SessionOptions, whether they use the shared pool)."""
+    and once it has one every session must use it."""
     import onnxruntime as ort
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
     if not _POOL:
-        try:
-            if not options["shared_thread_pool"]:
-                raise RuntimeError("no shared pool asked for")
-            ort_state.set_global_thread_pool_sizes(threads, 1)
-            _POOL.append(threads)
-        except Exception:  # not asked for, or the environment exists already (a session was made elsewhere)
-            _POOL.append(0)
+        pooled = 0
+        if options["shared_thread_pool"]:
+            try:
+                ort_state.set_global_thread_pool_sizes(threads, 1)
+                pooled = threads
+            except Exception:  # the environment exists already (a session was made elsewhere in this process)
+                pass
+        _POOL.append(pooled)
     made = ort.SessionOptions()
     if _POOL[0]:
         made.use_per_session_threads = False
@@ -54,7 +55,7 @@ def session_options(options: dict, threads: int):
         made.intra_op_num_threads = threads
         made.inter_op_num_threads = 1
     made.add_session_config_entry("session.intra_op.allow_spinning", "1" if options["allow_spinning"] else "0")
-    return made, bool(_POOL[0])
+    return made
 
 
 def time_candidates(graphs: list[Path], feeds: list[list[dict[str, np.ndarray]]], threads: int, calls: int = 15,
@@ -95,7 +96,7 @@ def _time_here(spec: dict) -> dict[str, list[float]]:
     seconds: dict[str, list[list[list[float]]]] = {}
     for _ in range(spec["rounds"]):
         for name, options in spec["candidates"].items():
-            made, _ = session_options(options, spec["threads"])
+            made = session_options(options, spec["threads"])
             sessions = [ort.InferenceSession(g, made, providers=["CPUExecutionProvider"]) for g in spec["graphs"]]
             per_count = seconds.setdefault(name, [[[] for _ in sessions] for _ in feeds])
             for k, per_graph in enumerate(feeds):

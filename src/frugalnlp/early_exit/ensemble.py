@@ -43,7 +43,8 @@ class ExitEnsemble:
         columns = log_probs.shape[1] * log_probs.shape[2]
         if isinstance(log_probs, np.ndarray):
             maps, bias = self.arrays()
-            m, b = maps[exit_index, :, :columns].astype(log_probs.dtype), bias[exit_index].astype(log_probs.dtype)
+            m = maps[exit_index, :, :columns].astype(log_probs.dtype, copy=False)  # float32 both: no copy per call
+            b = bias[exit_index].astype(log_probs.dtype, copy=False)
             return log_probs.reshape(len(log_probs), -1) @ m.T + b
         m = self.maps[exit_index, :, :columns].to(log_probs.dtype)
         return log_probs.flatten(1) @ m.T + self.bias[exit_index].to(log_probs.dtype)
