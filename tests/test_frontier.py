@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_cli
 from frugalnlp.errors import FrugalError
-from frugalnlp.frontier import FrontierSettings, check_settings, dev_choices
+from frugalnlp.frontier import FrontierSettings, check_settings, dev_choices, format_frontier
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +130,15 @@ def test_dev_choice_can_be_a_static_model():
     assert chosen[2.0]["choice"] == "static 2-layer" and chosen[2.0]["kind"] == "static"  # a tie: the static model
     assert chosen[3.0]["choice"] == "adaptive a @ 3x time" and chosen[3.0]["accuracy"] == 0.70
     assert chosen[8.0]["choice"] is None
+    # an adaptive point competes by its cross-fitted dev accuracy: tuned on the rows it is scored on it seems
+    # 0.80 at 2x, read on dev rows it was not tuned on 0.73, below the static 2-layer model, which is chosen,
+    # with the adaptive point beside it
+    results["rows"][4]["dev_accuracy"], results["rows"][4]["dev_accuracy_cross_fitted"] = 0.80, 0.73
+    at_2x = next(c for c in dev_choices(results) if c["target_speedup"] == 2.0)
+    assert at_2x["choice"] == "static 2-layer" and at_2x["adaptive_beside"]["choice"] == "adaptive a @ 2x time"
+    assert at_2x["adaptive_beside"]["dev_accuracy"] == 0.73 and at_2x["adaptive_beside"]["dev_accuracy_in_sample"] == 0.80
+    assert "beside it: adaptive a @ 2x time" in format_frontier({**results, "dev_choices": [at_2x], "examples_timed": 1,
+                                                                 "test_examples": 1, "rows": [],
+                                                                 "settings": {**results["settings"], "batch_sizes": [32],
+                                                                              "repeats": 1, "runtime": "onnx",
+                                                                              "precision": "int8", "cost_batch_size": 32}})

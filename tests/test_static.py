@@ -163,6 +163,18 @@ def test_demo_trains_a_static_model_at_every_depth_and_distilled_ones(tiny_dir, 
     row = next(p for p in results["static"] if p["layers"] == 3)
     assert row["accuracy"] == pytest.approx(max(row["alone_accuracy"][0], row["distilled_accuracy"][0]))
     assert next(p for p in results["static"] if p["layers"] == 2)["distilled_accuracy"] is None  # not distilled at 2
+    # adaptive points compete on dev by their cross-fitted accuracy (tuned on one half of dev, read on the other)
+    dev_rows = results["methods"]["joint [confidence]"]["dev_comparison"]
+    assert all(r["adaptive_cross_fitted"] is None or 0 <= r["adaptive_cross_fitted"][0] <= 1 for r in dev_rows)
+    assert any(r["adaptive_cross_fitted"] is not None for r in dev_rows)
+    for choice in results["selected_on_dev"]["per_target"]:
+        row = next(r for r in results["methods"].get(choice["candidate"], {"dev_comparison": dev_rows})["dev_comparison"]
+                   if r["speedup"] == choice["speedup"])
+        if choice["choice"] == "adaptive":
+            assert choice["dev_accuracy"] == row["adaptive_cross_fitted"][0]
+            assert choice["dev_accuracy_in_sample"] == row["adaptive"][0]
+        elif "adaptive_beside" in choice:
+            assert choice["adaptive_beside"]["dev_accuracy"] <= choice["dev_accuracy"]
     # frontier: every static model timed beside the adaptive points, the envelope in measured time
     statics = [a for n in ("multi-model", "static-3", "static-1-distilled", "static-3-distilled")
                for a in ("--static", seed / n)]
@@ -175,6 +187,8 @@ def test_demo_trains_a_static_model_at_every_depth_and_distilled_ones(tiny_dir, 
     assert set(static_rows) == {"static 1-layer", "static 2-layer", "static 4-layer", "static 3-layer",
                                 "static 1-layer distilled", "static 3-layer distilled"}
     assert static_rows["static 3-layer distilled"]["distilled"] and not static_rows["static 3-layer"]["distilled"]
+    adaptive_rows = [r for r in rows if r["kind"] == "adaptive"]
+    assert adaptive_rows and all("dev_accuracy_cross_fitted" in r for r in adaptive_rows)
     # the default on a 4-layer encoder: every depth, no distillation
     status, _, err = run_cli(["demo", "--model", tiny_dir, "--train-size", 48, "--epochs", 1, "--max-length", 24,
                               "--exit-layers", "2,4", "--methods", "joint", "--output", tmp_path / "d2"], capsys)

@@ -97,7 +97,8 @@ def compare(test_curve: list[CurvePoint], dev_curve: list[CurvePoint], fixed: li
             oracle: Oracle, speedups: list[float],
             operating: Callable[[float], CurvePoint] | None = None, fixed_corrected: list[dict] | None = None,
             static_corrected: list[dict] | None = None,
-            ceiling: Callable[[float], float | None] | None = None) -> list[dict]:
+            ceiling: Callable[[float], float | None] | None = None,
+            cross_fitted: dict[float, float | None] | None = None) -> list[dict]:
     """Per target speedup: the adaptive curve at a threshold chosen on dev, beside the baselines.
 
     ``adaptive`` is the test accuracy at the threshold whose dev speedup reaches the target with the
@@ -109,7 +110,9 @@ def compare(test_curve: list[CurvePoint], dev_curve: list[CurvePoint], fixed: li
     ``gap_closed`` = (adaptive - static) / (oracle - static), the share of the way from the static
     frontier to the oracle that the curve covers; ``ceiling`` (speedup -> accuracy) is the learnable
     ceiling. Both curves hold the same thresholds in the same order. ``operating`` (target speedup -> test
-    point) replaces the threshold chosen on the dev curve (e.g. per-exit thresholds).
+    point) replaces the threshold chosen on the dev curve (e.g. per-exit thresholds). ``cross_fitted`` (on dev:
+    target speedup -> `frugalnlp.dev_choice.cross_fitted_accuracy`) is ``adaptive_cross_fitted``, the accuracy
+    the point's choice reaches on dev rows it was not tuned on, by which it competes with static models.
     """
     if operating is None:
         def operating(target: float) -> CurvePoint:
@@ -138,6 +141,7 @@ def compare(test_curve: list[CurvePoint], dev_curve: list[CurvePoint], fixed: li
             gap = (adaptive - frontier) / (bound - frontier)
         rows.append({"speedup": s, "threshold": None if point is None else point.threshold, "test_speedup": at,
                      "adaptive": adaptive, "adaptive_best_on_test": accuracy_at_speedup(test_curve, s),
+                     "adaptive_cross_fitted": None if cross_fitted is None else cross_fitted.get(s),
                      "fixed_exit": at_speedup(fixed, s), "fixed_exit_corrected": at_speedup(fixed_corrected, s),
                      "static": frontier, "static_corrected": corrected, "oracle": bound,
                      "ceiling": None if ceiling is None else ceiling(at),

@@ -5,6 +5,7 @@ the policy, as a `DevChoice`; `operating_record` reads that choice on the report
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +136,32 @@ def search_per_exit(dev: SplitScores, dev_curve: list[CurvePoint], target_speedu
                 if score is not None and score > value(best):
                     best, thresholds = candidate, list(candidate.threshold)
     return best
+
+
+def cross_fitted_accuracy(dev: SplitScores, policy: str, targets: list[float],
+                          choose_on: Callable[[SplitScores, list[CurvePoint], float], tuple[str, float | list[float]]],
+                          grid: list[float] = OPERATING_GRID) -> list[float | None]:
+    """Per target speedup, the dev accuracy of the point ``choose_on`` picks, without the optimism of tuning and
+    scoring on the same rows: dev is split in two halves (`split_dev`), ``choose_on(half, its curve of
+    ``policy`` on ``grid``, target)`` gives the policy and thresholds it would deploy, and they are read on the
+    other half; both ways, the share of dev rows answered right. A static model has nothing to tune on dev, so
+    an adaptive point competes with it by this accuracy. The learned policy's router is fitted on the half
+    that chooses. None at a target a half cannot reach (``choose_on`` raises `FrugalError`)."""
+    halves = split_dev(len(dev.gold))
+    right = np.zeros(len(targets))
+    for fit, read in (halves, halves[::-1]):
+        part, other = dev.subset(fit), dev.subset(read)
+        if policy == "learned":
+            other.use_router(part.fit_router(cross_fitted=True))
+        curve = [part.point(policy, t) for t in grid]
+        for i, target in enumerate(targets):
+            try:
+                chosen_policy, threshold = choose_on(part, curve, target)
+            except FrugalError:
+                right[i] = math.nan
+                continue
+            right[i] += other.point(chosen_policy, threshold).accuracy * len(read)
+    return [None if math.isnan(r) else float(r) / len(dev.gold) for r in right]
 
 
 @dataclass(frozen=True)

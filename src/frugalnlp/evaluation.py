@@ -17,7 +17,8 @@ from frugalnlp.baselines import (Oracle, compare, corrected_logits, corrected_st
 from frugalnlp.atomic import write_bytes, write_json
 from frugalnlp.curves import CurvePoint, SplitScores, accuracy_at_speedup, dev_scores, exit_scores, split_scores
 from frugalnlp.defaults import OPERATING_GRID
-from frugalnlp.dev_choice import OperatingTarget, operating_record, search_per_exit
+from frugalnlp.dev_choice import (OperatingTarget, choose_threshold, cross_fitted_accuracy, operating_record,
+                                  search_per_exit)
 from frugalnlp.early_exit.ensemble import fit_class_bias
 from frugalnlp.early_exit.registry import check_policy
 from frugalnlp.errors import FrugalError
@@ -100,8 +101,15 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                 "static": static_points(static_runs, on, trained.config, depth) if static_runs else None,
                 "static_corrected": static_corrected.get(on)}
 
+    def choose_on(part: SplitScores, part_curve: list[CurvePoint], target: float) -> tuple[str, float | list[float]]:
+        """The thresholds the comparison's dev choice would take on ``part`` of dev (for cross-fitting)."""
+        if policy == "per-exit":
+            return policy, search_per_exit(part, part_curve, target_speedup=target).threshold
+        return policy, choose_threshold(part_curve, target_speedup=target).threshold
+
     speedups = table_speedups(model.exit_layers)
     test_base, dev_base = baselines(split, reported_split), baselines("dev", dev)
+    cross_fitted = dict(zip(speedups, cross_fitted_accuracy(dev, policy, speedups, choose_on, fine)))
     result = {"run": str(run), "split": split, "policy": policy, "method": spec.method, "examples": len(gold),
               "points": [p.to_dict() for p in curve], "static_runs": static_runs,
               "baselines": {"fixed_exits": fixed, "fixed_exits_corrected": test_base["fixed_corrected"],
@@ -118,7 +126,8 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
               # The same on dev, where recipes may be compared and chosen without touching test.
               "dev_comparison": compare(dev_curve, dev_curve, exit_scores(model, dev_logits, dev_gold), dev_base["static"],
                                         Oracle(dev.decision_logits(), dev_gold, model.layers_to_exit(), depth), speedups,
-                                        per_exit(dev), dev_base["fixed_corrected"], dev_base["static_corrected"]),
+                                        per_exit(dev), dev_base["fixed_corrected"], dev_base["static_corrected"],
+                                        cross_fitted=cross_fitted),
               "operating_point": operating,
               "ensemble": None if fitted is None else {
                   "maps": fitted.maps.tolist(), "bias": fitted.bias.tolist(), "forms": fitted.forms,

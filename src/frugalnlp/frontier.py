@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from frugalnlp.baselines import best_per_depth, is_distilled, static_frontier
-from frugalnlp.curves import COSTS, dev_scores, exit_scores, split_scores, time_split
-from frugalnlp.dev_choice import Candidate, OperatingTarget, choose, fixed_exit_thresholds, operating_threshold
+from frugalnlp.curves import COSTS, CurvePoint, SplitScores, dev_scores, exit_scores, split_scores, time_split
+from frugalnlp.dev_choice import (Candidate, OperatingTarget, choose, choose_operating_point, cross_fitted_accuracy,
+                                  fixed_exit_thresholds, operating_threshold)
 from frugalnlp.early_exit.policies import ExitPolicy
 from frugalnlp.early_exit.registry import check_policy, make_policy
 from frugalnlp.encoding import EncodedSplit, encode_split, unsorted_batches
@@ -146,7 +147,14 @@ def _adaptive_configs(candidate: str, trained: TrainedRun, times: SegmentTimes |
         dev.times = times
         reported = split_scores(trained, "test", dev.ensemble)
         reported.use_router(dev.router)
-        for target in settings.targets:
+
+        def choose_on(part: SplitScores, curve: list[CurvePoint], target: float) -> tuple[str, float | list[float]]:
+            chosen = choose_operating_point(curve, part, OperatingTarget(speedup=target, policy=policy_name,
+                                                                         cost=settings.cost))
+            return chosen.policy, chosen.point.threshold
+
+        cross_fitted = cross_fitted_accuracy(dev, policy_name, settings.targets, choose_on)
+        for target, honest in zip(settings.targets, cross_fitted):
             try:
                 chosen = operating_threshold(dev, OperatingTarget(speedup=target, policy=policy_name,
                                                                   cost=settings.cost))
@@ -157,6 +165,7 @@ def _adaptive_configs(candidate: str, trained: TrainedRun, times: SegmentTimes |
                                  chosen.router)
             details = {"policy": name, "deployed_policy": chosen.policy, "target_speedup": target,
                        "threshold": chosen.point.threshold, "dev_accuracy": chosen.point.accuracy,
+                       "dev_accuracy_cross_fitted": honest,
                        "dev_speedup": chosen.point.speedup, "candidate": candidate, "run": str(trained.path)}
             label = f"{candidate} [{name}]" if candidate else name
             configs.append(Config(f"adaptive {label} @ {target:g}x {settings.cost}", "adaptive", trained, policy,
@@ -236,21 +245,32 @@ def run_frontier(run: str | dict[str, str], static: list[str], settings: Frontie
 
 def dev_choices(results: dict) -> list[dict]:
     """At each target speedup, what to deploy chosen on dev alone: of the adaptive points and the static models
-    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev
-    (`frugalnlp.dev_choice.choose`: a tie goes to the static model, one graph with nothing to tune). Each choice is read on test: its accuracy, measured speedup and
+    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev, an adaptive
+    point by its cross-fitted dev accuracy (`frugalnlp.dev_choice.cross_fitted_accuracy`; a static model has
+    nothing to tune on dev) (`frugalnlp.dev_choice.choose`: a tie goes to the static model, one graph with
+    nothing to tune). Each choice is read on test: its accuracy, measured speedup and
     gain over the static frontier at its measured speed, per batch size (a static model's own gain is 0 unless
     another static model beats it in measured time). None where nothing reaches the target on dev."""
-    candidates = [Candidate(r["kind"], r["name"], r["dev_accuracy"], r["dev_speedup"], r) for r in results["rows"]
-                  if r["kind"] in ("static", "adaptive")]
+    candidates = [Candidate(r["kind"], r["name"], r.get("dev_accuracy_cross_fitted", r["dev_accuracy"]),
+                            r["dev_speedup"], r) for r in results["rows"] if r["kind"] in ("static", "adaptive")]
+    candidates = [c for c in candidates if c.dev_accuracy is not None]  # a dev half never got that fast
     choices = []
     for target in results["settings"]["targets"]:
         chosen = choose(candidates, target_speedup=target)
         choice = {"target_speedup": target, "cost": results["settings"]["cost"], "choice": None}
+
+        def read(c: Candidate) -> dict:
+            r = c.item
+            return {"choice": r["name"], "kind": r["kind"], "dev_accuracy": c.dev_accuracy,
+                    "dev_accuracy_in_sample": r["dev_accuracy"], "dev_speedup": r["dev_speedup"],
+                    "accuracy": r["accuracy"], "measured_speedup": r["measured_speedup"],
+                    "gain_over_static": r["gain_over_static"]}
+
         if chosen is not None:
-            best = chosen.item
-            choice.update(choice=best["name"], kind=best["kind"], dev_accuracy=best["dev_accuracy"],
-                          dev_speedup=best["dev_speedup"], accuracy=best["accuracy"],
-                          measured_speedup=best["measured_speedup"], gain_over_static=best["gain_over_static"])
+            choice.update(read(chosen))
+            beside = choose([c for c in candidates if c.kind == "adaptive"], target_speedup=target)
+            if chosen.kind != "adaptive" and beside is not None:
+                choice["adaptive_beside"] = read(beside)  # what the static model was preferred to
         choices.append(choice)
     return choices
 
@@ -305,7 +325,9 @@ def format_frontier(results: dict) -> str:
         lines.append(f"| {r['name']} | {r['accuracy']:.3f} | {r['speedup_layers']:.2f}x | {dev_speedup} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"What to deploy at each target, chosen on dev (`dev_choices`): the most accurate on dev of the "
-              f"adaptive points and static models at that speed or faster on dev, in {s['cost']}", "",
+              f"adaptive points and static models at that speed or faster on dev, in {s['cost']} (an adaptive "
+              "point's dev accuracy cross-fitted: thresholds tuned on one half of dev, read on the other); where a "
+              "static model wins, the best adaptive point is shown beside it", "",
               "| target | chosen on dev | dev accuracy | dev speedup | test accuracy | "
               + " | ".join(f"batch {b}: measured speedup | batch {b}: gain over static (pts)" for b in sizes) + " |",
               "|---|---|---|---|---|" + "---|---|" * len(sizes)]
@@ -313,9 +335,13 @@ def format_frontier(results: dict) -> str:
         if c["choice"] is None:
             lines.append(f"| {c['target_speedup']:g}x | nothing reaches it on dev |" + " — |" * (3 + 2 * len(sizes)))
             continue
-        cells = [f"{c['measured_speedup'][b]:.2f}x | {cell(c['gain_over_static'][b], '{:+.1f}')}" for b in sizes]
-        lines.append(f"| {c['target_speedup']:g}x | {c['choice']} | {c['dev_accuracy']:.3f} | "
-                     f"{c['dev_speedup']:.2f}x | {c['accuracy']:.3f} | " + " | ".join(cells) + " |")
+        for label, d in ((f"{c['target_speedup']:g}x", c), ("", c.get("adaptive_beside"))):
+            if d is None:
+                continue
+            cells = [f"{d['measured_speedup'][b]:.2f}x | {cell(d['gain_over_static'][b], '{:+.1f}')}" for b in sizes]
+            name = d["choice"] if label else f"beside it: {d['choice']}"
+            lines.append(f"| {label} | {name} | {d['dev_accuracy']:.3f} | {d['dev_speedup']:.2f}x | "
+                         f"{d['accuracy']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
