@@ -54,7 +54,8 @@ def select_on_dev(methods: dict[str, dict], static: list[dict] | None = None, de
         verdict = (f"an adaptive candidate on dev at {', '.join(f'{s:g}x' for s in adaptive)} only; elsewhere the "
                    "models named below")
     return {"variant": best, "criterion": f"max over variants of min over target speedups {low:g}x-{high:g}x of the "
-                                         f"mean dev gain over static; last exit within {tolerance:g} pt of plain on dev",
+                                         f"mean cross-fitted dev gain over static; last exit within {tolerance:g} pt "
+                                         "of plain on dev",
             "dev_worst_gain_points": {v: worst_gain(methods[v]) for v in methods},
             "eligible": candidates, "per_target": per_target, "verdict": verdict}
 
@@ -67,7 +68,7 @@ def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | No
     that is not an adaptive point, the best adaptive one beside it."""
     def cell(m: dict, key: str, split: str = "dev_comparison") -> float | None:
         row = next((r for r in m.get(split, []) if abs(r["speedup"] - speedup) < 1e-9), None)
-        return None if row is None or row[key] is None else row[key][0]
+        return None if row is None or row.get(key) is None else row[key][0]
 
     frontier = {split: static_frontier(points, speedup) if points else None
                 for split, points in (("dev", dev_static), ("test", static))}
@@ -89,7 +90,8 @@ def _choice_at(speedup: float, methods: dict[str, dict], static: list[dict] | No
 
     record = {"speedup": speedup, "choice": choice, "candidate": candidate, "deploy": what, "dev_accuracy": accuracy,
               "dev_accuracy_in_sample": tuned[0] if tuned else accuracy, "test_accuracy": test,
-              "dev_gain_over_static": gain(accuracy, frontier["dev"]), "test_gain_over_static": gain(test, frontier["test"])}
+              "dev_gain_over_static": gain(accuracy, frontier["dev"]),
+              "test_gain_over_static": gain(test, frontier["test"])}
     beside = choose([Candidate(*o[:2], o[3], speedup, o) for o in adaptive if o[3] is not None], speedup)
     if choice != "adaptive" and beside is not None:
         _, candidate, _, accuracy, test, tuned = beside.item
