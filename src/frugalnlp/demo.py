@@ -441,7 +441,8 @@ def _mean_curve(curves: list[list[CurvePoint]]) -> dict:
 
 
 def _dev_and_test(choice: dict, kind: str | None = None) -> str:
-    """``dev accuracy 0.812 (cross-fitted; 0.820 tuned on all of dev); on test +1.2 points over static``."""
+    """``dev accuracy 0.812 cross-fitted, 0.820 tuned on all of dev; on test +1.2 points over static`` (an
+    adaptive ``choice``, or any with ``kind="adaptive"``; others give their dev accuracy alone)."""
     text = f"dev accuracy {choice['dev_accuracy']:.3f}"
     if (kind or choice.get("choice")) == "adaptive" and choice.get("dev_accuracy_in_sample") is not None:
         text += f" cross-fitted, {choice['dev_accuracy_in_sample']:.3f} tuned on all of dev"

@@ -245,10 +245,11 @@ def run_frontier(run: str | dict[str, str], static: list[str], settings: Frontie
 
 def dev_choices(results: dict) -> list[dict]:
     """At each target speedup, what to deploy chosen on dev alone: of the adaptive points and the static models
-    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev, an adaptive
-    point by its cross-fitted dev accuracy (`frugalnlp.dev_choice.cross_fitted_accuracy`; a static model has
-    nothing to tune on dev) (`frugalnlp.dev_choice.choose`: a tie goes to the static model, one graph with
-    nothing to tune). Each choice is read on test: its accuracy, measured speedup and
+    whose dev speedup (in the settings' cost) is at least the target, the most accurate on dev
+    (`frugalnlp.dev_choice.choose`: a tie goes to the static model, one graph with nothing to tune), an adaptive
+    point by its cross-fitted dev accuracy (`frugalnlp.dev_choice.cross_fitted_accuracy`), since a static model
+    has nothing to tune on dev; beside a static choice, the best adaptive point (``adaptive_beside``). Each
+    choice is read on test: its accuracy, measured speedup and
     gain over the static frontier at its measured speed, per batch size (a static model's own gain is 0 unless
     another static model beats it in measured time). None where nothing reaches the target on dev."""
     candidates = [Candidate(r["kind"], r["name"], r.get("dev_accuracy_cross_fitted", r["dev_accuracy"]),
