@@ -86,9 +86,15 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
             return None
         return lambda target: scored.point(policy, searched(target))
 
+    def choose_on(part: SplitScores, part_curve: list[CurvePoint], target: float) -> tuple[str, float | list[float]]:
+        """The thresholds the comparison's dev choice takes on ``part`` of dev (all of it, or a half to cross-fit)."""
+        if policy == "per-exit":
+            return policy, search_per_exit(part, part_curve, target_speedup=target).threshold
+        return policy, choose_threshold(part_curve, target_speedup=target).threshold
+
     @functools.lru_cache(maxsize=None)
     def searched(target: float) -> list[float]:  # one search per target serves the dev and the test table
-        return search_per_exit(dev, dev_curve, target_speedup=target).threshold
+        return choose_on(dev, dev_curve, target)[1]
 
     # each static model's dev class bias is fitted once, for both splits
     static_corrected = (corrected_static_points(static_runs, ["dev", split], trained.config, depth)
@@ -100,12 +106,6 @@ def evaluate_run(run: str | Path, split: str = "test", thresholds: int = 21, pol
                                                scored.gold),
                 "static": static_points(static_runs, on, trained.config, depth) if static_runs else None,
                 "static_corrected": static_corrected.get(on)}
-
-    def choose_on(part: SplitScores, part_curve: list[CurvePoint], target: float) -> tuple[str, float | list[float]]:
-        """The thresholds the comparison's dev choice would take on ``part`` of dev (for cross-fitting)."""
-        if policy == "per-exit":
-            return policy, search_per_exit(part, part_curve, target_speedup=target).threshold
-        return policy, choose_threshold(part_curve, target_speedup=target).threshold
 
     speedups = table_speedups(model.exit_layers)
     test_base, dev_base = baselines(split, reported_split), baselines("dev", dev)
